@@ -1,0 +1,136 @@
+"""divo_continuous.py run as a user runs it, on a small D4RL-format file made here."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import divo_continuous as dc
+from conftest import ROOT, run_script
+
+TINY = ["--env-id", "hopper-medium-v2", "--hidden-dim", "32", "--num-layers", "2", "--batch-size", "64",
+        "--eval-episodes", "2", "--log-freq", "20", "--no-cuda"]
+
+
+def only_run(cwd):
+    (run,) = os.listdir(cwd / "runs")
+    return cwd / "runs" / run
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """60 steps in one go, evaluated at 30 and 60: the reference for the tests below."""
+    from conftest import write_d4rl_file
+
+    cwd = tmp_path_factory.mktemp("straight")
+    write_d4rl_file(cwd / "data.hdf5", episode_lengths=(120, 90, 150, 140), terminal_episodes=(1,))
+    proc = run_script("divo_continuous.py", *TINY, "--dataset-path", cwd / "data.hdf5", "--total-timesteps", 60,
+                      "--eval-freq", 30, "--checkpoint-freq", 30, "--save-model", cwd=cwd)
+    return cwd, proc
+
+
+def test_training_writes_scores_checkpoint_and_logs(straight_run):
+    cwd, proc = straight_run
+    run = only_run(cwd)
+    assert run.name.startswith("hopper-medium-v2__divo_continuous__1__")
+    assert "[ 33.3%] step 20/60" in proc.stdout and "steps/s" in proc.stdout and "ETA" in proc.stdout
+    assert "rows         500 -> 497 transitions" in proc.stdout  # the last row and two timeout rows dropped
+
+    scores = json.loads((run / "scores.json").read_text())
+    assert scores["step"] == 60 and len(scores["returns"]) == 2
+    np.testing.assert_allclose(scores["normalized_scores"], dc.normalized_score("hopper", scores["returns"]))
+    assert [e["step"] for e in scores["evaluations"]] == [30, 60]
+
+    checkpoint = dc.load_checkpoint(str(run / "checkpoint.pt"), "divo_continuous")
+    assert checkpoint["step"] == 60 and checkpoint["env_id"] == "hopper-medium-v2"
+    assert set(checkpoint["agent"]) >= {"actor", "critic", "value", "diffusion", "actor_optimizer", "diffusion_optimizer"}
+    model = torch.load(run / "divo_continuous.cleanrl_model", weights_only=True)
+    assert torch.equal(model["actor"]["net.0.weight"], checkpoint["agent"]["actor"]["net.0.weight"])
+
+    events = EventAccumulator(str(run)).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"charts/SPS", "charts/d4rl_normalized_score", "eval/return_mean", "eval/normalized_score_std",
+            "eval/seconds", "losses/qf_loss", "losses/qf1_values", "losses/value_loss", "losses/pad_loss",
+            "losses/actor_loss", "losses/bc_loss", "pad/positive_fraction", "adpo/generated_fraction"} <= tags
+    assert [e.step for e in events.Scalars("losses/qf_loss")] == [20, 40, 60]
+    fraction = events.Scalars("pad/positive_fraction")[-1].value
+    assert 0.0 < fraction < 1.0
+
+
+def test_resumed_run_continues_exactly_where_it_stopped(straight_run, tmp_path):
+    cwd, _ = straight_run
+    data = cwd / "data.hdf5"
+    run_script("divo_continuous.py", *TINY, "--dataset-path", data, "--total-timesteps", 30, "--eval-freq", 30, cwd=tmp_path)
+    checkpoint = only_run(tmp_path) / "checkpoint.pt"
+    assert dc.load_checkpoint(str(checkpoint), "divo_continuous")["step"] == 30
+    # resume with only --resume and a longer horizon: every other argument comes from the checkpoint
+    proc = run_script("divo_continuous.py", "--resume", checkpoint, "--total-timesteps", 60, "--no-cuda", cwd=tmp_path)
+    assert "resumed" in proc.stdout and "at step 30" in proc.stdout
+    assert "step 40/60" in proc.stdout and "step 20/60" not in proc.stdout
+    resumed = dc.load_checkpoint(str(checkpoint), "divo_continuous")
+    straight = dc.load_checkpoint(str(only_run(cwd) / "checkpoint.pt"), "divo_continuous")
+    assert resumed["step"] == 60
+    for name, state in straight["agent"].items():
+        if name.endswith("optimizer"):
+            continue
+        for key, value in state.items():
+            assert torch.equal(value, resumed["agent"][name][key]), f"{name}.{key} differs from the uninterrupted run"
+    assert [e["score"] for e in resumed["evaluations"]] == [e["score"] for e in straight["evaluations"]]
+
+
+def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(straight_run, tmp_path):
+    cwd, _ = straight_run
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "divo_continuous.py"), *TINY, "--dataset-path",
+                             cwd / "data.hdf5", "--total-timesteps", "1000000", "--eval-freq", "0"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    for line in proc.stdout:  # wait until training runs
+        if "step 20/" in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out = proc.stdout.read()
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM, out
+    assert "resume with: python divo_continuous.py --resume runs/" in out
+    step = dc.load_checkpoint(str(only_run(tmp_path) / "checkpoint.pt"), "divo_continuous")["step"]
+    assert step >= 20
+
+
+def test_resume_refuses_another_task_and_keeps_the_checkpoint(straight_run, tmp_path):
+    cwd, _ = straight_run
+    checkpoint = only_run(cwd) / "checkpoint.pt"
+    before = checkpoint.read_bytes()
+    proc = run_script("divo_continuous.py", "--resume", checkpoint, "--env-id", "walker2d-medium-v2", cwd=cwd, check=False)
+    assert proc.returncode == 1
+    assert "belongs to another run" in proc.stderr and "--env-id 'walker2d-medium-v2'" in proc.stderr
+    from conftest import write_d4rl_file
+
+    write_d4rl_file(tmp_path / "other.hdf5", seed=5)
+    proc = run_script("divo_continuous.py", "--resume", checkpoint, "--dataset-path", tmp_path / "other.hdf5",
+                      "--total-timesteps", 90, cwd=cwd, check=False)
+    assert proc.returncode == 1 and "was trained on another dataset" in proc.stderr
+    assert checkpoint.read_bytes() == before
+
+
+def test_bad_command_lines_fail_with_one_clear_message(tmp_path):
+    proc = run_script("divo_continuous.py", "--env-id", "hopper-medum-v2", cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().startswith("error: unknown --env-id 'hopper-medum-v2'")
+    assert "did you mean hopper-medium-v2" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_script("divo_continuous.py", "--env-id", "hopper-medium-v2", "--dataset-path", tmp_path / "none.hdf5",
+                      cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "no dataset file at" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_help_documents_every_argument(tmp_path):
+    out = run_script("divo_continuous.py", "--help", cwd=tmp_path).stdout
+    for field in dc.Args.__dataclass_fields__:
+        assert f"--{field.replace('_', '-')}" in out, field
+    assert "zeta of eq. (10)" in out
