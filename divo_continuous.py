@@ -603,10 +603,10 @@ class DIVO:
             metrics.update(self.update_actor(s, a_bar))
         return metrics
 
-    def compile(self) -> None:
+    def compile(self, backend: str = "inductor") -> None:
         """Replace each update function by its torch.compile'd version."""
         for name in ("update_critic", "update_value", "update_pad", "select_target", "update_actor"):
-            setattr(self, name, torch.compile(getattr(self, name)))
+            setattr(self, name, torch.compile(getattr(self, name), backend=backend))
 
     def modules(self) -> dict[str, nn.Module]:
         return {"actor": self.actor, "actor_target": self.actor_target, "critic": self.critic,
@@ -658,9 +658,11 @@ def check_dataset_match(payload: dict, path: str, fingerprint: str, obs_dim: int
 
 
 def pad_compatibility(payload: dict, path: str, args: Args, fingerprint: str, obs_dim: int) -> None:
-    """Refuse a pad_pretrain checkpoint of other data, another size or another diffusion schedule."""
+    """Refuse a pad_pretrain checkpoint of other data, other rewards, another size or another schedule."""
     check_dataset_match(payload, path, fingerprint, obs_dim, "pretrain on the dataset you train on")
     theirs = payload["args"]
+    if theirs["reward_transform"] != "none":
+        raise InputError(f"{path} was pretrained on rewards r - 1; locomotion uses r: pretrain with --reward-transform none")
     for name in ("diffusion_steps", "beta_min", "beta_max", "hidden_dim", "num_layers"):
         if theirs[name] != getattr(args, name):
             raise InputError(f"{path} was pretrained with --{name.replace('_', '-')} {theirs[name]}, this run "
@@ -787,7 +789,7 @@ if __name__ == "__main__":
         pad_compatibility(pad, args.pad_checkpoint, args, fingerprint, obs_dim)
         agent.diffusion.load_state_dict(pad["diffusion"])
         agent.critic.load_state_dict(pad["critic"])
-        agent.critic_target.load_state_dict(pad["critic"])
+        agent.critic_target.load_state_dict(pad["critic_target"])
         agent.value.load_state_dict(pad["value"])
         print(f"loaded the PAD model, critics and value net of {args.pad_checkpoint}"
               + (" (diffusion model frozen)" if args.freeze_pad else ""))

@@ -351,3 +351,24 @@ def test_foreign_and_corrupt_checkpoints_are_refused(tmp_path):
         dc.load_checkpoint(str(path), "divo_continuous")
     with pytest.raises(dc.InputError, match="no checkpoint at"):
         dc.load_checkpoint(str(tmp_path / "nothing.pt"), "divo_continuous")
+
+
+def test_compiled_updates_compute_the_same_losses_and_weights():
+    """--compile: the same losses and parameters as eager on the same batches and seeds.
+
+    The "aot_eager" backend runs TorchDynamo's graph capture and AOTAutograd (where a compiled update could
+    diverge from eager) without inductor's C++ build, which takes minutes on a small CPU.
+    """
+    eager, compiled = small_agent(), small_agent()
+    compiled.compile(backend="aot_eager")
+    for step in range(4):
+        torch.manual_seed(100 + step)
+        m_eager = eager.update(batch(seed=step), update_actor=step % 2 == 0)
+        torch.manual_seed(100 + step)
+        m_compiled = compiled.update(batch(seed=step), update_actor=step % 2 == 0)
+        assert m_eager.keys() == m_compiled.keys()
+        for key in m_eager:
+            torch.testing.assert_close(m_compiled[key], m_eager[key], rtol=1e-5, atol=1e-6)
+    for name, module in eager.modules().items():
+        for key, value in module.state_dict().items():
+            torch.testing.assert_close(compiled.modules()[name].state_dict()[key], value, rtol=1e-5, atol=1e-6)
