@@ -263,6 +263,11 @@ def dataset_summary(path: str, data: dict[str, np.ndarray], transitions: dict[st
     ])
 
 
+def transform_rewards(rewards: np.ndarray, transform: str) -> np.ndarray:
+    """The rewards the agent learns from: r, or r - 1 (0 at the goal, -1 elsewhere) for AntMaze [IQL]."""
+    return rewards - 1.0 if transform == "minus-one" else rewards
+
+
 def dataset_fingerprint(data: dict[str, np.ndarray]) -> str:
     """SHA-1 of the dataset's arrays, stored in checkpoints to refuse a checkpoint of other data."""
     sha = hashlib.sha1()
@@ -614,8 +619,7 @@ if __name__ == "__main__":
     if payload and (payload["dataset_sha1"] != fingerprint):
         raise InputError(f"{args.resume} was trained on another dataset than {path}; resume on the same data")
     dataset["actions"] = np.clip(dataset["actions"], -1.0, 1.0)  # actions lie in [-1, 1] (DIVO_SPEC: Data)
-    if args.reward_transform == "minus-one":
-        dataset["rewards"] = dataset["rewards"] - 1.0  # AntMaze: r - 1 [IQL]
+    dataset["rewards"] = transform_rewards(dataset["rewards"], args.reward_transform)
     print(f"reward       {'r - 1' if args.reward_transform == 'minus-one' else 'r'} (--reward-transform {args.reward_transform})")
     obs_mean = dataset["observations"].mean(axis=0)
     obs_std = dataset["observations"].std(axis=0) + 1e-3
