@@ -499,7 +499,9 @@ def expectile_loss(u: torch.Tensor, expectile: float) -> torch.Tensor:
     return (torch.abs(expectile - (u < 0).float()) * u**2).mean()
 
 
-def adpo_target(a: torch.Tensor, adv: torch.Tensor, candidates: torch.Tensor, cand_adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def adpo_target(
+    a: torch.Tensor, adv: torch.Tensor, candidates: torch.Tensor, cand_adv: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. (12): per state, the action of largest advantage among {a, a_hat_1..N}; ties go to a generated one.
 
     a: (B, A) dataset actions, adv: (B,) their advantages; candidates: (N, B, A), cand_adv: (N, B).

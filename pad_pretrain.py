@@ -620,7 +620,8 @@ if __name__ == "__main__":
         raise InputError(f"{args.resume} was trained on another dataset than {path}; resume on the same data")
     dataset["actions"] = np.clip(dataset["actions"], -1.0, 1.0)  # actions lie in [-1, 1] (DIVO_SPEC: Data)
     dataset["rewards"] = transform_rewards(dataset["rewards"], args.reward_transform)
-    print(f"reward       {'r - 1' if args.reward_transform == 'minus-one' else 'r'} (--reward-transform {args.reward_transform})")
+    reward = "r - 1" if args.reward_transform == "minus-one" else "r"
+    print(f"reward       {reward} (--reward-transform {args.reward_transform})")
     obs_mean = dataset["observations"].mean(axis=0)
     obs_std = dataset["observations"].std(axis=0) + 1e-3
     num_holdout = min(args.holdout, len(dataset["rewards"]) // 10)
@@ -686,7 +687,8 @@ if __name__ == "__main__":
                 writer.add_scalar(f"diag/{label}_{name}", value, step)
         writer.add_scalar("diag/heldout_positive_fraction", row["positive_fraction"], step)
         diagnostics.append(row)
-        print("diag   " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v:,}" for k, v in row.items()), flush=True)
+        shown = (f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v:,}" for k, v in row.items())
+        print("diag   " + ", ".join(shown), flush=True)
         return row
 
     stop_signal = []
@@ -718,7 +720,8 @@ if __name__ == "__main__":
             last_time, last_step = time.time(), done
             writer.add_scalar("charts/SPS", sps, done)
             print(f"[{done / args.total_timesteps:6.1%}] step {done:,}/{args.total_timesteps:,} | {sps:,.0f} steps/s | "
-                  f"pad_loss {metrics['losses/pad_loss'].item():.4f} | positive {metrics['pad/positive_fraction'].item():.2f} | "
+                  f"pad_loss {metrics['losses/pad_loss'].item():.4f} | "
+                  f"positive {metrics['pad/positive_fraction'].item():.2f} | "
                   f"ETA {format_duration((args.total_timesteps - done) / sps)}", flush=True)
         if args.diag_freq and done % args.diag_freq == 0 and done < args.total_timesteps:
             diagnose(done, {"model": pretrainer.diffusion})

@@ -134,3 +134,16 @@ def test_help_documents_every_argument(tmp_path):
     for field in dc.Args.__dataclass_fields__:
         assert f"--{field.replace('_', '-')}" in out, field
     assert "zeta of eq. (10)" in out
+
+
+def test_track_logs_to_weights_and_biases_offline(straight_run, tmp_path, monkeypatch):
+    """--track with W&B in offline mode (no account, no network): the run and its synced TensorBoard file."""
+    cwd, _ = straight_run
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_script("divo_continuous.py", *TINY, "--dataset-path", cwd / "data.hdf5", "--total-timesteps", 20, "--track",
+               cwd=tmp_path)
+    run_name = only_run(tmp_path).name
+    (offline,) = (tmp_path / "wandb").glob(f"offline-run-*-{run_name}")
+    assert list((offline / "files" / "runs" / run_name).glob("events.out.tfevents.*"))

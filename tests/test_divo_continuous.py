@@ -127,7 +127,7 @@ def test_select_target_compares_advantages_of_samples_and_data():
 def test_critic_loss_matches_eq_1():
     agent = small_agent()
     s, a, r, s2, not_done = batch()
-    critic, actor_t, critic_t = copy.deepcopy(agent.critic), copy.deepcopy(agent.actor_target), copy.deepcopy(agent.critic_target)
+    critic, actor_t, critic_t = (copy.deepcopy(m) for m in (agent.critic, agent.actor_target, agent.critic_target))
     torch.manual_seed(5)
     metrics = agent.update_critic(s, a, r, s2, not_done)
     torch.manual_seed(5)
@@ -172,7 +172,8 @@ def test_update_order_and_delayed_actor():
     agent = small_agent()
     actor_before = copy.deepcopy(agent.actor.state_dict())
     metrics = agent.update(batch(), update_actor=False)
-    assert set(metrics) == {"losses/qf_loss", "losses/qf1_values", "losses/value_loss", "losses/pad_loss", "pad/positive_fraction"}
+    assert set(metrics) == {"losses/qf_loss", "losses/qf1_values", "losses/value_loss", "losses/pad_loss",
+                            "pad/positive_fraction"}
     assert all(torch.equal(actor_before[k], v) for k, v in agent.actor.state_dict().items())
     metrics = agent.update(batch(), update_actor=True)
     assert {"losses/actor_loss", "losses/bc_loss", "adpo/generated_fraction"} <= set(metrics)

@@ -27,7 +27,7 @@ def test_pretraining_losses_are_in_sample():
     pretrainer = pp.PADPretrainer(5, 3, args, torch.device("cpu"))
     s, a, r, s2 = torch.randn(32, 5), torch.rand(32, 3) * 2 - 1, torch.randn(32), torch.randn(32, 5)
     not_done = (torch.rand(32) > 0.2).float()
-    value, critic, critic_t = copy.deepcopy(pretrainer.value), copy.deepcopy(pretrainer.critic), copy.deepcopy(pretrainer.critic_target)
+    value, critic, critic_t = (copy.deepcopy(m) for m in (pretrainer.value, pretrainer.critic, pretrainer.critic_target))
     seen, loss = {}, pretrainer.diffusion.loss
 
     def recording_loss(s_, a_, w):
@@ -61,7 +61,8 @@ def test_domain_defaults_and_ids():
     assert pp.dataset_url("antmaze-umaze-v2") == dc.D4RL_URL.replace("gym_mujoco_v2", "ant_maze_v2") + \
         "/Ant_maze_u-maze_noisy_multistart_False_multigoal_False_sparse_fixed.hdf5"
     assert pp.dataset_url("hopper-medium-replay-v2") == dc.dataset_url("hopper-medium-replay-v2")
-    assert pp.DOMAIN_DEFAULTS["antmaze"] == {"gamma": 0.995, "critic_lr": 1e-4, "expectile": 0.9, "reward_transform": "minus-one"}
+    assert pp.DOMAIN_DEFAULTS["antmaze"] == {"gamma": 0.995, "critic_lr": 1e-4, "expectile": 0.9,
+                                             "reward_transform": "minus-one"}
 
 
 def png_size(path):
