@@ -859,8 +859,7 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    # data and env
-    envs = [D4RLAntMaze(maze, antmaze_horizon(maze), args.legacy_inertia) for _ in range(args.eval_episodes)]
+    # data
     obs_dim, act_dim = OBS_DIM, ACT_DIM
     path = args.dataset_path or default_dataset_path(args.env_id)
     if args.benchmark_steps and not os.path.isfile(path):
@@ -923,6 +922,9 @@ if __name__ == "__main__":
     if args.benchmark_steps:
         benchmark(agent, data, args, device)
         raise SystemExit(0)
+
+    # evaluation envs, built once: one per episode, run side by side
+    envs = [D4RLAntMaze(maze, antmaze_horizon(maze), args.legacy_inertia) for _ in range(args.eval_episodes)]
 
     # tracking
     if args.track:
