@@ -147,3 +147,17 @@ def test_track_logs_to_weights_and_biases_offline(straight_run, tmp_path, monkey
     run_name = only_run(tmp_path).name
     (offline,) = (tmp_path / "wandb").glob(f"offline-run-*-{run_name}")
     assert list((offline / "files" / "runs" / run_name).glob("events.out.tfevents.*"))
+
+
+def test_benchmark_prints_speed_per_part_without_a_dataset(tmp_path, monkeypatch):
+    """--benchmark-steps with no cached dataset: random transitions of the right shape, no download, no run folder."""
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "empty-cache"))
+    out = run_script("divo_continuous.py", "--env-id", "walker2d-medium-v2", "--hidden-dim", "32", "--num-layers", "2",
+                     "--benchmark-steps", "20", "--no-cuda", cwd=tmp_path).stdout
+    assert "using 1,000,000 random transitions of the right shape" in out
+    assert "gradient steps/s over 20 steps" in out
+    parts = ("critic, eq. (1)", "value, eq. (2)", "PAD, eq. (9)-(10)", "ADPO sampling, eq. (12)", "actor + targets, eq. (13)")
+    for part in parts:
+        assert part in out
+    assert "DIVO / TD3+BC backbone (critic + actor alone):" in out
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "empty-cache").exists()
