@@ -301,3 +301,17 @@ def test_bad_antmaze_inputs(tmp_path):
     proc = run_script("divo_antmaze.py", "--env-id", "antmaze-medium-v2", cwd=tmp_path, check=False)
     assert proc.returncode == 1 and "unknown --env-id 'antmaze-medium-v2'" in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_threaded_evaluation_gives_the_same_returns_and_observations():
+    envs = [make_env("umaze") for _ in range(5)]
+    for env in envs:
+        env.horizon = 30
+    torch.manual_seed(1)
+    actor = da.Actor(29, 8, 16, 1)
+    serial = da.evaluate(actor, envs, np.zeros(29), np.ones(29), seed=3, threads=1)
+    last = [env.observation() for env in envs]
+    threaded = da.evaluate(actor, envs, np.zeros(29), np.ones(29), seed=3, threads=3)
+    assert np.array_equal(serial, threaded)
+    assert all(np.array_equal(a, env.observation()) for a, env in zip(last, envs))
+    assert [env.t for env in envs] == [30] * 5
