@@ -202,8 +202,8 @@ def load_d4rl_file(path: str, obs_dim: int, act_dim: int) -> dict[str, np.ndarra
     """Read and check a D4RL-format HDF5 file: keys, shapes against the env, finite values."""
     if not os.path.isfile(path):
         raise InputError(f"no dataset file at {path}: check --dataset-path, or leave it out to download the dataset")
-    fix = ("delete it and run again to download it anew" if os.path.basename(path).endswith("-v2.hdf5")
-           else "re-create or re-download it")
+    fix = ("delete it and run again to download it anew" if os.path.basename(path) in {
+        os.path.basename(dataset_url(env_id)) for env_id in ENV_IDS} else "re-create or re-download it")
     try:
         with h5py.File(path, "r") as f:
             missing = [key for key in HDF5_KEYS if key not in f]
@@ -213,13 +213,12 @@ def load_d4rl_file(path: str, obs_dim: int, act_dim: int) -> dict[str, np.ndarra
             data = {key: f[key][()] for key in HDF5_KEYS}
     except OSError as e:
         raise InputError(f"cannot read {path} as HDF5 ({e}): the file is partial or corrupt; {fix}") from e
-    data = {
-        "observations": data["observations"].astype(np.float32),  # medium-replay files are float64
-        "actions": data["actions"].astype(np.float32),
-        "rewards": data["rewards"].reshape(len(data["rewards"]), -1)[:, 0].astype(np.float32),  # old files: (N, 1)
-        "terminals": data["terminals"].reshape(len(data["terminals"]), -1)[:, 0].astype(bool),
-        "timeouts": data["timeouts"].reshape(len(data["timeouts"]), -1)[:, 0].astype(bool),
-    }
+    for key in ("rewards", "terminals", "timeouts"):  # old files store these as (N, 1)
+        if data[key].ndim == 2 and data[key].shape[1] == 1:
+            data[key] = data[key][:, 0]
+    for key, dtype in (("observations", np.float32), ("actions", np.float32), ("rewards", np.float32),
+                       ("terminals", bool), ("timeouts", bool)):  # medium-replay files are float64
+        data[key] = data[key].astype(dtype)
     n = len(data["observations"])
     expected = {"observations": (n, obs_dim), "actions": (n, act_dim), "rewards": (n,), "terminals": (n,), "timeouts": (n,)}
     for key, shape in expected.items():
@@ -266,7 +265,7 @@ def dataset_summary(path: str, data: dict[str, np.ndarray], transitions: dict[st
     outside = (np.abs(data["actions"]) > 1).any(axis=1).mean()
     return "\n".join([
         f"dataset      {path}",
-        f"rows         {len(data['rewards']):,} -> {len(transitions['rewards']):,} transitions "
+        f"rows         {n:,} -> {len(transitions['rewards']):,} transitions "
         f"(qlearning_dataset: last row and {int(data['timeouts'][:-1].sum()):,} timeout rows dropped)",
         f"episodes     {len(returns):,}, length {np.mean(ends - starts + 1):.0f} on average",
         f"returns      min {returns.min():.1f}  mean {returns.mean():.1f}  max {returns.max():.1f}  "

@@ -208,13 +208,12 @@ def load_d4rl_file(path: str, obs_dim: int, act_dim: int) -> dict[str, np.ndarra
             data = {key: f[key][()] for key in HDF5_KEYS}
     except OSError as e:
         raise InputError(f"cannot read {path} as HDF5 ({e}): the file is partial or corrupt; {fix}") from e
-    data = {
-        "observations": data["observations"].astype(np.float32),  # medium-replay files are float64
-        "actions": data["actions"].astype(np.float32),
-        "rewards": data["rewards"].reshape(len(data["rewards"]), -1)[:, 0].astype(np.float32),  # old files: (N, 1)
-        "terminals": data["terminals"].reshape(len(data["terminals"]), -1)[:, 0].astype(bool),
-        "timeouts": data["timeouts"].reshape(len(data["timeouts"]), -1)[:, 0].astype(bool),
-    }
+    for key in ("rewards", "terminals", "timeouts"):  # old files store these as (N, 1)
+        if data[key].ndim == 2 and data[key].shape[1] == 1:
+            data[key] = data[key][:, 0]
+    for key, dtype in (("observations", np.float32), ("actions", np.float32), ("rewards", np.float32),
+                       ("terminals", bool), ("timeouts", bool)):  # medium-replay files are float64
+        data[key] = data[key].astype(dtype)
     n = len(data["observations"])
     expected = {"observations": (n, obs_dim), "actions": (n, act_dim), "rewards": (n,), "terminals": (n,), "timeouts": (n,)}
     for key, shape in expected.items():

@@ -373,3 +373,10 @@ def test_compiled_updates_compute_the_same_losses_and_weights():
     for name, module in eager.modules().items():
         for key, value in module.state_dict().items():
             torch.testing.assert_close(compiled.modules()[name].state_dict()[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_rewards_of_the_wrong_width_are_refused_not_truncated(tmp_path):
+    path = tmp_path / "wide.hdf5"
+    write_d4rl_file(path, rewards=np.ones((95, 2), np.float32))
+    with pytest.raises(dc.InputError, match="'rewards' has shape \\(95, 2\\), expected \\(95,\\)"):
+        dc.load_d4rl_file(str(path), 11, 3)
