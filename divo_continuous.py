@@ -713,6 +713,8 @@ def benchmark(agent: DIVO, data: dict[str, torch.Tensor], args: Args, device: to
         "ADPO sampling, eq. (12)": (1 / args.policy_freq, lambda: agent.select_target(s, a, v, adv)),
         "actor + targets, eq. (13)": (1 / args.policy_freq, lambda: agent.update_actor(s, a_bar)),
     }
+    if args.freeze_pad:  # a frozen diffusion model has no PAD step
+        del parts["PAD, eq. (9)-(10)"]
     repeats = max(50, args.benchmark_steps // 10)
     per_step = {}
     for name, (share, part) in parts.items():
