@@ -4,7 +4,7 @@ Paper: Ma et al., "Diffusion Policies with Value-Conditional Optimization for Of
 Learning" (arXiv 2511.08922, IROS 2025). A DDPM behaviour model is trained on the dataset with binary
 advantage weights (PAD, eq. 9-10); on every actor step it proposes actions, and the deterministic
 actor is pulled toward whichever of {dataset action, generated actions} has the larger advantage
-(ADPO, eq. 12-13). Equation numbers refer to DIVO_SPEC.md as quoted in the README.
+(ADPO, eq. 12-13). Equation numbers are those of the README's "The algorithm" table.
 
 AntMaze rewards are sparse (1 at the goal); the agent learns from r - 1 [IQL]. Evaluation reproduces
 D4RL's antmaze-*-v2 on gymnasium-robotics and the official MuJoCo bindings (see the README), and the
@@ -161,7 +161,7 @@ ANTMAZE_FILES = {
     "large-diverse": "Ant_maze_hardest-maze_noisy_multistart_True_multigoal_True_sparse_fixed.hdf5",
 }
 ENV_IDS = tuple(f"antmaze-{task}-v2" for task in ANTMAZE_FILES)
-ALPHAS = {"umaze": 2.5, "medium": 7.5, "large": 20.0}  # eq. (13) per maze (DIVO_SPEC: hyperparameters)
+ALPHAS = {"umaze": 2.5, "medium": 7.5, "large": 20.0}  # alpha of eq. (13) per maze (README: implementation choices)
 OBS_DIM, ACT_DIM = 29, 8
 HDF5_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
 
@@ -893,7 +893,7 @@ if __name__ == "__main__":
     print(dataset_summary(path, raw, dataset))
     if not (raw["rewards"] > 0).any():
         raise InputError(f"{path} has no goal rewards (no reward > 0): not a sparse AntMaze dataset; check the file")
-    dataset["actions"] = np.clip(dataset["actions"], -1.0, 1.0)  # actions lie in [-1, 1] (DIVO_SPEC: Data)
+    dataset["actions"] = np.clip(dataset["actions"], -1.0, 1.0)  # the actor and the sampler act in [-1, 1]
     dataset["rewards"] = transform_rewards(dataset["rewards"], args.reward_transform)
     print(f"reward       {'r - 1' if args.reward_transform == 'minus-one' else 'r'} (--reward-transform "
           f"{args.reward_transform}); alpha {args.alpha}; {args.eval_episodes} evaluation episodes of "

@@ -4,7 +4,7 @@ Paper: Ma et al., "Diffusion Policies with Value-Conditional Optimization for Of
 Learning" (arXiv 2511.08922, IROS 2025). A DDPM behaviour model is trained on the dataset with binary
 advantage weights (PAD, eq. 9-10); on every actor step it proposes actions, and the deterministic
 actor is pulled toward whichever of {dataset action, generated actions} has the larger advantage
-(ADPO, eq. 12-13). Equation numbers refer to DIVO_SPEC.md as quoted in the README.
+(ADPO, eq. 12-13). Equation numbers are those of the README's "The algorithm" table.
 
 Run:
     python divo_continuous.py --env-id halfcheetah-medium-expert-v2 --cuda
@@ -772,7 +772,7 @@ if __name__ == "__main__":
     fingerprint = dataset_fingerprint(raw)
     dataset = qlearning_dataset(raw)
     print(dataset_summary(path, raw, dataset, robot))
-    dataset["actions"] = np.clip(dataset["actions"], -1.0, 1.0)  # actions lie in [-1, 1] (DIVO_SPEC: Data)
+    dataset["actions"] = np.clip(dataset["actions"], -1.0, 1.0)  # the actor and the sampler act in [-1, 1]
     if payload:
         check_dataset_match(payload, args.resume, fingerprint, obs_dim, "resume on the dataset it was trained on")
     obs_mean = dataset["observations"].mean(axis=0)

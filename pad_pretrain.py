@@ -102,7 +102,7 @@ class Args:
 # Arguments that may differ between a checkpoint and the command that resumes it.
 RESUME_FREE_ARGS = {"resume", "cuda", "track", "wandb_project_name", "wandb_entity", "total_timesteps",
                     "dataset_path", "log_freq", "diag_freq", "checkpoint_freq"}
-# Domain defaults: DIVO_SPEC.md, hyperparameter table.
+# Domain defaults (README: arguments that matter).
 DOMAIN_DEFAULTS = {
     "locomotion": {"gamma": 0.99, "critic_lr": 3e-4, "expectile": 0.7, "reward_transform": "none"},
     "antmaze": {"gamma": 0.995, "critic_lr": 1e-4, "expectile": 0.9, "reward_transform": "minus-one"},
@@ -617,7 +617,7 @@ if __name__ == "__main__":
         raise InputError(f"{path} has no goal rewards (no reward > 0): not a sparse AntMaze dataset")
     if payload and (payload["dataset_sha1"] != fingerprint):
         raise InputError(f"{args.resume} was trained on another dataset than {path}; resume on the same data")
-    dataset["actions"] = np.clip(dataset["actions"], -1.0, 1.0)  # actions lie in [-1, 1] (DIVO_SPEC: Data)
+    dataset["actions"] = np.clip(dataset["actions"], -1.0, 1.0)  # the actor and the sampler act in [-1, 1]
     dataset["rewards"] = transform_rewards(dataset["rewards"], args.reward_transform)
     reward = "r - 1" if args.reward_transform == "minus-one" else "r"
     print(f"reward       {reward} (--reward-transform {args.reward_transform})")
