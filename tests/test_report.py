@@ -1,0 +1,255 @@
+"""tools/report.py on hand-made run folders with known scores: Table I, rliable aggregates, figures, errors."""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import trim_mean
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import report  # noqa: E402
+
+REPS = 200
+
+# label -> task -> {seed: final normalised score}. "divo" is used by two algorithms (DIVO and its --no-adpo TD3+BC
+# backbone), so the report must split it into "divo [divo]" and "divo [td3bc]".
+DIVO = {
+    "hopper-medium-v2": {4: 0.0, 0: 50.0, 1: 60.0, 2: 70.0, 3: 80.0},  # seed 4 is the 5th seed: left out of the aggregates
+    "walker2d-medium-v2": {0: 30.0, 1: 50.0, 2: 70.0},
+    "antmaze-umaze-v2": {0: 0.0, 1: 20.0, 2: 40.0, 3: 100.0},
+    "hopper-medium-dev": {0: 33.0, 1: 35.0},  # the user's own file: not a Table-I task
+}
+TD3BC = {
+    "hopper-medium-v2": {0: 40.0, 1: 45.0, 2: 50.0, 3: 57.0},
+    "antmaze-umaze-v2": {0: 5.0, 1: 10.0, 2: 15.0, 3: 20.0},
+    "halfcheetah-medium-v2": {0: 24.0},
+}
+NUM_FINISHED = sum(len(seeds) for table in (DIVO, TD3BC) for seeds in table.values())
+
+
+def write_run(root, name, args, scores=None, checkpoint=None):
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "args.json").write_text(json.dumps(args))
+    if scores is not None:
+        (folder / "scores.json").write_text(scores if isinstance(scores, str) else json.dumps(scores))
+    if checkpoint is not None:
+        torch.save(checkpoint, folder / "checkpoint.pt")
+    return folder
+
+
+def run_args(task, seed, adpo=True, total_timesteps=100):
+    """An args.json as the training scripts write it; a task that is not a D4RL id comes from a local file."""
+    own_file = task == "hopper-medium-dev"
+    return {"exp_name": "divo", "seed": seed, "env_id": "hopper-medium-v2" if own_file else task,
+            "dataset_path": f"/data/{task}.hdf5" if own_file else None, "total_timesteps": total_timesteps,
+            "adpo": adpo, "pad": True}
+
+
+def evaluations(final, steps=(50, 100)):
+    return [{"step": s, "score": final * s / steps[-1], "score_std": 1.0} for s in steps]
+
+
+def write_all(root):
+    """The runs of DIVO and TD3BC (newer scores.json with task/mode for DIVO, older ones without for TD3BC)."""
+    for task, seeds in DIVO.items():
+        for seed, score in seeds.items():
+            write_run(root, f"{task}__divo__{seed}", run_args(task, seed),
+                      {"task": task, "mode": "divo", "seed": seed, "normalized_score_mean": score,
+                       "evaluations": evaluations(score)})
+    for task, seeds in TD3BC.items():
+        for seed, score in seeds.items():
+            write_run(root, f"{task}__td3bc__{seed}", run_args(task, seed, adpo=False),
+                      {"seed": seed, "normalized_score_mean": score, "evaluations": evaluations(score)})
+    # unfinished: killed after a checkpoint at step 30, killed before any checkpoint, a truncated checkpoint
+    write_run(root, "hopper-medium-v2__divo__7", run_args("hopper-medium-v2", 7), checkpoint={"step": 30})
+    write_run(root, "hopper-medium-v2__divo__8", run_args("hopper-medium-v2", 8))
+    broken = write_run(root, "hopper-medium-v2__divo__9", run_args("hopper-medium-v2", 9))
+    (broken / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    write_all(root)
+    out = tmp_path_factory.mktemp("report")
+    runs = report.collect_runs([str(root)])
+    written = report.make_report(runs, str(out), reps=REPS, profile_reps=50)
+    return {"root": root, "out": out, "runs": runs, "written": written, "table": report.build_table(runs)}
+
+
+def rows_by_name(table):
+    return {row.name: row for row in table.rows}
+
+
+def test_labels_split_by_mode(result):
+    assert result["table"].labels == ["divo [divo]", "divo [td3bc]"]
+    modes = {run.label: run.mode for run in result["runs"]}
+    assert modes == {"divo [divo]": "divo", "divo [td3bc]": "td3bc"}  # td3bc derived from adpo=false in args.json
+
+
+def test_rows_in_table_i_order_with_other_block(result):
+    names = [row.name for row in result["table"].rows]
+    assert names == ["halfcheetah-medium-v2", "hopper-medium-v2", "walker2d-medium-v2", "Gym average",
+                     "antmaze-umaze-v2", "AntMaze average", "Total",
+                     "hopper-medium-dev", "Other tasks average"]
+
+
+def test_task_cells_mean_std_and_seed_counts(result):
+    rows = rows_by_name(result["table"])
+    hopper = rows["hopper-medium-v2"].cells["divo [divo]"]
+    assert hopper.n == 5  # the unfinished seeds 7, 8, 9 are not counted
+    assert hopper.mean == pytest.approx(52.0)
+    assert hopper.std == pytest.approx(np.sqrt(((np.array([0, 50, 60, 70, 80]) - 52) ** 2).mean()))
+    antmaze = rows["antmaze-umaze-v2"].cells["divo [td3bc]"]
+    assert (antmaze.n, antmaze.mean) == (4, pytest.approx(12.5))
+    assert antmaze.std == pytest.approx(np.std([5, 10, 15, 20]))
+    assert "divo [divo]" not in rows["halfcheetah-medium-v2"].cells
+    assert rows["hopper-medium-dev"].cells["divo [divo]"].mean == pytest.approx(34.0)
+    assert "divo [td3bc]" not in rows["hopper-medium-dev"].cells
+
+
+def test_block_averages(result):
+    rows = rows_by_name(result["table"])
+    gym = rows["Gym average"].cells
+    assert (gym["divo [divo]"].mean, gym["divo [divo]"].n, gym["divo [divo]"].of) == (pytest.approx(51.0), 2, 3)
+    assert (gym["divo [td3bc]"].mean, gym["divo [td3bc]"].n) == (pytest.approx(36.0), 2)
+    assert rows["AntMaze average"].cells["divo [divo]"].mean == pytest.approx(40.0)
+    total = rows["Total"].cells  # Table-I tasks only: the user's hopper-medium-dev is not in it
+    assert total["divo [divo]"].mean == pytest.approx((52 + 50 + 40) / 3)
+    assert total["divo [td3bc]"].mean == pytest.approx((24 + 48 + 12.5) / 3)
+    assert rows["Other tasks average"].cells["divo [divo]"].mean == pytest.approx(34.0)
+    assert "divo [td3bc]" not in rows["Other tasks average"].cells
+
+
+def test_table_md(result):
+    text = (result["out"] / "table.md").read_text()
+    lines = text.splitlines()
+    assert lines[0] == "| Task | divo [divo] | divo [td3bc] |"
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines if line.startswith("| ")}
+    assert cells["hopper-medium-v2"] == ["52.0 ± 27.9 (5)", "48.0 ± 6.3 (4)"]
+    assert cells["halfcheetah-medium-v2"] == ["–", "24.0 ± 0.0 (1)"]
+    assert cells["**Gym average**"] == ["51.0 (2 of 3 tasks)", "36.0 (2 of 3 tasks)"]
+    assert cells["**AntMaze average**"] == ["40.0", "12.5"]
+    assert cells["**Total**"] == ["47.3 (3 of 4 tasks)", "28.2 (3 of 4 tasks)"]
+    assert cells["**Other tasks average**"] == ["34.0", "–"]
+    assert "population std" in text
+    assert f"The table uses {NUM_FINISHED} finished runs." in text
+
+
+def test_unfinished_runs_listed_not_used(result):
+    unfinished = {run.run_name: run for run in result["runs"] if not run.finished}
+    assert set(unfinished) == {"hopper-medium-v2__divo__7", "hopper-medium-v2__divo__8", "hopper-medium-v2__divo__9"}
+    assert unfinished["hopper-medium-v2__divo__7"].progress == "step 30 / 100"
+    assert unfinished["hopper-medium-v2__divo__8"].progress == "no checkpoint"
+    assert unfinished["hopper-medium-v2__divo__9"].progress.startswith("broken checkpoint")
+    text = (result["out"] / "table.md").read_text()
+    assert "- hopper-medium-v2__divo__7: hopper-medium-v2, divo [divo], step 30 / 100" in text
+    assert "- hopper-medium-v2__divo__8: hopper-medium-v2, divo [divo], no checkpoint" in text
+    assert "Unfinished runs (no scores.json; not in the table): 3" in text
+
+
+def test_aggregates_match_hand_computation(result):
+    agg = json.loads((result["out"] / "aggregate.json").read_text())
+    assert agg["reps"] == REPS
+    assert agg["tasks"] == ["hopper-medium-v2", "antmaze-umaze-v2"]  # the tasks both labels have, Table-I order
+    assert agg["runs_per_task"] == 4
+    divo, td3bc = agg["labels"]["divo [divo]"], agg["labels"]["divo [td3bc]"]
+    assert divo["seeds"]["hopper-medium-v2"] == [0, 1, 2, 3]  # the first 4 seeds: seed 4 (score 0) is left out
+    pooled = [50, 60, 70, 80, 0, 20, 40, 100]
+    assert divo["iqm"]["estimate"] == pytest.approx(trim_mean(pooled, 0.25)) == pytest.approx(55.0)
+    assert divo["mean"]["estimate"] == pytest.approx((65 + 40) / 2)
+    assert divo["median"]["estimate"] == pytest.approx(52.5)  # median of the 2 task means
+    assert divo["optimality_gap"]["estimate"] == pytest.approx(np.mean([100 - s for s in pooled]))
+    assert td3bc["iqm"]["estimate"] == pytest.approx(trim_mean([40, 45, 50, 57, 5, 10, 15, 20], 0.25))
+    assert td3bc["mean"]["estimate"] == pytest.approx((48 + 12.5) / 2)
+    for label in (divo, td3bc):
+        for key in ("median", "iqm", "mean", "optimality_gap"):
+            assert label[key]["ci_low"] <= label[key]["estimate"] <= label[key]["ci_high"]
+        assert label["iqm"]["ci_low"] < label["iqm"]["ci_high"]  # real bootstrap intervals, not points
+
+
+def png_size(path):
+    data = open(path, "rb").read(24)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", f"{path} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.mark.parametrize("name", ["aggregate.png", "profiles.png", "curves.png"])
+def test_figures_are_pngs(result, name):
+    path = result["out"] / name
+    assert result["written"][name] == str(path)
+    width, height = png_size(path)
+    assert width > 100 and height > 100
+
+
+def test_mean_curve_aligns_on_common_steps():
+    def run(history):
+        return report.Run(path="", run_name="r", label="a", task="t", mode="divo", seed=0, total_timesteps=30,
+                          finished=True, score=0.0, evaluations=[{"step": s, "score": v} for s, v in history])
+
+    steps, mean, std = report.mean_curve([run([(10, 1.0), (20, 2.0), (30, 3.0)]), run([(10, 3.0), (30, 7.0)])])
+    assert steps.tolist() == [10, 30]
+    assert mean.tolist() == [2.0, 5.0] and std.tolist() == [1.0, 2.0]
+    assert report.mean_curve([run([(10, 1.0)]), run([(20, 1.0)])]) is None
+
+
+def test_malformed_scores_warned_and_skipped(tmp_path, capsys):
+    write_run(tmp_path, "good", run_args("hopper-medium-v2", 0), {"normalized_score_mean": 40.0})
+    write_run(tmp_path, "not_json", run_args("hopper-medium-v2", 1), "{oops")
+    write_run(tmp_path, "no_score", run_args("hopper-medium-v2", 2), {"evaluations": []})
+    runs = report.collect_runs([str(tmp_path)])
+    err = capsys.readouterr().err
+    assert [run.run_name for run in runs] == ["good"]
+    assert runs[0].label == "divo" and runs[0].task == "hopper-medium-v2"  # one mode: the plain exp_name
+    assert f"warning: {tmp_path / 'not_json' / 'scores.json'}" in err
+    assert f"warning: {tmp_path / 'no_score' / 'scores.json'}" in err and "normalized_score_mean" in err
+
+
+@pytest.mark.parametrize("case", ["missing_folder", "only_unfinished"])
+def test_main_errors(tmp_path, capsys, monkeypatch, case):
+    if case == "only_unfinished":
+        write_run(tmp_path, "killed", run_args("hopper-medium-v2", 0))
+        runs_dir = tmp_path
+    else:
+        runs_dir = tmp_path / "nope"
+    monkeypatch.setattr(sys, "argv", ["report.py", str(runs_dir), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_info:
+        report.main()
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert ("no finished run" if case == "only_unfinished" else "no such folder") in err
+    assert not (tmp_path / "out").exists()
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "report.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def test_cli_empty_folder_fails_cleanly(tmp_path):
+    proc = run_cli(tmp_path, "--out", tmp_path / "out")
+    assert proc.returncode != 0
+    assert proc.stderr.startswith("error:") and "no finished run" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_cli_writes_report(tmp_path):
+    runs = tmp_path / "runs"
+    for seed, score in enumerate([30.0, 50.0]):
+        write_run(runs, f"run{seed}", run_args("antmaze-umaze-v2", seed),
+                  {"normalized_score_mean": score, "evaluations": evaluations(score)})
+    out = tmp_path / "out"
+    proc = run_cli(runs, "--out", out, "--reps", REPS, "--profile-reps", 20)
+    assert proc.returncode == 0, proc.stderr
+    assert "| antmaze-umaze-v2 | 40.0 ± 10.0 (2) |" in proc.stdout  # the table goes to stdout too
+    for name in ("table.md", "aggregate.json", "aggregate.png", "profiles.png", "curves.png"):
+        assert f"wrote {out / name}" in proc.stdout
+        assert (out / name).stat().st_size > 0

@@ -1,0 +1,565 @@
+"""Table I, rliable statistics and evaluation curves from finished training runs.
+
+Every run of divo_continuous.py / divo_antmaze.py writes `runs/{run_name}/` with `args.json` (at the start) and
+`scores.json` (when it finished). This script groups the runs by a label (the `exp_name` by default) and by task,
+treats the seeds of one (label, task) as independent runs, and writes into `--out`:
+
+    table.md        the paper's Table I layout: mean ± std over seeds per task, block averages, unfinished runs
+    aggregate.json  median, IQM, mean and optimality gap with 95% stratified bootstrap CIs (rliable)
+    aggregate.png   the same as interval plots
+    profiles.png    performance profiles (fraction of runs above each score) with CIs (rliable)
+    curves.png      evaluation curves per task, mean ± std over seeds
+
+Run:
+    python tools/report.py                                  # runs/ -> report/
+    python tools/report.py runs/sweep_a runs/sweep_b --out report/ab --reps 2000
+    python tools/report.py runs/ --label-key mode           # one column per algorithm variant
+
+From Python (e.g. at the end of a sweep):
+    from report import collect_runs, make_report
+    make_report(collect_runs(["runs/sweep_a"]), "report/sweep_a")
+"""
+
+import json
+import math
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import tyro  # noqa: E402
+from rliable import library as rly  # noqa: E402
+from rliable import metrics, plot_utils  # noqa: E402
+
+
+@dataclass
+class Args:
+    runs_dirs: tyro.conf.Positional[list[str]] = field(default_factory=lambda: ["runs/"])
+    """folders that hold run folders (or run folders themselves); a run folder is one with an `args.json`"""
+    out: str = "report/"
+    """the folder to write table.md, aggregate.json and the figures into (created if needed)"""
+    label_key: str = "exp_name"
+    """the args.json key whose value names a table column; the runs of one label and task are its seeds"""
+    reps: int = 2000
+    """bootstrap replications for the confidence intervals of the aggregate metrics (about 0.4 s per 1000 and label)"""
+    profile_reps: int = 1000
+    """bootstrap replications for the confidence bands of the performance profiles (slower per replication)"""
+
+
+# The rows of the paper's Table I, in the order of the standard D4RL tables.
+TABLE_I_BLOCKS: list[tuple[str, list[str]]] = [
+    ("Gym", [
+        "halfcheetah-medium-v2", "hopper-medium-v2", "walker2d-medium-v2",
+        "halfcheetah-medium-replay-v2", "hopper-medium-replay-v2", "walker2d-medium-replay-v2",
+        "halfcheetah-medium-expert-v2", "hopper-medium-expert-v2", "walker2d-medium-expert-v2",
+    ]),
+    ("AntMaze", [
+        "antmaze-umaze-v2", "antmaze-umaze-diverse-v2", "antmaze-medium-play-v2",
+        "antmaze-medium-diverse-v2", "antmaze-large-play-v2", "antmaze-large-diverse-v2",
+    ]),
+]
+TABLE_I_TASKS: list[str] = [task for _, tasks in TABLE_I_BLOCKS for task in tasks]
+OTHER_BLOCK = "Other tasks"
+METRIC_NAMES = ["Median", "IQM", "Mean", "Optimality Gap"]
+METRIC_KEYS = ["median", "iqm", "mean", "optimality_gap"]
+
+
+class ReportError(Exception):
+    """A problem the user has to fix (no runs, no folder); main() prints it as one `error: ` line."""
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading run folders
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """One training run: its identity, and its final score when it finished."""
+
+    path: str
+    run_name: str
+    label: str
+    task: str
+    mode: str
+    seed: Optional[int]
+    total_timesteps: Optional[int]
+    finished: bool
+    score: Optional[float] = None
+    """`normalized_score_mean` of scores.json: the last policy's mean over its evaluation episodes"""
+    evaluations: list[dict] = field(default_factory=list)
+    """the evaluation history [{"step", "score", ...}] of a finished run"""
+    progress: str = ""
+    """for an unfinished run: "step S / T" of its last checkpoint, "no checkpoint" or "broken checkpoint (...)" """
+
+
+def find_run_folders(dirs: list[str]) -> list[str]:
+    """Run folders (with an args.json) among `dirs` and their direct subfolders, each once."""
+    existing = [d for d in dirs if os.path.isdir(d)]
+    if not existing:
+        raise ReportError(f"no such folder: {', '.join(dirs)}: train first (runs go to runs/), "
+                          "or pass the folder that holds your runs")
+    for d in dirs:
+        if d not in existing:
+            warn(f"no such folder: {d} (skipped)")
+    folders: list[str] = []
+    seen: set[str] = set()  # the same folder given twice (or as a run and as its parent) counts once
+    for d in existing:
+        if os.path.isfile(os.path.join(d, "args.json")):
+            candidates = [d]
+        else:
+            candidates = [os.path.join(d, name) for name in sorted(os.listdir(d))]
+        for folder in candidates:
+            if os.path.isfile(os.path.join(folder, "args.json")) and os.path.realpath(folder) not in seen:
+                seen.add(os.path.realpath(folder))
+                folders.append(folder)
+    return folders
+
+
+def read_json(path: str) -> Optional[dict]:
+    """The JSON object in `path`, or None with a warning when it is not valid JSON or not an object."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        warn(f"{path} is not readable JSON ({e}); run skipped")
+        return None
+    if not isinstance(data, dict):
+        warn(f"{path} does not hold a JSON object; run skipped")
+        return None
+    return data
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_scores(scores: dict) -> Optional[str]:
+    """What is wrong with a scores.json, or None when it is usable."""
+    if "normalized_score_mean" not in scores:
+        return "has no 'normalized_score_mean'"
+    if not is_number(scores["normalized_score_mean"]):
+        return f"'normalized_score_mean' is {scores['normalized_score_mean']!r}, not a finite number"
+    evaluations = scores.get("evaluations", [])
+    if not isinstance(evaluations, list) or not all(
+            isinstance(e, dict) and is_number(e.get("step")) and is_number(e.get("score")) for e in evaluations):
+        return "has an 'evaluations' entry that is not {'step': number, 'score': number, ...}"
+    return None
+
+
+def task_of(args: dict) -> str:
+    """The dataset's name: the file stem of `dataset_path` for a user's own file, else the D4RL env id."""
+    if args.get("dataset_path"):
+        return os.path.splitext(os.path.basename(args["dataset_path"]))[0]
+    return str(args.get("env_id", "unknown-task"))
+
+
+def mode_of(args: dict) -> str:
+    """divo, divo-no-pad or td3bc (the --no-adpo backbone), from the flags of an older args.json."""
+    if args.get("adpo") is False:
+        return "td3bc"
+    if args.get("pad") is False:
+        return "divo-no-pad"
+    return "divo"
+
+
+def checkpoint_progress(folder: str, total_timesteps: Optional[int]) -> str:
+    """How far an unfinished run got, from the step of its checkpoint.pt."""
+    path = os.path.join(folder, "checkpoint.pt")
+    if not os.path.isfile(path):
+        return "no checkpoint"
+    import torch  # only needed for unfinished runs with a checkpoint; slow to import
+
+    try:
+        step = int(torch.load(path, map_location="cpu", weights_only=True)["step"])
+    except Exception as e:  # a truncated file, another format, no "step": all mean the same to the reader
+        return f"broken checkpoint ({type(e).__name__})"
+    total = f"{total_timesteps:,}" if total_timesteps else "?"
+    return f"step {step:,} / {total}"
+
+
+def read_run(folder: str, label_key: str) -> Optional[Run]:
+    """The run in `folder`, or None (with a warning) when its args.json or scores.json is malformed."""
+    args = read_json(os.path.join(folder, "args.json"))
+    if args is None:
+        return None
+    scores_path = os.path.join(folder, "scores.json")
+    scores: dict = {}
+    if os.path.isfile(scores_path):
+        scores = read_json(scores_path)
+        if scores is None:
+            return None
+        problem = check_scores(scores)
+        if problem:
+            warn(f"{scores_path} {problem}; run skipped")
+            return None
+    if label_key in args:
+        label = str(args[label_key])
+    elif label_key in scores:
+        label = str(scores[label_key])
+    else:
+        label = f"(no {label_key})"
+        warn(f"{os.path.join(folder, 'args.json')} has no '{label_key}'; its run is labelled {label}")
+    run_name = scores.get("run_name", args.get("run_name", os.path.basename(folder)))
+    task = scores.get("task", task_of(args))
+    mode = scores.get("mode", args.get("mode", mode_of(args)))
+    seed = scores.get("seed", args.get("seed"))
+    total_timesteps = args.get("total_timesteps")
+    run = Run(path=folder, run_name=str(run_name), label=label, task=str(task), mode=str(mode),
+              seed=seed if isinstance(seed, int) else None,
+              total_timesteps=total_timesteps if isinstance(total_timesteps, int) else None,
+              finished=os.path.isfile(scores_path))
+    if run.finished:
+        run.score = float(scores["normalized_score_mean"])
+        run.evaluations = scores.get("evaluations", [])
+    else:
+        run.progress = checkpoint_progress(folder, run.total_timesteps)
+    return run
+
+
+def split_labels_by_mode(runs: list[Run]) -> None:
+    """Runs that share a label but are different algorithms get the mode appended: `divo [td3bc]`."""
+    modes: dict[str, set[str]] = {}
+    for run in runs:
+        modes.setdefault(run.label, set()).add(run.mode)
+    for run in runs:
+        if len(modes[run.label]) > 1:
+            run.label = f"{run.label} [{run.mode}]"
+
+
+def collect_runs(dirs: list[str], label_key: str = "exp_name") -> list[Run]:
+    """All runs (finished or not) under `dirs`, labelled by args.json's `label_key` (split by mode when mixed)."""
+    runs = []
+    for folder in find_run_folders(dirs):
+        run = read_run(folder, label_key)
+        if run is not None:
+            runs.append(run)
+    split_labels_by_mode(runs)
+    for (label, task), cell in group_runs(runs).items():
+        seeds = [r.seed for r in cell]
+        if len(set(seeds)) < len(seeds):
+            warn(f"label {label!r} on {task} has several finished runs with the same seed (seeds {seeds}); "
+                 "each counts as a seed")
+    return runs
+
+
+def group_runs(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
+    """The finished runs of each (label, task), sorted by seed: the independent runs of one table cell."""
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for run in runs:
+        if run.finished:
+            groups.setdefault((run.label, run.task), []).append(run)
+    for cell in groups.values():
+        cell.sort(key=lambda r: (r.seed is None, r.seed or 0, r.run_name))
+    return groups
+
+
+def ordered_tasks(tasks: set[str]) -> list[str]:
+    """Table-I tasks in Table-I order, then the others alphabetically."""
+    return [t for t in TABLE_I_TASKS if t in tasks] + sorted(tasks - set(TABLE_I_TASKS))
+
+
+# ----------------------------------------------------------------------------------------------
+# Table I
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Cell:
+    mean: float
+    std: float = 0.0
+    """population standard deviation over seeds (numpy's default, ddof=0); 0 for average rows"""
+    n: int = 0
+    """task rows: the number of seeds; average rows: the number of tasks averaged"""
+    of: int = 0
+    """average rows: the number of tasks in the block"""
+
+
+@dataclass
+class Row:
+    name: str
+    cells: dict[str, Cell]
+    """label -> cell; a label without runs on this task has no cell"""
+    average: bool = False
+
+
+@dataclass
+class Table:
+    labels: list[str]
+    rows: list[Row]
+
+
+def average_row(name: str, tasks: list[str], task_rows: dict[str, Row], labels: list[str]) -> Row:
+    """Per label, the mean of its per-task means over the `tasks` it has."""
+    cells = {}
+    for label in labels:
+        means = [task_rows[t].cells[label].mean for t in tasks if label in task_rows[t].cells]
+        if means:
+            cells[label] = Cell(mean=float(np.mean(means)), n=len(means), of=len(tasks))
+    return Row(name, cells, average=True)
+
+
+def build_table(runs: list[Run]) -> Table:
+    """Table I from the finished runs: task rows in Table-I order, block averages, Total, then other tasks."""
+    groups = group_runs(runs)
+    labels = sorted({label for label, _ in groups})
+    tasks = {task for _, task in groups}
+    task_rows: dict[str, Row] = {}
+    for task in tasks:
+        cells = {}
+        for label in labels:
+            if (label, task) in groups:
+                scores = np.array([r.score for r in groups[label, task]])
+                cells[label] = Cell(mean=float(scores.mean()), std=float(scores.std()), n=len(scores))
+        task_rows[task] = Row(task, cells)
+
+    rows: list[Row] = []
+    table_i_present: list[str] = []
+    for block, block_tasks in TABLE_I_BLOCKS:
+        present = [t for t in block_tasks if t in tasks]
+        if present:
+            rows += [task_rows[t] for t in present]
+            rows.append(average_row(f"{block} average", present, task_rows, labels))
+            table_i_present += present
+    if table_i_present:
+        rows.append(average_row("Total", table_i_present, task_rows, labels))
+    others = sorted(tasks - set(TABLE_I_TASKS))
+    if others:
+        rows += [task_rows[t] for t in others]
+        rows.append(average_row(f"{OTHER_BLOCK} average", others, task_rows, labels))
+    return Table(labels, rows)
+
+
+def format_cell(cell: Optional[Cell], average: bool) -> str:
+    if cell is None:
+        return "–"
+    if not average:
+        return f"{cell.mean:.1f} ± {cell.std:.1f} ({cell.n})"
+    if cell.n < cell.of:
+        return f"{cell.mean:.1f} ({cell.n} of {cell.of} tasks)"
+    return f"{cell.mean:.1f}"
+
+
+def format_table(table: Table, runs: list[Run]) -> str:
+    """table.md: the markdown table, what its numbers are, and the runs it leaves out."""
+    lines = ["| Task | " + " | ".join(table.labels) + " |", "|:--|" + "--:|" * len(table.labels)]
+    for row in table.rows:
+        name = f"**{row.name}**" if row.average else row.name
+        cells = [format_cell(row.cells.get(label), row.average) for label in table.labels]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    finished = [r for r in runs if r.finished]
+    unfinished = [r for r in runs if not r.finished]
+    lines += [
+        "",
+        "Cells: mean ± standard deviation over seeds of each run's final D4RL normalised score (the last policy's mean "
+        "over its evaluation episodes; AntMaze: 100 x success rate); the std is the population std (ddof=0); "
+        "(n) is the number of seeds.",
+        "Average rows: the mean of a label's per-task means over the block's tasks in this table that it has; "
+        "\"(k of m tasks)\" marks a label that lacks some of them. Total: all Table-I tasks present. "
+        f"{OTHER_BLOCK}: datasets outside Table I (e.g. your own files), not in Total.",
+        "",
+        f"The table uses {len(finished)} finished run{'s' * (len(finished) != 1)}.",
+    ]
+    if unfinished:
+        lines += ["", f"Unfinished runs (no scores.json; not in the table): {len(unfinished)}", ""]
+        lines += [f"- {r.run_name}: {r.task}, {r.label}, {r.progress}" for r in unfinished]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# rliable aggregates and performance profiles
+# ----------------------------------------------------------------------------------------------
+def aggregate_inputs(runs: list[Run]) -> tuple[dict[str, np.ndarray], list[str], int, dict[str, dict[str, list]]]:
+    """rliable's input: per label a (runs x tasks) array of score / 100 over the tasks every label has,
+    with the first k seeds of each cell (k: the smallest seed count among them); also the tasks, k and the seeds."""
+    groups = group_runs(runs)
+    labels = sorted({label for label, _ in groups})
+    common = set.intersection(*({task for lab, task in groups if lab == label} for label in labels))
+    tasks = ordered_tasks(common)
+    if not tasks:
+        return {}, [], 0, {}
+    k = min(len(groups[label, task]) for label in labels for task in tasks)
+    score_dict: dict[str, np.ndarray] = {}
+    seeds: dict[str, dict[str, list]] = {}
+    for label in labels:
+        cells = [groups[label, task][:k] for task in tasks]
+        score_dict[label] = np.array([[cell[i].score / 100 for cell in cells] for i in range(k)])
+        seeds[label] = {task: [r.seed for r in cell] for task, cell in zip(tasks, cells)}
+    return score_dict, tasks, k, seeds
+
+
+def aggregate_metrics(scores: np.ndarray) -> np.ndarray:
+    """Median, IQM, mean and optimality gap (threshold 1 = a normalised score of 100) of a (runs x tasks) array."""
+    return np.array([metrics.aggregate_median(scores), metrics.aggregate_iqm(scores),
+                     metrics.aggregate_mean(scores), metrics.aggregate_optimality_gap(scores)])
+
+
+def compute_aggregates(score_dict: dict[str, np.ndarray], reps: int, seed: int = 0) -> tuple[dict, dict]:
+    """Point estimates and 95% stratified bootstrap CIs (2 x 4 per label), back on the 0-100 scale."""
+    with warnings.catch_warnings():  # arch deprecates random_state; rliable 1.2 only passes that one
+        warnings.simplefilter("ignore", FutureWarning)
+        points, intervals = rly.get_interval_estimates(score_dict, aggregate_metrics, reps=reps,
+                                                       random_state=np.random.RandomState(seed))
+    return ({label: 100 * value for label, value in points.items()},
+            {label: 100 * value for label, value in intervals.items()})
+
+
+def plot_aggregates(points: dict, intervals: dict, labels: list[str], colors: dict[str, str], title: str, path: str) -> None:
+    row_height = max(0.6, 2.0 / len(labels))
+    fig, _ = plot_utils.plot_interval_estimates(points, intervals, METRIC_NAMES, algorithms=labels, colors=colors,
+                                                row_height=row_height, xlabel="D4RL normalised score",
+                                                xlabel_y_coordinate=-0.5 / (row_height * len(labels)))
+    fig.suptitle(title, x=0.4, y=1.0 + 0.6 / (row_height * len(labels)), fontsize="x-large")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_profiles(score_dict: dict[str, np.ndarray], reps: int, colors: dict[str, str], title: str, path: str) -> None:
+    """Fraction of runs whose score exceeds each threshold tau, from 0 to a bit above the best score."""
+    top = max(float(scores.max()) for scores in score_dict.values())
+    taus = np.linspace(0, max(1.05 * top, 0.05), 51)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        profiles, profile_cis = rly.create_performance_profile(score_dict, taus, reps=reps)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    # rliable works on score / 100; the axis shows the table's 0-100 scale
+    plot_utils.plot_performance_profiles(profiles, 100 * taus, performance_profile_cis=profile_cis, ax=ax, colors=colors,
+                                         xlabel=r"D4RL normalised score $\tau$",
+                                         ylabel=r"Fraction of runs with score $> \tau$", labelsize="large",
+                                         ticklabelsize="large")
+    ax.set_title(title)
+    ax.legend(loc="lower left")  # profiles start at 1 on the left
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation curves
+# ----------------------------------------------------------------------------------------------
+def mean_curve(cell: list[Run]) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Steps every seed evaluated at, and the mean and std over seeds there; None when they share no step."""
+    by_step = [{e["step"]: e["score"] for e in run.evaluations} for run in cell]
+    steps = sorted(set.intersection(*(set(scores) for scores in by_step)))
+    if not steps:
+        return None
+    values = np.array([[scores[s] for s in steps] for scores in by_step])
+    return np.array(steps), values.mean(axis=0), values.std(axis=0)
+
+
+def plot_curves(runs: list[Run], colors: dict[str, str], path: str) -> None:
+    groups = group_runs(runs)
+    tasks = ordered_tasks({task for _, task in groups})
+    ncols = min(3, len(tasks))
+    nrows = math.ceil(len(tasks) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.6 * nrows), squeeze=False)
+    for ax, task in zip(axes.flat, tasks):
+        for label in colors:
+            if (label, task) not in groups:
+                continue
+            cell = groups[label, task]
+            curve = mean_curve(cell)
+            if curve is None:
+                warn(f"the runs of {label!r} on {task} have no evaluation step in common; no curve")
+                continue
+            steps, mean, std = curve
+            ax.plot(steps, mean, color=colors[label], marker="." if len(steps) < 30 else None,
+                    label=f"{label} (n={len(cell)})")
+            ax.fill_between(steps, mean - std, mean + std, color=colors[label], alpha=0.2)
+        ax.set_title(task)
+        ax.set_xlabel("gradient step")
+        ax.set_ylabel("normalised score")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize="small")
+        else:
+            ax.text(0.5, 0.5, "no evaluation history", ha="center", va="center", transform=ax.transAxes)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.set_visible(False)
+    fig.suptitle("Evaluation curves: mean ± std over seeds (finished runs)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------------------
+def make_report(runs: list[Run], out_dir: str, reps: int = 2000, profile_reps: int = 1000) -> dict[str, str]:
+    """Write table.md, aggregate.json, aggregate.png, profiles.png and curves.png into `out_dir`; print the table.
+
+    Returns {file name: path} of what it wrote. Raises ReportError when no run is finished."""
+    if not any(run.finished for run in runs):
+        raise ReportError("no finished run (scores.json) among the run folders: train first, "
+                          "or pass the folder that holds your runs")
+    os.makedirs(out_dir, exist_ok=True)
+    written: dict[str, str] = {}
+
+    table = build_table(runs)
+    colors = {label: f"C{i % 10}" for i, label in enumerate(table.labels)}
+    text = format_table(table, runs)
+    written["table.md"] = os.path.join(out_dir, "table.md")
+    with open(written["table.md"], "w") as f:
+        f.write(text)
+    print(text)
+
+    score_dict, tasks, k, seeds = aggregate_inputs(runs)
+    aggregate: dict = {"reps": reps, "confidence": 0.95, "scale": "D4RL normalised score (0-100); rliable got score / 100",
+                       "optimality_gap_threshold": 100}
+    if not tasks:
+        note = "no task is shared by every label, so the aggregate metrics and profiles are skipped"
+        aggregate["skipped"] = note
+        print(f"note: {note}")
+        for name in ("aggregate.png", "profiles.png"):  # never leave a figure of an earlier report next to this one
+            if os.path.isfile(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
+    else:
+        points, intervals = compute_aggregates(score_dict, reps)
+        aggregate["tasks"] = tasks
+        aggregate["runs_per_task"] = k
+        aggregate["profile_reps"] = profile_reps
+        aggregate["labels"] = {}
+        for label in table.labels:
+            entry: dict = {"seeds": seeds[label]}
+            for i, key in enumerate(METRIC_KEYS):
+                entry[key] = {"estimate": float(points[label][i]), "ci_low": float(intervals[label][0, i]),
+                              "ci_high": float(intervals[label][1, i])}
+            aggregate["labels"][label] = entry
+        title = f"{k} run{'s' * (k != 1)} x {len(tasks)} task{'s' * (len(tasks) != 1)}, 95% stratified bootstrap CIs"
+        written["aggregate.png"] = os.path.join(out_dir, "aggregate.png")
+        plot_aggregates(points, intervals, table.labels, colors, title, written["aggregate.png"])
+        written["profiles.png"] = os.path.join(out_dir, "profiles.png")
+        plot_profiles(score_dict, profile_reps, colors, f"Performance profiles ({title})", written["profiles.png"])
+    written["aggregate.json"] = os.path.join(out_dir, "aggregate.json")
+    with open(written["aggregate.json"], "w") as f:
+        json.dump(aggregate, f, indent=2)
+
+    written["curves.png"] = os.path.join(out_dir, "curves.png")
+    plot_curves(runs, colors, written["curves.png"])
+
+    for name in ("table.md", "aggregate.json", "aggregate.png", "profiles.png", "curves.png"):
+        if name in written:
+            print(f"wrote {written[name]}")
+    return written
+
+
+def main() -> None:
+    args = tyro.cli(Args)
+    try:
+        runs = collect_runs(args.runs_dirs, args.label_key)
+        if not any(run.finished for run in runs):
+            raise ReportError(f"no finished run (scores.json) under {', '.join(args.runs_dirs)}: train first, "
+                              "or pass the folder that holds your runs")
+        make_report(runs, args.out, reps=args.reps, profile_reps=args.profile_reps)
+    except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
