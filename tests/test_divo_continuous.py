@@ -2,6 +2,7 @@
 
 import copy
 import os
+from dataclasses import replace
 
 import h5py
 import numpy as np
@@ -101,10 +102,18 @@ def test_adpo_target_choice():
     adv = torch.tensor([1.0, 1.0, 1.0])
     candidates = torch.tensor([[[0.1], [0.2], [0.3]], [[0.4], [0.5], [0.6]]])  # N = 2 candidates for 3 states
     cand_adv = torch.tensor([[2.0, 0.5, 1.0], [3.0, 0.9, 0.2]])
-    target, generated = dc.adpo_target(a, adv, candidates, cand_adv)
+    target, generated, target_adv = dc.adpo_target(a, adv, candidates, cand_adv)
     # state 0: candidate 2 is best (3.0 > 2.0 > 1.0); state 1: the data wins; state 2: a tie goes to the candidate
     assert target.squeeze(1).tolist() == pytest.approx([0.4, 0.0, 0.3])
     assert generated.tolist() == [True, False, True]
+    assert target_adv.tolist() == [3.0, 1.0, 1.0]
+    # the variant --adpo-positive-only: a generated action needs a positive advantage of its own
+    adv = torch.tensor([-2.0, -2.0, -2.0])
+    cand_adv = torch.tensor([[-1.0, 0.5, -3.0], [-1.5, 0.2, -4.0]])
+    target, generated, target_adv = dc.adpo_target(a, adv, candidates, cand_adv, positive_only=True)
+    assert generated.tolist() == [False, True, False] and target.squeeze(1).tolist() == pytest.approx([0.0, 0.2, 0.0])
+    assert target_adv.tolist() == [-2.0, 0.5, -2.0]
+    assert dc.adpo_target(a, adv, candidates, cand_adv)[1].tolist() == [True, True, False]
 
 
 def test_select_target_compares_advantages_of_samples_and_data():
@@ -115,13 +124,49 @@ def test_select_target_compares_advantages_of_samples_and_data():
     v = torch.randn(8)
     adv = -((a - best) ** 2).sum(-1) - v
     agent.diffusion.sample = lambda s_rep: best.expand(len(s_rep), 3).clone()
-    target, metrics = agent.select_target(s, a, v, adv)
+    target, weight, metrics = agent.select_target(s, a, v, adv)
     torch.testing.assert_close(target, best.expand(8, 3))
-    assert metrics["adpo/generated_fraction"].item() == 1.0
+    assert metrics["adpo/generated_fraction"].item() == 1.0 and weight.tolist() == [1.0] * 8
     agent.diffusion.sample = lambda s_rep: torch.full((len(s_rep), 3), -1.0)  # far worse than any data action
-    target, metrics = agent.select_target(s, a, v, adv)
+    target, weight, metrics = agent.select_target(s, a, v, adv)
     torch.testing.assert_close(target, a)
     assert metrics["adpo/generated_fraction"].item() == 0.0
+
+
+def test_adpo_diagnostics_on_a_hand_built_batch():
+    """advantage gain, candidate advantage, candidate distance and A2PR's BC weight, by hand."""
+    agent = small_agent(num_candidates=2, bc_weight="a2pr")
+    agent.critic_target = lambda s, a: a.sum(-1).expand(2, -1)  # Q'(s, a) = sum of the action's entries
+    s = torch.zeros(3, 5)
+    a = torch.tensor([[0.1, 0.1, 0.1], [0.5, 0.5, 0.5], [-0.5, -0.5, -0.5]])  # Q' = 0.3, 1.5, -1.5
+    v = torch.tensor([0.0, 1.0, 0.0])  # A(s, a) = 0.3, 0.5, -1.5
+    draws = [torch.tensor([[0.2, 0.2, 0.2], [0.0, 0.0, 0.0], [-0.4, -0.4, -0.4]]),  # A = 0.6, -1.0, -1.2
+             torch.tensor([[0.0, 0.0, 0.0], [0.4, 0.4, 0.4], [-0.6, -0.6, -0.6]])]  # A = 0.0,  0.2, -1.8
+    agent.diffusion.sample = lambda s_rep: torch.cat(draws)
+    target, weight, metrics = agent.select_target(s, a, v, agent.target_q(s, a) - v)
+    torch.testing.assert_close(target, torch.stack([draws[0][0], a[1], draws[0][2]]))
+    gains = torch.tensor([0.6 - 0.3, 0.0, -1.2 + 1.5])  # A(s, a_bar) - A(s, a)
+    assert metrics["adpo/advantage_gain"].item() == pytest.approx(gains.mean().item())
+    cand_gain = torch.tensor([[0.3, -1.5, 0.3], [-0.3, -0.3, -0.3]])
+    assert metrics["adpo/candidate_advantage_gain"].item() == pytest.approx(cand_gain.mean().item())
+    distance = (torch.stack(draws) - a).pow(2).mean().sqrt()
+    assert metrics["adpo/candidate_distance"].item() == pytest.approx(distance.item())
+    assert weight.tolist() == [1.0, 1.0, 0.0]  # A2PR: no imitation where the chosen target's advantage is < 0
+    assert metrics["adpo/generated_fraction"].item() == pytest.approx(2 / 3)
+
+
+def test_online_critic_variants_score_data_and_candidates_alike():
+    agent = small_agent(adpo_critic="online-q1")
+    agent.critic_target = lambda s, a: torch.full((2, len(a)), 100.0)  # would make every action equal
+    agent.critic = lambda s, a: torch.stack([-a.sum(-1), a.sum(-1)])  # Q1 prefers small actions
+    s, a = torch.zeros(2, 5), torch.full((2, 3), 0.5)
+    agent.diffusion.sample = lambda s_rep: torch.full((len(s_rep), 3), -0.5)
+    v = torch.zeros(2)
+    target, _, metrics = agent.select_target(s, a, v, adv=torch.full((2,), 1e9))  # adv from eq. (2) is not used
+    torch.testing.assert_close(target, torch.full((2, 3), -0.5))
+    agent.args = replace(agent.args, adpo_critic="online-min")  # min(-sum, sum) prefers large |sum|: a tie here
+    target, _, _ = agent.select_target(s, a, v, adv=torch.full((2,), 1e9))
+    torch.testing.assert_close(target, torch.full((2, 3), -0.5))  # ties go to the generated action
 
 
 def test_critic_loss_matches_eq_1():
@@ -157,13 +202,16 @@ def test_actor_loss_matches_eq_13_and_polyak_update():
     s, a, *_ = batch()
     a_bar = torch.rand_like(a) * 2 - 1
     actor, critic, old_target = copy.deepcopy(agent.actor), copy.deepcopy(agent.critic), copy.deepcopy(agent.actor_target)
-    metrics = agent.update_actor(s, a_bar)
+    weight = (torch.arange(32) % 3 > 0).float()  # A2PR-style weights; 1 everywhere in eq. (13)
+    metrics = agent.update_actor(s, a, a_bar, weight)
     pi = actor(s)
     q1 = critic(s, pi)[0]
-    bc = ((pi - a_bar) ** 2).sum(-1).mean() / 3
+    bc = (weight * ((pi - a_bar) ** 2).sum(-1)).mean() / 3
     expected = -(2.5 / q1.abs().mean()) * q1.mean() + bc
     torch.testing.assert_close(metrics["losses/actor_loss"], expected.detach())
     torch.testing.assert_close(metrics["losses/bc_loss"], bc.detach())
+    assert metrics["adpo/actor_target_distance"].item() == pytest.approx((pi - a_bar).pow(2).mean().sqrt().item(), rel=1e-5)
+    assert metrics["adpo/actor_data_distance"].item() == pytest.approx((pi - a).pow(2).mean().sqrt().item(), rel=1e-5)
     for new, old, online in zip(agent.actor_target.parameters(), old_target.parameters(), agent.actor.parameters()):
         torch.testing.assert_close(new, 0.9 * old + 0.1 * online)
 
@@ -181,7 +229,7 @@ def test_update_order_and_delayed_actor():
 
 
 def test_frozen_pad_skips_the_diffusion_step():
-    agent = small_agent(freeze_pad=True)
+    agent = small_agent(freeze_pad=True, pad_checkpoint="pretrained.pt")  # Args does not open the file
     before = copy.deepcopy(agent.diffusion.state_dict())
     metrics = agent.update(batch(), update_actor=True)
     assert "losses/pad_loss" not in metrics
@@ -238,9 +286,10 @@ def test_dataset_summary_counts_episodes_and_returns(tmp_path):
     write_d4rl_file(path, episode_lengths=(4, 6), terminal_episodes=(0,), rewards=np.ones(10, dtype=np.float32))
     raw = dc.load_d4rl_file(str(path), 11, 3)
     text = dc.dataset_summary(str(path), raw, dc.qlearning_dataset(raw), "hopper")
-    assert "episodes     2," in text and "min 4.0  mean 5.0  max 6.0" in text
-    assert "10 -> 9 transitions" in text  # the last row (also episode 2's timeout) is dropped
-    assert "11.1111% of transitions" in text  # one terminal among 9 transitions
+    low, high = dc.normalized_score("hopper", [4.0, 6.0])
+    assert f"episodes   2, mean length 5, normalised return min {low:.1f}  mean" in text and f"max {high:.1f}" in text
+    assert "10 rows -> 9 transitions" in text  # the last row (also episode 2's timeout) is dropped
+    assert "terminals 11.1111% of transitions" in text  # one terminal among 9 transitions
 
 
 def test_scores():
@@ -258,6 +307,8 @@ def test_env_ids_and_urls(monkeypatch, tmp_path):
     assert dc.check_env_id("walker2d-medium-replay-v2") == "walker2d"
     with pytest.raises(dc.InputError, match="did you mean hopper-medium-v2"):
         dc.check_env_id("hopper-meduim-v2")
+    with pytest.raises(dc.InputError, match="is an AntMaze dataset: run divo_antmaze.py --env-id antmaze-umaze-v2"):
+        dc.check_env_id("antmaze-umaze-v2")
 
 
 # ---------------------------------------------------------------------------------------------- env

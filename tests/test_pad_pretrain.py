@@ -124,7 +124,7 @@ def test_divo_refuses_a_checkpoint_that_does_not_match(pretrained, tmp_path):
     cases = [
         (["--dataset-path", tmp_path / "other.hdf5", "--pad-checkpoint", pad], "was trained on another dataset"),
         (["--dataset-path", cwd / "hopper.hdf5", "--pad-checkpoint", pad, "--diffusion-steps", "10"],
-         "was pretrained with --diffusion-steps 5, this run uses 10"),
+         "does not match this run: --diffusion-steps 10 here, 5 in the checkpoint"),
         (["--dataset-path", cwd / "hopper.hdf5", "--freeze-pad"], "--freeze-pad keeps a pretrained diffusion model fixed"),
     ]
     for extra, message in cases:
@@ -149,7 +149,7 @@ def test_antmaze_pretraining_feeds_divo_antmaze(tmp_path):
     proc = run_script("divo_antmaze.py", *common, "--freeze-pad", cwd=out)
     assert "loaded the PAD model" in proc.stdout
     proc = run_script("divo_antmaze.py", *common, "--reward-transform", "none", cwd=out, check=False)
-    assert proc.returncode == 1 and "pretrained with --reward-transform minus-one, this run uses none" in proc.stderr
+    assert proc.returncode == 1 and "--reward-transform 'none' here, 'minus-one' in the checkpoint" in proc.stderr
 
 
 def test_pretraining_resumes(pretrained, tmp_path):
