@@ -602,15 +602,18 @@ def sample_distances(diffusion: Diffusion, s: torch.Tensor, a: torch.Tensor, ban
 
 
 @torch.no_grad()
-def q_excess(agent: DIVO, s: torch.Tensor, actions: torch.Tensor, s_ref: torch.Tensor, a_ref: torch.Tensor,
-             q_ref: torch.Tensor, neighbours: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q'(s, a) minus the mean Q' of the `neighbours` dataset pairs nearest to (s, a), and their mean distance.
+def nearby_data_check(agent: DIVO, s: torch.Tensor, actions: torch.Tensor, s_ref: torch.Tensor, a_ref: torch.Tensor,
+                      q_ref: torch.Tensor, neighbours: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per state: Q'(s, action) minus the best Q' of the dataset actions at the `neighbours` nearest dataset states,
+    and the RMS distance from the action to the closest of those dataset actions.
 
-    Nearness is Euclidean in (normalised state, action) space. A critic that extrapolates kindly to actions
-    off the data gives them a larger excess than it gives the dataset's own actions.
+    A generated action that the critic rates far above everything the data did nearby, while lying far from
+    those actions, is a sign that ADPO's choice exploits the critic's extrapolation off the data.
     """
-    dist, nearest = torch.cdist(torch.cat([s, actions], 1), torch.cat([s_ref, a_ref], 1)).topk(neighbours, largest=False)
-    return agent.target_q(s, actions) - q_ref[nearest].mean(dim=1), dist.mean(dim=1)
+    nearest = torch.cdist(s, s_ref).topk(neighbours, largest=False).indices  # (B, neighbours), Euclidean in states
+    q_margin = agent.target_q(s, actions) - q_ref[nearest].max(dim=1).values
+    action_gap = (a_ref[nearest] - actions[:, None]).pow(2).mean(dim=-1).sqrt().min(dim=1).values
+    return q_margin, action_gap
 
 
 class Diagnostics:
@@ -629,18 +632,18 @@ class Diagnostics:
 
     @torch.no_grad()
     def adpo(self, agent: DIVO) -> dict[str, float]:
-        """ADPO's choice on probe states: Q excess and data distance of the generated winners vs the dataset actions."""
+        """ADPO's choice on probe states: generated winners against the dataset actions, checked on nearby data."""
         (s, a), (s_ref, a_ref) = self.probe, self.reference
         with torch.random.fork_rng(devices=[s.device] if s.device.type == "cuda" else []):
             v = agent.value(s)
             target, *_ = agent.select_target(s, a, v, agent.target_q(s, a) - v)
         won = (target != a).any(dim=1)
         q_ref = agent.target_q(s_ref, a_ref)
-        data_excess, data_dist = q_excess(agent, s, a, s_ref, a_ref, q_ref, self.neighbours)
-        row = {"adpo/data_q_excess": data_excess.mean().item(), "adpo/data_nn_distance": data_dist.mean().item()}
-        if won.any():
-            won_excess, won_dist = q_excess(agent, s[won], target[won], s_ref, a_ref, q_ref, self.neighbours)
-            row.update({"adpo/winner_q_excess": won_excess.mean().item(), "adpo/winner_nn_distance": won_dist.mean().item()})
+        q_margin, action_gap = nearby_data_check(agent, s, a, s_ref, a_ref, q_ref, self.neighbours)
+        row = {"adpo/data_q_margin": q_margin.mean().item(), "adpo/data_action_gap": action_gap.mean().item()}
+        if won.any():  # the generated actions that won eq. (12), against the same nearby data
+            q_margin, action_gap = nearby_data_check(agent, s[won], target[won], s_ref, a_ref, q_ref, self.neighbours)
+            row.update({"adpo/winner_q_margin": q_margin.mean().item(), "adpo/winner_action_gap": action_gap.mean().item()})
         return row
 
     @torch.no_grad()
