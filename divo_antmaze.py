@@ -13,6 +13,7 @@ normalised score is 100 x the success rate over 100 episodes.
 Run:
     python divo_antmaze.py --env-id antmaze-medium-play-v2 --cuda
     python divo_antmaze.py --env-id antmaze-umaze-v2 --dataset-path my_antmaze.hdf5
+    python divo_antmaze.py --env-id antmaze-umaze-v2 --no-adpo   # the TD3+BC backbone alone
     python divo_antmaze.py --resume runs/<run_name>/checkpoint.pt
 """
 
@@ -35,8 +36,9 @@ import urllib.request
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
+import gymnasium as gym
 import h5py
 import mujoco
 import numpy as np
@@ -44,6 +46,11 @@ import torch
 import torch.nn as nn
 import tyro
 from torch.utils.tensorboard import SummaryWriter
+
+TASKS = ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")
+ENV_IDS = tuple(f"antmaze-{task}-v2" for task in TASKS)
+ALPHAS = {"umaze": 2.5, "medium": 7.5, "large": 20.0}  # alpha of eq. (13) per maze (README: implementation choices)
+OBS_DIM, ACT_DIM = 29, 8
 
 
 @dataclass
@@ -66,12 +73,10 @@ class Args:
     """whether to save the final actor (with its observation normalisation) to `runs/{run_name}`"""
 
     # Algorithm specific arguments
-    env_id: str = "antmaze-medium-play-v2"
+    env_id: Literal[ENV_IDS] = "antmaze-medium-play-v2"
     """the D4RL AntMaze dataset id; it also names the evaluation maze"""
     dataset_path: Optional[str] = None
     """a local D4RL-format AntMaze HDF5 file to train on instead of the downloaded dataset"""
-    legacy_inertia: bool = True
-    """evaluate with D4RL's original link masses (MuJoCo 2.x capsule inertia), see the README"""
     reward_transform: Literal["minus-one", "none"] = "minus-one"
     """reward used for learning: `minus-one` (r - 1, IQL's AntMaze convention) or `none` (r)"""
     total_timesteps: int = 1_000_000
@@ -114,14 +119,34 @@ class Args:
     """width of every hidden layer"""
     num_layers: int = 3
     """number of hidden layers of every network"""
+    adpo: bool = True
+    """ADPO (eq. 12); --no-adpo: the BC target is the dataset action, the TD3+BC backbone (no diffusion model, no V)"""
+    pad: bool = True
+    """PAD weights 1[A > 0] (eq. 10); --no-pad: the diffusion model learns every dataset action (uniform weights)"""
+    adpo_start: int = 0
+    """variant: imitate the dataset action for this many steps before ADPO starts choosing targets"""
+    adpo_critic: Literal["target-min", "online-min", "online-q1"] = "target-min"
+    """variant: the Q that scores ADPO's candidates: min of the target critics (eq. 12), of the online ones, or online Q1"""
+    adpo_positive_only: bool = False
+    """variant: a generated action can win only where its own advantage is positive"""
+    bc_weight: Literal["none", "a2pr"] = "none"
+    """variant: `a2pr` imitates the target only where its advantage is >= 0 (A2PR's weight); `none`: everywhere"""
+
+    # Evaluation
+    legacy_inertia: bool = True
+    """evaluate with D4RL's original link masses (MuJoCo 2.x capsule inertia), see the README"""
     eval_freq: int = 50_000
     """evaluate the actor every this many gradient steps (0: only at the end)"""
     eval_episodes: int = 100
     """number of evaluation episodes, run side by side"""
     eval_threads: int = 0
     """threads that step the evaluation envs in parallel (0: one per CPU core)"""
+
+    # Run management
+    run_name: Optional[str] = None
+    """the run's folder under runs/ (default {env_id}__{exp_name}__{seed}__{unix time}); it must not exist yet"""
     log_freq: int = 1000
-    """log losses and print a progress line every this many gradient steps"""
+    """log losses and diagnostics and print a progress line every this many gradient steps"""
     checkpoint_freq: int = 50_000
     """write `runs/{run_name}/checkpoint.pt` every this many gradient steps and at the end (0: never)"""
     resume: Optional[str] = None
@@ -130,333 +155,18 @@ class Args:
     """start the diffusion model, critics and value net from a `pad_pretrain.py` checkpoint"""
     freeze_pad: bool = False
     """with --pad-checkpoint: keep the pretrained diffusion model fixed and skip the PAD step"""
+    holdout: int = 0
+    """transitions held out of training for the PAD sample-quality diagnostic (0: measure it on 2,000 training ones)"""
     compile: bool = False
     """compile the update functions with torch.compile"""
-    benchmark_steps: int = 0
-    """if > 0: run this many gradient steps without evaluation, print the speed per part, and exit"""
+    cudagraphs: bool = False
+    """capture each training iteration as a CUDA graph and replay it (needs a GPU; see the README's Speed section)"""
 
+    def __post_init__(self):
+        if self.alpha is None and self.env_id in ENV_IDS:  # the maze's alpha
+            self.alpha = ALPHAS[self.env_id.split("-")[1]]
+        check_args(self)  # every range and combination, against ARG_RANGES below
 
-# Arguments that may differ between a checkpoint and the command that resumes it.
-RESUME_FREE_ARGS = {"resume", "cuda", "track", "wandb_project_name", "wandb_entity", "total_timesteps",
-                    "dataset_path", "log_freq", "eval_freq", "checkpoint_freq", "save_model", "compile", "eval_threads"}
-
-
-class InputError(SystemExit):
-    """Bad input from the user: exits with one message that says what is wrong and what to do."""
-
-    def __init__(self, message: str):
-        super().__init__(f"error: {message}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Data: D4RL files read with h5py (the `d4rl` package cannot be installed any more, see the README)
-# ----------------------------------------------------------------------------------------------
-D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/ant_maze_v2"
-ANTMAZE_FILES = {
-    "umaze": "Ant_maze_u-maze_noisy_multistart_False_multigoal_False_sparse_fixed.hdf5",
-    "umaze-diverse": "Ant_maze_u-maze_noisy_multistart_True_multigoal_True_sparse_fixed.hdf5",
-    "medium-play": "Ant_maze_big-maze_noisy_multistart_True_multigoal_False_sparse_fixed.hdf5",
-    "medium-diverse": "Ant_maze_big-maze_noisy_multistart_True_multigoal_True_sparse_fixed.hdf5",
-    "large-play": "Ant_maze_hardest-maze_noisy_multistart_True_multigoal_False_sparse_fixed.hdf5",
-    "large-diverse": "Ant_maze_hardest-maze_noisy_multistart_True_multigoal_True_sparse_fixed.hdf5",
-}
-ENV_IDS = tuple(f"antmaze-{task}-v2" for task in ANTMAZE_FILES)
-ALPHAS = {"umaze": 2.5, "medium": 7.5, "large": 20.0}  # alpha of eq. (13) per maze (README: implementation choices)
-OBS_DIM, ACT_DIM = 29, 8
-HDF5_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
-
-
-def check_env_id(env_id: str) -> str:
-    """Return the maze ("umaze", "medium" or "large") of a D4RL AntMaze id, or stop with the valid ids."""
-    if env_id not in ENV_IDS:
-        close = difflib.get_close_matches(env_id, ENV_IDS, n=1)
-        hint = f"did you mean {close[0]}? " if close else ""
-        raise InputError(f"unknown --env-id {env_id!r}; {hint}valid ids: {', '.join(ENV_IDS)}")
-    return env_id.split("-")[1]
-
-
-def dataset_url(env_id: str) -> str:
-    """D4RL's download address of an AntMaze dataset."""
-    return f"{D4RL_URL}/{ANTMAZE_FILES[env_id[len('antmaze-'):-len('-v2')]]}"
-
-
-def default_dataset_path(env_id: str) -> str:
-    """Where D4RL caches a dataset: $D4RL_DATASET_DIR or ~/.d4rl/datasets, file named as in the URL."""
-    cache = os.environ.get("D4RL_DATASET_DIR", os.path.expanduser(os.path.join("~", ".d4rl", "datasets")))
-    return os.path.join(cache, os.path.basename(dataset_url(env_id)))
-
-
-def download(url: str, path: str, timeout: float = 60.0) -> None:
-    """Download `url` to `path`; the file appears only once complete and readable as HDF5."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=os.path.basename(path) + ".")
-    print(f"downloading {url}\n         to {path}", flush=True)
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
-            total, done, shown = int(response.headers.get("Content-Length") or 0), 0, 0.0
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-                done += len(chunk)
-                if total and done / total >= shown + 0.1:
-                    shown = done / total
-                    print(f"  {done / 2**20:7.1f} / {total / 2**20:.1f} MiB", flush=True)
-            if total and done != total:
-                raise http.client.IncompleteRead(b"", total - done)
-        with h5py.File(tmp, "r"):
-            pass
-        os.replace(tmp, path)
-    except (OSError, http.client.HTTPException) as e:
-        raise InputError(
-            f"could not download {url} ({type(e).__name__}: {e}); nothing was written to {path}. The D4RL "
-            f"server has been unreachable at times: try again later, or get the file another way and pass "
-            f"--dataset-path FILE (or put it at {path})") from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def load_d4rl_file(path: str, obs_dim: int, act_dim: int) -> dict[str, np.ndarray]:
-    """Read and check a D4RL-format HDF5 file: keys, shapes against the env, finite values."""
-    if not os.path.isfile(path):
-        raise InputError(f"no dataset file at {path}: check --dataset-path, or leave it out to download the dataset")
-    fix = ("delete it and run again to download it anew" if os.path.basename(path) in ANTMAZE_FILES.values()
-           else "re-create or re-download it")
-    try:
-        with h5py.File(path, "r") as f:
-            missing = [key for key in HDF5_KEYS if key not in f]
-            if missing:
-                raise InputError(f"{path} lacks the D4RL keys {missing} (it has {sorted(f.keys())}); "
-                                 f"a D4RL v2 file has {list(HDF5_KEYS)}")
-            data = {key: f[key][()] for key in HDF5_KEYS}
-    except OSError as e:
-        raise InputError(f"cannot read {path} as HDF5 ({e}): the file is partial or corrupt; {fix}") from e
-    for key in ("rewards", "terminals", "timeouts"):  # old files store these as (N, 1)
-        if data[key].ndim == 2 and data[key].shape[1] == 1:
-            data[key] = data[key][:, 0]
-    for key, dtype in (("observations", np.float32), ("actions", np.float32), ("rewards", np.float32),
-                       ("terminals", bool), ("timeouts", bool)):  # medium-replay files are float64
-        data[key] = data[key].astype(dtype)
-    n = len(data["observations"])
-    expected = {"observations": (n, obs_dim), "actions": (n, act_dim), "rewards": (n,), "terminals": (n,), "timeouts": (n,)}
-    for key, shape in expected.items():
-        if data[key].shape != shape:
-            raise InputError(f"{path}: {key!r} has shape {data[key].shape}, expected {shape} for this --env-id "
-                             f"(observation size {obs_dim}, action size {act_dim}); is it a dataset of another env?")
-    if n < 2:
-        raise InputError(f"{path} holds {n} row(s); a dataset needs at least two")
-    for key in ("observations", "actions", "rewards"):
-        bad = ~np.isfinite(data[key].reshape(n, -1)).all(axis=1)
-        if bad.any():
-            raise InputError(f"{path}: {int(bad.sum())} row(s) of {key!r} hold NaN or inf (first at row "
-                             f"{int(np.argmax(bad))}); the file is corrupt: {fix}, or drop those rows")
-    return data
-
-
-def qlearning_dataset(data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """D4RL's `qlearning_dataset`: last row dropped, next state = next row, timeout rows skipped."""
-    keep = np.flatnonzero(~data["timeouts"][:-1])
-    return {
-        "observations": data["observations"][keep],
-        "actions": data["actions"][keep],
-        "next_observations": data["observations"][keep + 1],
-        "rewards": data["rewards"][keep],
-        "terminals": data["terminals"][keep],
-    }
-
-
-def normalized_score(returns: np.ndarray) -> np.ndarray:
-    """D4RL normalised score of AntMaze (random 0, expert 1): 100 x the success rate."""
-    return 100.0 * np.asarray(returns, dtype=np.float64)
-
-
-def dataset_summary(path: str, data: dict[str, np.ndarray], transitions: dict[str, np.ndarray]) -> str:
-    """One screen about the data: size, episodes, goal rewards, terminals."""
-    n = len(data["rewards"])
-    episodes = np.flatnonzero(data["timeouts"]).size + (not data["timeouts"][-1])  # AntMaze episodes end by timeout
-    goal = data["rewards"] > 0
-    outside = (np.abs(data["actions"]) > 1).any(axis=1).mean()
-    return "\n".join([
-        f"dataset      {path}",
-        f"rows         {n:,} -> {len(transitions['rewards']):,} transitions "
-        f"(qlearning_dataset: last row and {int(data['timeouts'][:-1].sum()):,} timeout rows dropped)",
-        f"episodes     {episodes:,} (split by timeouts; AntMaze terminals mark goal states, not episode ends)",
-        f"goal reward  {int(goal.sum()):,} rows ({goal.mean():.3%}) have reward > 0",
-        f"rewards      min {transitions['rewards'].min():.3f}  mean {transitions['rewards'].mean():.3f}  "
-        f"max {transitions['rewards'].max():.3f} (as stored, before --reward-transform)",
-        f"terminals    {transitions['terminals'].mean():.4%} of transitions",
-        f"actions      |a| max {np.abs(data['actions']).max():.4f}"
-        + (f", {outside:.2%} of rows outside [-1, 1] (clipped for training)" if outside else ""),
-    ])
-
-
-def transform_rewards(rewards: np.ndarray, transform: str) -> np.ndarray:
-    """The rewards the agent learns from: r, or r - 1 (0 at the goal, -1 elsewhere) for AntMaze [IQL]."""
-    return rewards - 1.0 if transform == "minus-one" else rewards
-
-
-def dataset_fingerprint(data: dict[str, np.ndarray]) -> str:
-    """SHA-1 of the dataset's arrays, stored in checkpoints to refuse a resume on other data."""
-    sha = hashlib.sha1()
-    for key in HDF5_KEYS:
-        sha.update(np.ascontiguousarray(data[key]).tobytes())
-    return sha.hexdigest()
-
-
-def sample_batch(data: dict[str, torch.Tensor], batch_size: int) -> tuple[torch.Tensor, ...]:
-    """Uniform batch of (s, a, r, s', 1 - d), sampled on the data's device."""
-    idx = torch.randint(len(data["rewards"]), (batch_size,), device=data["rewards"].device)
-    return tuple(data[key][idx] for key in ("observations", "actions", "rewards", "next_observations", "not_done"))
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation env: D4RL's antmaze-*-v2 rebuilt on gymnasium-robotics and the official MuJoCo bindings
-# ----------------------------------------------------------------------------------------------
-# D4RL's evaluation maps (1 wall, 0 free, r start, g goal), top row first as D4RL writes them; the cell
-# of row i, column j has its centre at (4 (j - 1), 4 (i - 1)) in D4RL's frame.
-ANTMAZE_MAPS = {
-    "umaze": ["11111", "1r001", "11101", "1g001", "11111"],
-    "medium": ["11111111", "1r011001", "10010001", "11000111", "10010001", "10100101", "100010g1", "11111111"],
-    "large": ["111111111111", "1r0001000001", "101101010101", "100000010001", "101111011101", "100101000001",
-              "110101010111", "100100010g01", "111111111111"],
-}
-ANTMAZE_OFFSETS = {"umaze": (-4.0, -4.0), "medium": (-10.0, -10.0), "large": (-18.0, -12.0)}  # D4RL = gym - offset
-
-
-def restore_legacy_inertia(model: mujoco.MjModel, data: mujoco.MjData, xml_path: str) -> None:
-    """Give `model` the masses MuJoCo 2.x computed: each capsule as a cylinder extended by r/2 per end."""
-    spec = mujoco.MjSpec.from_file(xml_path)
-    for geom in spec.geoms:
-        if geom.type != mujoco.mjtGeom.mjGEOM_CAPSULE:
-            continue
-        radius = geom.size[0]
-        if np.isnan(geom.fromto[0]):  # capsule given by half-length
-            geom.size = [radius, geom.size[1] + radius / 2, 0.0]
-        else:  # capsule given by its two end points (the ant's legs)
-            p0, p1 = np.array(geom.fromto[:3]), np.array(geom.fromto[3:])
-            axis = (p1 - p0) / np.linalg.norm(p1 - p0)
-            geom.fromto = np.concatenate([p0 - axis * radius / 2, p1 + axis * radius / 2])
-        geom.type = mujoco.mjtGeom.mjGEOM_CYLINDER
-    legacy = spec.compile()
-    for name in ("body_mass", "body_inertia", "body_ipos", "body_iquat"):
-        getattr(model, name)[:] = getattr(legacy, name)
-    mujoco.mj_setConst(model, data)
-
-
-def write_d4rl_ant_xml(path: str) -> None:
-    """D4RL's ant: gymnasium's ant.xml with timestep 0.02, D4RL's contact defaults, gear 1, ctrlrange +-30."""
-    from gymnasium.envs.mujoco import ant_v5
-
-    tree = ET.parse(os.path.join(os.path.dirname(ant_v5.__file__), "assets", "ant.xml"))
-    tree.find("option").set("timestep", "0.02")  # with frame skip 5: dt = 0.1
-    tree.find("default/geom").set("solref", ".02 1")
-    tree.find("default/geom").set("solimp", ".8 .8 .01")
-    for motor in tree.iter("motor"):
-        motor.attrib.pop("gear", None)
-        motor.set("ctrlrange", "-30 30")
-    tree.write(path)
-
-
-def import_ant_maze_env() -> type:
-    """gymnasium-robotics' AntMazeEnv, without the unrelated AdroitHand notice it prints on import."""
-    captured = io.StringIO()
-    with contextlib.redirect_stderr(captured):
-        from gymnasium_robotics.envs.maze.ant_maze_v5 import AntMazeEnv  # the class of AntMaze_UMaze-v5
-    sys.stderr.write("".join(line for line in captured.getvalue().splitlines(True) if "AdroitHand" not in line))
-    return AntMazeEnv
-
-
-class D4RLAntMaze:
-    """D4RL's antmaze-*-v2 evaluation episodes: its maze, ant, start and goal sampling, observation and reward."""
-
-    def __init__(self, maze: str, horizon: int, legacy_inertia: bool = True):
-        AntMazeEnv = import_ant_maze_env()
-        rows = ANTMAZE_MAPS[maze]
-        start, goal = ((i, row.index(c)) for c in "rg" for i, row in enumerate(rows) if c in row)
-        self.start_xy = 4.0 * np.array([start[1] - 1, start[0] - 1])  # D4RL's origin (0, 0)
-        self.goal_cell_xy = 4.0 * np.array([goal[1] - 1, goal[0] - 1])
-        self.offset, self.horizon = np.array(ANTMAZE_OFFSETS[maze]), horizon
-        # gymnasium-robotics' row 0 is at the top (largest y), D4RL's row index grows with y: reverse the rows
-        maze_map = [[int(c) if c in "01" else c for c in row] for row in reversed(rows)]
-        # gymnasium-robotics writes <tempdir>/ant_maze.xml and never deletes it: build in a private temp dir
-        tmp_dir, saved_tempdir = tempfile.mkdtemp(prefix="d4rl_antmaze_"), tempfile.tempdir
-        try:
-            ant_xml = os.path.join(tmp_dir, "d4rl_ant.xml")
-            write_d4rl_ant_xml(ant_xml)
-            tempfile.tempdir = tmp_dir
-            self.env = AntMazeEnv(maze_map=maze_map, xml_file=ant_xml, reward_type="sparse", continuing_task=True,
-                                  reset_target=False, include_cfrc_ext_in_observation=False)
-            self.ant = self.env.ant_env  # the MuJoCo env of the maze model; reset and step are driven here
-            if legacy_inertia:
-                restore_legacy_inertia(self.ant.model, self.ant.data, self.env.tmp_xml_file_path)
-        finally:
-            tempfile.tempdir = saved_tempdir
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-        self.model, self.data = self.ant.model, self.ant.data
-        self.rng, self.goal, self.t = np.random.default_rng(), self.goal_cell_xy.copy(), 0
-
-    def observation(self) -> np.ndarray:
-        """D4RL's 29 numbers: [x, y in D4RL's frame, qpos[2:15], qvel[0:14]]."""
-        return np.concatenate([self.data.qpos[:2] - self.offset, self.data.qpos[2:15], self.data.qvel[:14]])
-
-    def reset(self, seed: Optional[int] = None) -> np.ndarray:
-        """D4RL's goal (goal cell + U(0, 1) + U(0, 0.5) per axis) and noisy start at the start cell."""
-        if seed is not None:
-            self.rng = np.random.default_rng(seed)
-        self.goal = np.maximum(self.goal_cell_xy + self.rng.uniform(0, 1, 2) + self.rng.uniform(0, 0.5, 2), 0.0)
-        self.model.site_pos[self.env.target_site_id][:2] = self.goal + self.offset  # the goal marker, for renders
-        qpos = self.model.qpos0.copy()
-        qpos[:2] = self.start_xy + self.offset
-        qpos += self.rng.uniform(-0.1, 0.1, self.model.nq)
-        qvel = 0.1 * self.rng.standard_normal(self.model.nv)
-        mujoco.mj_resetData(self.model, self.data)
-        self.ant.set_state(qpos, qvel)
-        self.t = 0
-        return self.observation()
-
-    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool]:
-        """Torques 30 x action (D4RL's NormalizedBoxEnv), clipped; reward 1 and the end within 0.5 of the goal."""
-        low, high = self.model.actuator_ctrlrange.T
-        self.ant.do_simulation(np.clip(30.0 * np.asarray(action, dtype=np.float64), low, high), self.ant.frame_skip)
-        self.t += 1
-        obs = self.observation()
-        success = bool(np.linalg.norm(obs[:2] - self.goal) <= 0.5)
-        return obs, float(success), success, self.t >= self.horizon
-
-    def close(self) -> None:
-        self.env.close()
-
-
-def antmaze_horizon(maze: str) -> int:
-    """D4RL's episode length: 700 steps in umaze, 1000 in medium and large."""
-    return 700 if maze == "umaze" else 1000
-
-
-@torch.no_grad()
-def evaluate(actor: nn.Module, envs: list[D4RLAntMaze], obs_mean: np.ndarray, obs_std: np.ndarray, seed: int,
-             threads: int = 1) -> np.ndarray:
-    """Run one episode per env side by side with the deterministic actor; return the episode returns (0 or 1).
-
-    The envs are stepped by `threads` threads; MuJoCo releases the GIL while it simulates, so the physics runs
-    on that many cores. Each env has its own state and random generator: the result does not depend on it.
-    """
-    device = next(actor.parameters()).device
-    obs = np.stack([env.reset(seed=seed + i) for i, env in enumerate(envs)])
-    returns, alive = np.zeros(len(envs)), np.ones(len(envs), dtype=bool)
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a batch of <= 100 states needs no intra-op threads; theirs would spin on MuJoCo's cores
-    with ThreadPoolExecutor(threads) as pool:
-        while alive.any():
-            idx = np.flatnonzero(alive)
-            states = torch.as_tensor((obs[idx] - obs_mean) / obs_std, dtype=torch.float32, device=device)
-            actions = dict(zip(idx, actor(states).cpu().numpy()))
-            shares = np.array_split(idx, min(threads, len(idx)))  # one share of the live envs per thread
-            for stepped in pool.map(lambda share: [(i, envs[i].step(actions[i])) for i in share], shares):
-                for i, (next_obs, reward, terminated, truncated) in stepped:
-                    obs[i] = next_obs
-                    returns[i] += reward
-                    alive[i] = not (terminated or truncated)
-    torch.set_num_threads(torch_threads)
-    return returns
 
 
 # ----------------------------------------------------------------------------------------------
@@ -553,6 +263,9 @@ class NoiseNet(nn.Module):
         return self.net(torch.cat([a_k, self.time_mlp(k), s], dim=-1))
 
 
+# ----------------------------------------------------------------------------------------------
+# The diffusion behaviour model (PAD's backbone)
+# ----------------------------------------------------------------------------------------------
 def vp_beta_schedule(num_steps: int, beta_min: float, beta_max: float) -> torch.Tensor:
     """Variance-preserving betas beta_1..beta_K (Diffusion-QL's discretisation), float64."""
     k = torch.arange(1, num_steps + 1, dtype=torch.float64)
@@ -600,8 +313,8 @@ class Diffusion(nn.Module):
         a = noise[self.num_steps]  # a_K ~ N(0, I)
         for k in range(self.num_steps, 0, -1):
             k_batch = torch.full((len(s),), k, device=s.device)
-            a0_hat = (self.sqrt_recip_alpha_bar[k] * a - self.sqrt_recipm1_alpha_bar[k] * self.eps_model(a, k_batch, s)
-                      ).clamp(-1, 1)  # eq. (7)
+            eps = self.eps_model(a, k_batch, s)
+            a0_hat = (self.sqrt_recip_alpha_bar[k] * a - self.sqrt_recipm1_alpha_bar[k] * eps).clamp(-1, 1)  # (7)
             mean = self.posterior_coef_a0[k] * a0_hat + self.posterior_coef_ak[k] * a  # eq. (8)
             a = mean + self.posterior_std[k] * noise[k - 1]  # posterior_std[1] = 0: no noise on the last step
         return a.clamp(-1, 1)
@@ -615,22 +328,30 @@ def expectile_loss(u: torch.Tensor, expectile: float) -> torch.Tensor:
     return (torch.abs(expectile - (u < 0).float()) * u**2).mean()
 
 
-def adpo_target(
-    a: torch.Tensor, adv: torch.Tensor, candidates: torch.Tensor, cand_adv: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def adpo_target(a: torch.Tensor, adv: torch.Tensor, candidates: torch.Tensor, cand_adv: torch.Tensor,
+                positive_only: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eq. (12): per state, the action of largest advantage among {a, a_hat_1..N}; ties go to a generated one.
 
     a: (B, A) dataset actions, adv: (B,) their advantages; candidates: (N, B, A), cand_adv: (N, B).
-    Returns the target actions (B, A) and a (B,) bool mask of where a generated action won.
+    `positive_only` (a variant) lets a generated action win only where its own advantage is > 0.
+    Returns the targets (B, A), where a generated action won (B,) and the targets' advantages (B,).
     """
     best_adv, best = cand_adv.max(dim=0)
     best_candidate = candidates.gather(0, best[None, :, None].expand(1, *a.shape))[0]
     generated = best_adv >= adv
-    return torch.where(generated[:, None], best_candidate, a), generated
+    if positive_only:
+        generated = generated & (best_adv > 0)
+    target = torch.where(generated[:, None], best_candidate, a)
+    return target, generated, torch.where(generated, best_adv, adv)
+
+
+def rms(x: torch.Tensor) -> torch.Tensor:
+    """Root mean square over all entries: a distance between actions in action units."""
+    return x.pow(2).mean().sqrt()
 
 
 class DIVO:
-    """Networks, optimisers and the update of one iteration (critic -> value -> PAD -> actor)."""
+    """DIVO's networks and optimisers, and one training iteration: critic -> value -> PAD -> ADPO + actor."""
 
     def __init__(self, obs_dim: int, act_dim: int, args: Args, device: torch.device):
         h, n = args.hidden_dim, args.num_layers
@@ -639,14 +360,24 @@ class DIVO:
         self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
         self.critic = TwinCritic(obs_dim, act_dim, h, n).to(device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
-        self.value = ValueNet(obs_dim, h, n).to(device)
-        self.diffusion = Diffusion(obs_dim, act_dim, args.diffusion_steps, args.beta_min, args.beta_max, h, n).to(device)
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr)
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr)
-        self.value_optimizer = torch.optim.Adam(self.value.parameters(), lr=args.value_lr)
-        self.diffusion_optimizer = torch.optim.Adam(self.diffusion.parameters(), lr=args.diffusion_lr)
+        # --cudagraphs keeps Adam's step counts on the device (capturable), where a CUDA graph can update them
+        capturable = args.cudagraphs
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr, capturable=capturable)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, capturable=capturable)
+        if args.adpo:  # with --no-adpo V_psi and the diffusion model could not reach the actor: not built
+            self.value = ValueNet(obs_dim, h, n).to(device)
+            self.diffusion = Diffusion(obs_dim, act_dim, args.diffusion_steps, args.beta_min, args.beta_max, h, n)
+            self.diffusion = self.diffusion.to(device)
+            self.diffusion.requires_grad_(not args.freeze_pad)
+            self.value_optimizer = torch.optim.Adam(self.value.parameters(), lr=args.value_lr, capturable=capturable)
+            self.diffusion_optimizer = torch.optim.Adam(self.diffusion.parameters(), lr=args.diffusion_lr,
+                                                        capturable=capturable)
         self.online_params = list(self.actor.parameters()) + list(self.critic.parameters())
         self.target_params = list(self.actor_target.parameters()) + list(self.critic_target.parameters())
+
+    def target_q(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """min_i Q_theta'_i(s, a): the pessimistic value of eq. (1), (2) and (12)."""
+        return self.critic_target(s, a).min(dim=0).values
 
     def update_critic(self, s, a, r, s_next, not_done) -> dict[str, torch.Tensor]:
         """TD3 critic step, eq. (1), with target policy smoothing."""
@@ -654,7 +385,7 @@ class DIVO:
         with torch.no_grad():
             noise = (torch.randn_like(a) * args.policy_noise).clamp(-args.noise_clip, args.noise_clip)
             a_next = (self.actor_target(s_next) + noise).clamp(-1, 1)
-            y = r + args.gamma * not_done * self.critic_target(s_next, a_next).min(dim=0).values
+            y = r + args.gamma * not_done * self.target_q(s_next, a_next)
         q = self.critic(s, a)
         qf_loss = ((q - y) ** 2).mean(dim=1).sum()  # sum over the two critics of the mean squared TD error
         self.critic_optimizer.zero_grad(set_to_none=True)
@@ -665,7 +396,7 @@ class DIVO:
     def update_value(self, s, a) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Expectile value step, eq. (2); returns V(s) and the advantage A(s, a) = min_i Q'_i(s, a) - V(s)."""
         with torch.no_grad():
-            q = self.critic_target(s, a).min(dim=0).values
+            q = self.target_q(s, a)
         v = self.value(s)
         u = q - v
         value_loss = expectile_loss(u, self.args.expectile)
@@ -677,62 +408,91 @@ class DIVO:
     def update_pad(self, s, a, adv) -> dict[str, torch.Tensor]:
         """PAD step, eq. (9)-(10): diffusion loss weighted by w = zeta * 1[A(s, a) > 0]."""
         positive = (adv > 0).float()
-        pad_loss = self.diffusion.loss(s, a, self.args.pad_strength * positive)
+        weights = positive if self.args.pad else torch.ones_like(positive)  # --no-pad: plain diffusion BC
+        pad_loss = self.diffusion.loss(s, a, self.args.pad_strength * weights)
         self.diffusion_optimizer.zero_grad(set_to_none=True)
         pad_loss.backward()
         self.diffusion_optimizer.step()
         return {"losses/pad_loss": pad_loss.detach(), "pad/positive_fraction": positive.mean()}
 
+    def candidate_q(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """The Q that ranks ADPO's candidates: min_i Q_theta'_i (eq. 12), or a variant's online critics."""
+        if self.args.adpo_critic == "online-q1":  # A2PR's choice
+            return self.critic(s, a)[0]
+        if self.args.adpo_critic == "online-min":
+            return self.critic(s, a).min(dim=0).values
+        return self.target_q(s, a)
+
     @torch.no_grad()
-    def select_target(self, s, a, v, adv) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """ADPO, eq. (12): N diffusion samples per state compete with the dataset action on A(s, .)."""
-        n, (b, act_dim) = self.args.num_candidates, a.shape
+    def select_target(self, s, a, v, adv) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """ADPO, eq. (12): N diffusion samples per state compete with the dataset action on A(s, .).
+
+        Returns the BC target a_bar, the BC weight of each state (1 in eq. 13) and diagnostics.
+        """
+        args = self.args
+        n, (b, act_dim) = args.num_candidates, a.shape
         s_rep = s.repeat(n, 1)
         candidates = self.diffusion.sample(s_rep)
-        cand_adv = (self.critic_target(s_rep, candidates).min(dim=0).values - v.repeat(n)).view(n, b)
-        target, generated = adpo_target(a, adv, candidates.view(n, b, act_dim), cand_adv)
-        return target, {"adpo/generated_fraction": generated.float().mean()}
+        if args.adpo_critic != "target-min":  # a variant's critic scores the dataset action too
+            adv = self.candidate_q(s, a) - v
+        cand_adv = (self.candidate_q(s_rep, candidates) - v.repeat(n)).view(n, b)
+        candidates = candidates.view(n, b, act_dim)
+        target, generated, target_adv = adpo_target(a, adv, candidates, cand_adv, args.adpo_positive_only)
+        weight = (target_adv >= 0).float() if args.bc_weight == "a2pr" else torch.ones_like(adv)
+        return target, weight, {
+            "adpo/generated_fraction": generated.float().mean(),
+            "adpo/advantage_gain": (target_adv - adv).mean(),  # A(s, a_bar) - A(s, a), >= 0
+            "adpo/candidate_advantage_gain": (cand_adv - adv).mean(),  # A(s, a_hat) - A(s, a)
+            "adpo/candidate_distance": rms(candidates - a),
+            "adpo/bc_weight": weight.mean(),
+        }
 
-    def update_actor(self, s, a_bar) -> dict[str, torch.Tensor]:
+    def update_actor(self, s, a, a_bar, bc_weight) -> dict[str, torch.Tensor]:
         """Actor step, eq. (13): -lambda Q_theta1(s, pi(s)) + ||pi(s) - a_bar||^2, then Polyak updates."""
         pi = self.actor(s)
         q = self.critic(s, pi)[0]
         lmbda = self.args.alpha / q.abs().mean().detach()
-        bc_loss = ((pi - a_bar) ** 2).mean()
+        bc_loss = (bc_weight[:, None] * (pi - a_bar) ** 2).mean()
         actor_loss = -lmbda * q.mean() + bc_loss
         self.actor_optimizer.zero_grad(set_to_none=True)
         actor_loss.backward()
         self.actor_optimizer.step()
         with torch.no_grad():  # theta' <- tau theta + (1 - tau) theta', for the critics and the actor
             torch._foreach_lerp_(self.target_params, self.online_params, self.args.tau)
-        return {"losses/actor_loss": actor_loss.detach(), "losses/bc_loss": bc_loss.detach()}
+        return {"losses/actor_loss": actor_loss.detach(), "losses/bc_loss": bc_loss.detach(),
+                "adpo/actor_target_distance": rms(pi.detach() - a_bar), "adpo/actor_data_distance": rms(pi.detach() - a)}
 
-    def update(self, batch: tuple[torch.Tensor, ...], update_actor: bool) -> dict[str, torch.Tensor]:
-        """One DIVO iteration on one batch; returns the metrics as device tensors (no host sync)."""
+    def update(self, batch: tuple[torch.Tensor, ...], update_actor: bool, use_adpo: bool = True) -> dict[str, torch.Tensor]:
+        """One iteration on one batch; returns the metrics as device tensors (no host sync)."""
         s, a, r, s_next, not_done = batch
         metrics = self.update_critic(s, a, r, s_next, not_done)
-        v, adv, value_metrics = self.update_value(s, a)
-        metrics.update(value_metrics)
-        if not self.args.freeze_pad:
-            metrics.update(self.update_pad(s, a, adv))
+        if self.args.adpo:
+            v, adv, value_metrics = self.update_value(s, a)
+            metrics.update(value_metrics)
+            if not self.args.freeze_pad:
+                metrics.update(self.update_pad(s, a, adv))
         if update_actor:
-            a_bar, adpo_metrics = self.select_target(s, a, v, adv)
-            metrics.update(adpo_metrics)
-            metrics.update(self.update_actor(s, a_bar))
+            if self.args.adpo and use_adpo:
+                a_bar, bc_weight, adpo_metrics = self.select_target(s, a, v, adv)
+                metrics.update(adpo_metrics)
+            else:  # the TD3+BC backbone (--no-adpo), or ADPO not started yet (--adpo-start)
+                a_bar, bc_weight = a, torch.ones_like(r)
+            metrics.update(self.update_actor(s, a, a_bar, bc_weight))
         return metrics
 
     def compile(self, backend: str = "inductor") -> None:
         """Replace each update function by its torch.compile'd version."""
-        for name in ("update_critic", "update_value", "update_pad", "select_target", "update_actor"):
+        names = ("update_critic", "update_value", "update_pad", "select_target", "update_actor")
+        for name in names if self.args.adpo else ("update_critic", "update_actor"):
             setattr(self, name, torch.compile(getattr(self, name), backend=backend))
 
     def modules(self) -> dict[str, nn.Module]:
-        return {"actor": self.actor, "actor_target": self.actor_target, "critic": self.critic,
-                "critic_target": self.critic_target, "value": self.value, "diffusion": self.diffusion}
+        names = ("actor", "actor_target", "critic", "critic_target", "value", "diffusion")
+        return {name: getattr(self, name) for name in names if hasattr(self, name)}
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"actor_optimizer": self.actor_optimizer, "critic_optimizer": self.critic_optimizer,
-                "value_optimizer": self.value_optimizer, "diffusion_optimizer": self.diffusion_optimizer}
+        return {f"{name}_optimizer": getattr(self, f"{name}_optimizer") for name in ("actor", "critic", "value", "diffusion")
+                if hasattr(self, f"{name}_optimizer")}
 
     def state_dict(self) -> dict:
         return {name: part.state_dict() for name, part in {**self.modules(), **self.optimizers()}.items()}
@@ -743,8 +503,585 @@ class DIVO:
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints
+# Data: D4RL's transitions, state normalisation, batches, scores
 # ----------------------------------------------------------------------------------------------
+def qlearning_dataset(data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """D4RL's `qlearning_dataset`: last row dropped, next state = next row, timeout rows skipped."""
+    keep = np.flatnonzero(~data["timeouts"][:-1])
+    return {
+        "observations": data["observations"][keep],
+        "actions": data["actions"][keep],
+        "next_observations": data["observations"][keep + 1],
+        "rewards": data["rewards"][keep],
+        "terminals": data["terminals"][keep],
+    }
+
+
+def normalize_states(states: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """The dataset's per-dimension standardisation, for training data and evaluation alike [TD3+BC]."""
+    return (states - mean) / std
+
+
+def to_device(transitions: dict[str, np.ndarray], rows: np.ndarray, mean: np.ndarray, std: np.ndarray,
+              device: torch.device) -> dict[str, torch.Tensor]:
+    """The transitions `rows` as tensors on the device (states normalised), where batches are drawn."""
+    return {
+        "observations": torch.tensor(normalize_states(transitions["observations"][rows], mean, std), device=device),
+        "actions": torch.tensor(transitions["actions"][rows], device=device),
+        "rewards": torch.tensor(transitions["rewards"][rows], device=device),
+        "next_observations": torch.tensor(normalize_states(transitions["next_observations"][rows], mean, std),
+                                          device=device),
+        "not_done": torch.tensor(1.0 - transitions["terminals"][rows], dtype=torch.float32, device=device),
+    }
+
+
+def sample_batch(data: dict[str, torch.Tensor], batch_size: int) -> tuple[torch.Tensor, ...]:
+    """Uniform batch of (s, a, r, s', 1 - d), sampled on the data's device."""
+    idx = torch.randint(len(data["rewards"]), (batch_size,), device=data["rewards"].device)
+    return tuple(data[key][idx] for key in ("observations", "actions", "rewards", "next_observations", "not_done"))
+
+
+def normalized_score(returns: np.ndarray) -> np.ndarray:
+    """D4RL normalised score of AntMaze (random 0, expert 1): 100 x the success rate."""
+    return 100.0 * np.asarray(returns, dtype=np.float64)
+
+
+def transform_rewards(rewards: np.ndarray, transform: str) -> np.ndarray:
+    """The rewards the agent learns from: r, or r - 1 (0 at the goal, -1 elsewhere) for AntMaze [IQL]."""
+    return rewards - 1.0 if transform == "minus-one" else rewards
+
+
+def dataset_summary(path: str, data: dict[str, np.ndarray], transitions: dict[str, np.ndarray]) -> str:
+    """A few lines about the data: size, episodes, goal rewards, terminals, actions."""
+    n = len(data["rewards"])
+    episodes = np.flatnonzero(data["timeouts"]).size + (not data["timeouts"][-1])  # AntMaze episodes end by timeout
+    goal, r = data["rewards"] > 0, transitions["rewards"]
+    outside = (np.abs(data["actions"]) > 1).any(axis=1).mean()
+    return "\n".join([
+        f"dataset    {path}: {n:,} rows -> {len(r):,} transitions (D4RL's qlearning_dataset)",
+        f"episodes   {episodes:,} (split by timeouts; AntMaze terminals mark goal states, not episode ends); "
+        f"{int(goal.sum()):,} rows ({goal.mean():.3%}) have the goal reward",
+        f"rewards    min {r.min():.3f}  mean {r.mean():.3f}  max {r.max():.3f} (before --reward-transform); terminals "
+        f"{transitions['terminals'].mean():.4%} of transitions; |a| max {np.abs(data['actions']).max():.4f}"
+        + (f" ({outside:.2%} of rows outside [-1, 1], clipped)" if outside else ""),
+    ])
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(actor: nn.Module, envs: list[gym.Env], obs_mean: np.ndarray, obs_std: np.ndarray, seed: int,
+             threads: int = 1) -> np.ndarray:
+    """Run one episode per env side by side with the deterministic actor; return the episode returns (0 or 1).
+
+    The envs are stepped by `threads` threads; MuJoCo releases the GIL while it simulates, so the physics runs
+    on that many cores. Each env has its own state and random generator: the result does not depend on it.
+    """
+    device = next(actor.parameters()).device
+    obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(envs)])
+    returns, alive = np.zeros(len(envs)), np.ones(len(envs), dtype=bool)
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a batch of <= 100 states needs no intra-op threads; theirs would spin on MuJoCo's cores
+    with ThreadPoolExecutor(threads) as pool:
+        while alive.any():
+            idx = np.flatnonzero(alive)
+            states = torch.as_tensor(normalize_states(obs[idx], obs_mean, obs_std), dtype=torch.float32, device=device)
+            actions = dict(zip(idx, actor(states).cpu().numpy()))
+            shares = np.array_split(idx, min(threads, len(idx)))  # one share of the live envs per thread
+            for stepped in pool.map(lambda share: [(i, envs[i].step(actions[i])) for i in share], shares):
+                for i, (next_obs, reward, terminated, truncated, _) in stepped:
+                    obs[i] = next_obs
+                    returns[i] += reward
+                    alive[i] = not (terminated or truncated)
+    torch.set_num_threads(torch_threads)
+    return returns
+
+
+# ----------------------------------------------------------------------------------------------
+# Diagnostics: does ADPO help? Computed at the logging sync, on fixed data, without touching training's RNG
+# ----------------------------------------------------------------------------------------------
+def wasserstein_per_dim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """1-D Wasserstein-1 distance of each column between two equally sized samples."""
+    return (x.sort(dim=0).values - y.sort(dim=0).values).abs().mean(dim=0)
+
+
+def mmd_rbf(x: torch.Tensor, y: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """Squared maximum mean discrepancy with a Gaussian kernel (biased estimate)."""
+    def kernel(p, q):
+        return torch.exp(-torch.cdist(p, q) ** 2 / (2 * bandwidth**2)).mean()
+    return kernel(x, x) + kernel(y, y) - 2 * kernel(x, y)
+
+
+@torch.no_grad()
+def sample_distances(diffusion: Diffusion, s: torch.Tensor, a: torch.Tensor, bandwidth: float) -> dict[str, float]:
+    """One model sample per held-out state against that state's dataset action.
+
+    `wasserstein`: mean over action dimensions of the per-dimension W1 between sampled and dataset actions;
+    `mmd`: MMD^2 between the joint (s, a_sampled) and (s, a_data) sets, which also sees whether the sample
+    fits its own state.
+    """
+    sampled = diffusion.sample(s)
+    return {"wasserstein": wasserstein_per_dim(sampled, a).mean().item(),
+            "mmd": mmd_rbf(torch.cat([s, sampled], 1), torch.cat([s, a], 1), bandwidth).item()}
+
+
+@torch.no_grad()
+def nearby_data_check(agent: DIVO, s: torch.Tensor, actions: torch.Tensor, s_ref: torch.Tensor, a_ref: torch.Tensor,
+                      q_ref: torch.Tensor, neighbours: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per state: Q'(s, action) minus the best Q' of the dataset actions at the `neighbours` nearest dataset states,
+    and the RMS distance from the action to the closest of those dataset actions.
+
+    A generated action that the critic rates far above everything the data did nearby, while lying far from
+    those actions, is a sign that ADPO's choice exploits the critic's extrapolation off the data.
+    """
+    nearest = torch.cdist(s, s_ref).topk(neighbours, largest=False).indices  # (B, neighbours), Euclidean in states
+    q_margin = agent.target_q(s, actions) - q_ref[nearest].max(dim=1).values
+    action_gap = (a_ref[nearest] - actions[:, None]).pow(2).mean(dim=-1).sqrt().min(dim=1).values
+    return q_margin, action_gap
+
+
+class Diagnostics:
+    """Whether ADPO's targets exploit critic errors, and how well PAD's model fits the positive-advantage data."""
+
+    def __init__(self, data: dict[str, torch.Tensor], heldout: dict[str, torch.Tensor], seed: int, probe: int = 256,
+                 reference: int = 10_000, neighbours: int = 10):
+        rows = torch.randperm(len(data["rewards"]), generator=torch.Generator().manual_seed(seed))
+        rows, probe = rows.to(data["rewards"].device), min(probe, len(rows) // 2)
+        self.probe = data["observations"][rows[:probe]], data["actions"][rows[:probe]]
+        self.reference = data["observations"][rows[probe:probe + reference]], data["actions"][rows[probe:probe + reference]]
+        self.neighbours = min(neighbours, len(rows) - probe)
+        self.heldout = heldout["observations"], heldout["actions"]
+        joint = torch.cat(self.heldout, 1)
+        self.bandwidth = torch.cdist(joint, joint).median().item()  # of the MMD kernel
+
+    @torch.no_grad()
+    def adpo(self, agent: DIVO) -> dict[str, float]:
+        """ADPO's choice on probe states: generated winners against the dataset actions, checked on nearby data."""
+        (s, a), (s_ref, a_ref) = self.probe, self.reference
+        with torch.random.fork_rng(devices=[s.device] if s.device.type == "cuda" else []):
+            v = agent.value(s)
+            target, *_ = agent.select_target(s, a, v, agent.target_q(s, a) - v)
+        won = (target != a).any(dim=1)
+        q_ref = agent.target_q(s_ref, a_ref)
+        q_margin, action_gap = nearby_data_check(agent, s, a, s_ref, a_ref, q_ref, self.neighbours)
+        row = {"adpo/data_q_margin": q_margin.mean().item(), "adpo/data_action_gap": action_gap.mean().item()}
+        if won.any():  # the generated actions that won eq. (12), against the same nearby data
+            q_margin, action_gap = nearby_data_check(agent, s[won], target[won], s_ref, a_ref, q_ref, self.neighbours)
+            row.update({"adpo/winner_q_margin": q_margin.mean().item(), "adpo/winner_action_gap": action_gap.mean().item()})
+        return row
+
+    @torch.no_grad()
+    def pad(self, agent: DIVO) -> dict[str, float]:
+        """Distance between the diffusion model's samples and the held-out positive-advantage actions."""
+        s, a = self.heldout
+        positive = agent.target_q(s, a) - agent.value(s) > 0
+        s_pos, a_pos = (s[positive], a[positive]) if positive.sum() >= 10 else (s, a)
+        with torch.random.fork_rng(devices=[s.device] if s.device.type == "cuda" else []):
+            distances = sample_distances(agent.diffusion, s_pos, a_pos, self.bandwidth)
+        return {"pad/heldout_positive_fraction": positive.float().mean().item(),
+                **{f"pad/sample_{name}": value for name, value in distances.items()}}
+
+
+# ==============================================================================================
+# Plumbing: everything from here to the main block is infrastructure; a reader learning DIVO may skip it.
+# Argument checks, downloads and file checks, fingerprints, checkpoints and resume, MuJoCo fixes, CUDA graphs.
+# ==============================================================================================
+class InputError(SystemExit):
+    """Bad input from the user: exits with one message that says what is wrong and what to do."""
+
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")
+
+
+# The range of every numeric argument, checked once when the arguments are built ("[" closed, "(" open).
+ARG_RANGES = {
+    "seed": "[0, 4294967295]", "total_timesteps": "[1, inf)", "batch_size": "[1, inf)", "actor_lr": "(0, inf)",
+    "critic_lr": "(0, inf)", "value_lr": "(0, inf)", "diffusion_lr": "(0, inf)", "gamma": "[0, 1)", "tau": "(0, 1]",
+    "policy_noise": "[0, inf)", "noise_clip": "[0, inf)", "policy_freq": "[1, inf)", "alpha": "[0, inf)",
+    "expectile": "(0, 1)", "diffusion_steps": "[1, inf)", "beta_min": "(0, inf)", "beta_max": "(0, inf)",
+    "pad_strength": "(0, inf)", "num_candidates": "[1, inf)", "hidden_dim": "[1, inf)", "num_layers": "[1, inf)",
+    "adpo_start": "[0, inf)", "eval_freq": "[0, inf)", "eval_episodes": "[1, inf)", "log_freq": "[1, inf)",
+    "checkpoint_freq": "[0, inf)", "holdout": "[0, inf)", "eval_threads": "[0, inf)",
+}
+# Arguments that only act through the diffusion model or V_psi: --no-adpo refuses them.
+ADPO_ONLY_ARGS = ("value_lr", "diffusion_lr", "expectile", "diffusion_steps", "beta_min", "beta_max", "pad_strength",
+                  "num_candidates", "adpo_start", "adpo_critic", "adpo_positive_only", "bc_weight", "pad_checkpoint",
+                  "freeze_pad", "pad")
+
+
+def run_mode(args) -> str:
+    """The algorithm a run trains, as args.json, scores.json and the report name it."""
+    return "td3bc" if not args.adpo else "divo" if args.pad else "divo-no-pad"
+
+
+def task_name(args) -> str:
+    """The data a run learns from: the D4RL id, or the name of a local file."""
+    return os.path.splitext(os.path.basename(args.dataset_path))[0] if args.dataset_path else args.env_id
+
+
+def check_env_id(env_id: str) -> str:
+    """Return the maze ("umaze", "medium" or "large") of a D4RL AntMaze id, or stop with the valid ids."""
+    if env_id.split("-")[0] in ("halfcheetah", "hopper", "walker2d"):
+        raise InputError(f"{env_id} is a locomotion dataset: run divo_continuous.py --env-id {env_id}")
+    if env_id not in ENV_IDS:
+        close = difflib.get_close_matches(env_id, ENV_IDS, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise InputError(f"unknown --env-id {env_id!r}; {hint}valid ids: {', '.join(ENV_IDS)}")
+    return env_id.split("-")[1]
+
+
+def flag(name: str, value=None) -> str:
+    """The command-line spelling of an argument (`--no-x` for a boolean x that is off)."""
+    return ("--no-" if value is False else "--") + name.replace("_", "-")
+
+
+def check_args(args) -> None:
+    """Refuse out-of-range or contradictory arguments before anything runs (ranges: ARG_RANGES)."""
+    check_env_id(args.env_id)
+    for name, interval in ARG_RANGES.items():
+        value = getattr(args, name)
+        low, high = (float(bound) for bound in interval[1:-1].split(","))
+        above = low <= value if interval[0] == "[" else low < value
+        below = value <= high if interval[-1] == "]" else value < high
+        if not (above and below):  # also refuses NaN
+            raise InputError(f"{flag(name)} {value} is out of range: it must lie in {interval}")
+    defaults = {f.name: f.default for f in fields(args)}
+    no_effect = [flag(n, getattr(args, n)) for n in ADPO_ONLY_ARGS if getattr(args, n) != defaults[n]]
+    problems = {
+        "--beta-max must be larger than --beta-min": args.beta_max <= args.beta_min,
+        "--freeze-pad keeps a pretrained diffusion model fixed: pass --pad-checkpoint too": args.freeze_pad
+        and not args.pad_checkpoint,
+        "--no-pad trains the diffusion model with uniform weights; --freeze-pad would not train it": args.freeze_pad
+        and not args.pad,
+        f"--no-adpo trains no diffusion model and no value net; these would have no effect: {', '.join(no_effect)}":
+        not args.adpo and bool(no_effect),
+        "--cudagraphs needs a CUDA GPU (and --cuda)": args.cudagraphs and not (args.cuda and torch.cuda.is_available()),
+        f"--run-name {args.run_name!r} must be a plain folder name": args.run_name is not None
+        and (os.path.basename(args.run_name) != args.run_name or args.run_name in ("", ".", "..")),
+    }
+    for message, refused in problems.items():
+        if refused:
+            raise InputError(message)
+
+
+def parse_args(kind: str = "divo_antmaze") -> tuple[Args, Optional[dict]]:
+    """The command line; with --resume, the checkpoint's arguments under those given, and the checkpoint."""
+    argv = sys.argv[1:]
+    for i, arg in enumerate(argv):  # our message for a wrong id (the nearest id, the other script) before tyro's
+        name, has_value, value = arg.partition("=")
+        if name in ("--env-id", "--env_id") and (has_value or i + 1 < len(argv)):
+            check_env_id(value if has_value else argv[i + 1])
+    args = tyro.cli(Args)
+    if args.resume is None:
+        if args.run_name and os.path.exists(os.path.join("runs", args.run_name)):
+            raise InputError(f"runs/{args.run_name} exists: choose another --run-name, or continue that run with "
+                             f"--resume runs/{args.run_name}/checkpoint.pt")
+        return args, None
+    checkpoint = load_checkpoint(args.resume, kind)
+    saved = Args(**{f.name: checkpoint["args"][f.name] for f in fields(Args) if f.name in checkpoint["args"]})
+    saved = replace(saved, run_name=saved.run_name or os.path.basename(os.path.dirname(os.path.abspath(args.resume))))
+    args = tyro.cli(Args, default=replace(saved, resume=args.resume))
+    names = [f.name for f in fields(Args) if f.name not in RESUME_FREE_ARGS]
+    refuse_mismatch(args.resume, {n: getattr(args, n) for n in names}, {n: getattr(saved, n) for n in names},
+                    f"resume with `--resume {args.resume}` and the original arguments, or start a new run without --resume")
+    done, scores = checkpoint["step"], os.path.join(os.path.dirname(args.resume), "scores.json")
+    if done >= args.total_timesteps:
+        state = "finished" if done == args.total_timesteps else f"at step {done:,}, beyond --total-timesteps"
+        raise InputError(f"{args.resume} is {state} ({done:,} of {args.total_timesteps:,} steps; scores in {scores}). "
+                         f"To train it longer, pass --total-timesteps larger than {done:,}")
+    stale = f"{args.resume}.tmp"  # a save killed half-way leaves it; the checkpoint itself is whole (atomic rename)
+    if os.path.exists(stale):
+        os.remove(stale)
+        print(f"removed {stale}, a partial checkpoint left by an interrupted save")
+    return args, checkpoint
+
+
+# Arguments that may differ between a checkpoint and the command that resumes it.
+RESUME_FREE_ARGS = {"resume", "cuda", "track", "wandb_project_name", "wandb_entity", "total_timesteps",
+                    "dataset_path", "log_freq", "eval_freq", "checkpoint_freq", "save_model", "compile", "cudagraphs",
+                    "eval_threads"}
+
+
+def refuse_mismatch(path: str, ours: dict, theirs: dict, fix: str, same_data: bool = True) -> None:
+    """Stop with one message if a checkpoint was made with other values of `ours` or on other data."""
+    differences = [f"{flag(name)} {value!r} here, {theirs.get(name)!r} in the checkpoint"
+                   for name, value in ours.items() if theirs.get(name) != value]
+    if not same_data:
+        differences.insert(0, "it was trained on another dataset than this one")
+    if differences:
+        raise InputError(f"{path} does not match this run: {'; '.join(differences)}. To fix: {fix}")
+
+
+D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/ant_maze_v2"
+ANTMAZE_FILES = {
+    "umaze": "Ant_maze_u-maze_noisy_multistart_False_multigoal_False_sparse_fixed.hdf5",
+    "umaze-diverse": "Ant_maze_u-maze_noisy_multistart_True_multigoal_True_sparse_fixed.hdf5",
+    "medium-play": "Ant_maze_big-maze_noisy_multistart_True_multigoal_False_sparse_fixed.hdf5",
+    "medium-diverse": "Ant_maze_big-maze_noisy_multistart_True_multigoal_True_sparse_fixed.hdf5",
+    "large-play": "Ant_maze_hardest-maze_noisy_multistart_True_multigoal_False_sparse_fixed.hdf5",
+    "large-diverse": "Ant_maze_hardest-maze_noisy_multistart_True_multigoal_True_sparse_fixed.hdf5",
+}
+HDF5_COLUMNS = {"observations": np.float32, "actions": np.float32, "rewards": np.float32, "terminals": bool,
+                "timeouts": bool}
+
+
+def dataset_url(env_id: str) -> str:
+    """D4RL's download address of an AntMaze dataset."""
+    return f"{D4RL_URL}/{ANTMAZE_FILES[env_id[len('antmaze-'):-len('-v2')]]}"
+
+
+def default_dataset_path(env_id: str) -> str:
+    """Where D4RL caches a dataset: $D4RL_DATASET_DIR or ~/.d4rl/datasets, file named as in the URL."""
+    cache = os.environ.get("D4RL_DATASET_DIR", os.path.expanduser(os.path.join("~", ".d4rl", "datasets")))
+    return os.path.join(cache, os.path.basename(dataset_url(env_id)))
+
+
+def check_writable(folder: str, fix: str) -> None:
+    """Stop with `fix` unless files can be made in `folder` (or, if it does not exist yet, where it would be made)."""
+    existing = os.path.abspath(folder)
+    while not os.path.isdir(existing):  # nothing is created here: the nearest existing folder is tried
+        if os.path.exists(existing):
+            raise InputError(f"cannot write to {folder}: {existing} is a file, not a folder; {fix}")
+        existing = os.path.dirname(existing)
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise InputError(f"cannot write to {folder} ({e.strerror or e}): {fix}") from e
+
+
+def download(url: str, path: str, timeout: float = 60.0) -> None:
+    """Download `url` to `path`; the file appears only once complete and readable as HDF5."""
+    folder = os.path.dirname(os.path.abspath(path))
+    check_writable(folder, "set D4RL_DATASET_DIR to a folder you can write to, or pass --dataset-path FILE")
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".")
+    print(f"downloading {url}\n         to {path}", flush=True)
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
+            total, done, shown = int(response.headers.get("Content-Length") or 0), 0, 0.0
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                done += len(chunk)
+                if total and done / total >= shown + 0.1:
+                    shown = done / total
+                    print(f"  {done / 2**20:7.1f} / {total / 2**20:.1f} MiB", flush=True)
+            if total and done != total:
+                raise http.client.IncompleteRead(b"", total - done)
+        with h5py.File(tmp, "r"):
+            pass
+        os.replace(tmp, path)
+    except (OSError, http.client.HTTPException) as e:
+        raise InputError(
+            f"could not download {url} ({type(e).__name__}: {e}); nothing was written to {path}. The D4RL "
+            f"server has been unreachable at times: try again later, or get the file another way and pass "
+            f"--dataset-path FILE (or put it at {path})") from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_d4rl_file(path: str, obs_dim: int, act_dim: int) -> dict[str, np.ndarray]:
+    """Read a D4RL-format HDF5 file and refuse anything else: keys, types, shapes, 0/1 flags, finite values."""
+    if os.path.isdir(path):
+        raise InputError(f"{path} is a directory; pass the D4RL-format HDF5 file itself")
+    if not os.path.isfile(path):
+        raise InputError(f"no dataset file at {path}: check --dataset-path, or leave it out to download the dataset")
+    fix = ("delete it and run again to download it anew" if os.path.basename(path) in ANTMAZE_FILES.values()
+           else "re-create or re-download it")
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [key for key in HDF5_COLUMNS if key not in f]
+            if missing:
+                raise InputError(f"{path} lacks the D4RL keys {missing} (it has {sorted(f.keys())}); "
+                                 f"a D4RL v2 file has {list(HDF5_COLUMNS)}")
+            for key in HDF5_COLUMNS:
+                if not isinstance(f[key], h5py.Dataset) or f[key].dtype.kind not in "biuf":
+                    found = "a group" if isinstance(f[key], h5py.Group) else f"of type {f[key].dtype}"
+                    raise InputError(f"{path}: {key!r} is {found}, not an array of numbers; is it a D4RL file?")
+            data = {key: f[key][()] for key in HDF5_COLUMNS}
+    except OSError as e:
+        raise InputError(f"cannot read {path} as HDF5 ({e}): the file is partial or corrupt; {fix}") from e
+    n = len(data["observations"]) if data["observations"].ndim else 0
+    shapes = {"observations": (n, obs_dim), "actions": (n, act_dim), "rewards": (n,), "terminals": (n,), "timeouts": (n,)}
+    for key, shape in shapes.items():
+        if data[key].shape == shape + (1,):  # old files store rewards, terminals and timeouts as (N, 1)
+            data[key] = data[key][..., 0]
+        if data[key].shape != shape:
+            raise InputError(f"{path}: {key!r} has shape {data[key].shape}, expected {shape} for this --env-id "
+                             f"(observation size {obs_dim}, action size {act_dim}); is it a dataset of another env?")
+    if n < 2:
+        raise InputError(f"{path} holds {n} row(s); a dataset needs at least two")
+    for key in ("terminals", "timeouts"):
+        bad = ~np.isin(data[key], (0, 1))  # NaN and 0.5 are not flags
+        if bad.any():
+            raise InputError(f"{path}: {key!r} must hold only 0/1 (or booleans); row {int(np.argmax(bad))} holds "
+                             f"{data[key][np.argmax(bad)]!r} ({int(bad.sum())} such rows): {fix}")
+    data = {key: data[key].astype(dtype) for key, dtype in HDF5_COLUMNS.items()}  # medium-replay files are float64
+    for key in ("observations", "actions", "rewards"):
+        bad = ~np.isfinite(data[key].reshape(n, -1)).all(axis=1)
+        if bad.any():
+            raise InputError(f"{path}: {int(bad.sum())} row(s) of {key!r} hold NaN or inf (first at row "
+                             f"{int(np.argmax(bad))}); the file is corrupt: {fix}, or drop those rows")
+    if not (~data["timeouts"][:-1]).any():
+        raise InputError(f"{path} yields no transitions: every row but the last is a timeout (D4RL's "
+                         f"qlearning_dataset skips those); is the timeouts column right?")
+    return data
+
+
+def read_dataset(args: Args, obs_dim: int, act_dim: int) -> tuple[dict[str, np.ndarray], str]:
+    """The dataset's arrays (downloaded into D4RL's cache first if needed, then checked) and its path."""
+    path = args.dataset_path or default_dataset_path(args.env_id)
+    if not args.dataset_path and not os.path.isfile(path):
+        download(dataset_url(args.env_id), path)
+    data = load_d4rl_file(path, obs_dim, act_dim)
+    if not (data["rewards"] > 0).any():
+        raise InputError(f"{path} has no goal rewards (no reward > 0): not a sparse AntMaze dataset; check the file")
+    return data, path
+
+
+def dataset_fingerprint(data: dict[str, np.ndarray]) -> str:
+    """SHA-1 of the dataset's arrays, stored in checkpoints to refuse a resume on other data."""
+    sha = hashlib.sha1()
+    for key in HDF5_COLUMNS:
+        sha.update(np.ascontiguousarray(data[key]).tobytes())
+    return sha.hexdigest()
+
+
+def split_holdout(num_transitions: int, holdout: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows to train on and rows for the PAD diagnostic: `holdout` held out, or 2,000 training rows if 0."""
+    order = np.random.default_rng(seed).permutation(num_transitions)  # its own generator: training's is untouched
+    if holdout == 0:
+        return np.arange(num_transitions), np.sort(order[:2000])
+    if holdout > num_transitions // 2:
+        raise InputError(f"--holdout {holdout} would hold out more than half of the {num_transitions:,} transitions")
+    return np.sort(order[holdout:]), np.sort(order[:holdout])
+
+
+# D4RL's evaluation maps (1 wall, 0 free, r start, g goal), top row first as D4RL writes them; the cell
+# of row i, column j has its centre at (4 (j - 1), 4 (i - 1)) in D4RL's frame.
+ANTMAZE_MAPS = {
+    "umaze": ["11111", "1r001", "11101", "1g001", "11111"],
+    "medium": ["11111111", "1r011001", "10010001", "11000111", "10010001", "10100101", "100010g1", "11111111"],
+    "large": ["111111111111", "1r0001000001", "101101010101", "100000010001", "101111011101", "100101000001",
+              "110101010111", "100100010g01", "111111111111"],
+}
+ANTMAZE_OFFSETS = {"umaze": (-4.0, -4.0), "medium": (-10.0, -10.0), "large": (-18.0, -12.0)}  # D4RL = gym - offset
+
+
+def restore_legacy_inertia(model: mujoco.MjModel, data: mujoco.MjData, xml_path: str) -> None:
+    """Give `model` the masses MuJoCo 2.x computed: each capsule as a cylinder extended by r/2 per end."""
+    spec = mujoco.MjSpec.from_file(xml_path)
+    for geom in spec.geoms:
+        if geom.type != mujoco.mjtGeom.mjGEOM_CAPSULE:
+            continue
+        radius = geom.size[0]
+        if np.isnan(geom.fromto[0]):  # capsule given by half-length
+            geom.size = [radius, geom.size[1] + radius / 2, 0.0]
+        else:  # capsule given by its two end points
+            p0, p1 = np.array(geom.fromto[:3]), np.array(geom.fromto[3:])
+            axis = (p1 - p0) / np.linalg.norm(p1 - p0)
+            geom.fromto = np.concatenate([p0 - axis * radius / 2, p1 + axis * radius / 2])
+        geom.type = mujoco.mjtGeom.mjGEOM_CYLINDER
+    legacy = spec.compile()
+    for name in ("body_mass", "body_inertia", "body_ipos", "body_iquat"):
+        getattr(model, name)[:] = getattr(legacy, name)
+    mujoco.mj_setConst(model, data)
+
+
+def write_d4rl_ant_xml(path: str) -> None:
+    """D4RL's ant: gymnasium's ant.xml with timestep 0.02, D4RL's contact defaults, gear 1, ctrlrange +-30."""
+    from gymnasium.envs.mujoco import ant_v5
+
+    tree = ET.parse(os.path.join(os.path.dirname(ant_v5.__file__), "assets", "ant.xml"))
+    tree.find("option").set("timestep", "0.02")  # with frame skip 5: dt = 0.1
+    tree.find("default/geom").set("solref", ".02 1")
+    tree.find("default/geom").set("solimp", ".8 .8 .01")
+    for motor in tree.iter("motor"):
+        motor.attrib.pop("gear", None)
+        motor.set("ctrlrange", "-30 30")
+    tree.write(path)
+
+
+def import_ant_maze_env() -> type:
+    """gymnasium-robotics' AntMazeEnv, without the unrelated AdroitHand notice it prints on import."""
+    captured = io.StringIO()
+    with contextlib.redirect_stderr(captured):
+        from gymnasium_robotics.envs.maze.ant_maze_v5 import AntMazeEnv  # the class of AntMaze_UMaze-v5
+    sys.stderr.write("".join(line for line in captured.getvalue().splitlines(True) if "AdroitHand" not in line))
+    return AntMazeEnv
+
+
+class D4RLAntMaze(gym.Env):
+    """D4RL's antmaze-*-v2 evaluation episodes: its maze, ant, start and goal sampling, observation and reward."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (OBS_DIM,), np.float64)
+    action_space = gym.spaces.Box(-1.0, 1.0, (ACT_DIM,), np.float32)
+
+    def __init__(self, maze: str, horizon: int, legacy_inertia: bool = True):
+        AntMazeEnv = import_ant_maze_env()
+        rows = ANTMAZE_MAPS[maze]
+        start, goal = ((i, row.index(c)) for c in "rg" for i, row in enumerate(rows) if c in row)
+        self.start_xy = 4.0 * np.array([start[1] - 1, start[0] - 1])  # D4RL's origin (0, 0)
+        self.goal_cell_xy = 4.0 * np.array([goal[1] - 1, goal[0] - 1])
+        self.offset, self.horizon = np.array(ANTMAZE_OFFSETS[maze]), horizon
+        # gymnasium-robotics' row 0 is at the top (largest y), D4RL's row index grows with y: reverse the rows
+        maze_map = [[int(c) if c in "01" else c for c in row] for row in reversed(rows)]
+        # gymnasium-robotics writes <tempdir>/ant_maze.xml and never deletes it: build in a private temp dir
+        tmp_dir, saved_tempdir = tempfile.mkdtemp(prefix="d4rl_antmaze_"), tempfile.tempdir
+        try:
+            ant_xml = os.path.join(tmp_dir, "d4rl_ant.xml")
+            write_d4rl_ant_xml(ant_xml)
+            tempfile.tempdir = tmp_dir
+            self.env = AntMazeEnv(maze_map=maze_map, xml_file=ant_xml, reward_type="sparse", continuing_task=True,
+                                  reset_target=False, include_cfrc_ext_in_observation=False)
+            self.ant = self.env.ant_env  # the MuJoCo env of the maze model; reset and step are driven here
+            if legacy_inertia:
+                restore_legacy_inertia(self.ant.model, self.ant.data, self.env.tmp_xml_file_path)
+        finally:
+            tempfile.tempdir = saved_tempdir
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        self.model, self.data = self.ant.model, self.ant.data
+        self.goal, self.t = self.goal_cell_xy.copy(), 0
+
+    def observation(self) -> np.ndarray:
+        """D4RL's 29 numbers: [x, y in D4RL's frame, qpos[2:15], qvel[0:14]]."""
+        return np.concatenate([self.data.qpos[:2] - self.offset, self.data.qpos[2:15], self.data.qvel[:14]])
+
+    def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None) -> tuple[np.ndarray, dict]:
+        """D4RL's goal (goal cell + U(0, 1) + U(0, 0.5) per axis) and noisy start at the start cell."""
+        super().reset(seed=seed)  # a seed restarts self.np_random; without one it continues
+        rng = self.np_random
+        self.goal = np.maximum(self.goal_cell_xy + rng.uniform(0, 1, 2) + rng.uniform(0, 0.5, 2), 0.0)
+        self.model.site_pos[self.env.target_site_id][:2] = self.goal + self.offset  # the goal marker, for renders
+        qpos = self.model.qpos0.copy()
+        qpos[:2] = self.start_xy + self.offset
+        qpos += rng.uniform(-0.1, 0.1, self.model.nq)
+        qvel = 0.1 * rng.standard_normal(self.model.nv)
+        mujoco.mj_resetData(self.model, self.data)
+        self.ant.set_state(qpos, qvel)
+        self.t = 0
+        return self.observation(), {}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        """Torques 30 x action (D4RL's NormalizedBoxEnv), clipped; reward 1 and the end within 0.5 of the goal."""
+        low, high = self.model.actuator_ctrlrange.T
+        self.ant.do_simulation(np.clip(30.0 * np.asarray(action, dtype=np.float64), low, high), self.ant.frame_skip)
+        self.t += 1
+        obs = self.observation()
+        success = bool(np.linalg.norm(obs[:2] - self.goal) <= 0.5)
+        return obs, float(success), success, self.t >= self.horizon, {}
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def antmaze_horizon(maze: str) -> int:
+    """D4RL's episode length: 700 steps in umaze, 1000 in medium and large."""
+    return 700 if maze == "umaze" else 1000
+
+
 def save_checkpoint(path: str, payload: dict) -> None:
     """Write atomically: a crash while saving never leaves a broken file in place of a good one."""
     tmp = f"{path}.tmp"
@@ -767,105 +1104,172 @@ def load_checkpoint(path: str, kind: str) -> dict:
     return payload
 
 
-def check_dataset_match(payload: dict, path: str, fingerprint: str, obs_dim: int, what: str) -> None:
-    """Refuse a checkpoint trained on other data than the dataset loaded now."""
-    if payload["obs_dim"] != obs_dim or payload["dataset_sha1"] != fingerprint:
-        raise InputError(f"{path} was trained on another dataset ({payload['env_id']}, observation size "
-                         f"{payload['obs_dim']}, {payload['num_transitions']:,} transitions) than this one; "
-                         f"{what}")
+def load_pretrained_pad(agent: DIVO, args: Args, fingerprint: str) -> None:
+    """--pad-checkpoint: start the diffusion model, critics and value net from a pad_pretrain.py checkpoint."""
+    pad = load_checkpoint(args.pad_checkpoint, "pad_pretrain")
+    names = ("diffusion_steps", "beta_min", "beta_max", "hidden_dim", "num_layers")
+    refuse_mismatch(args.pad_checkpoint, {n: getattr(args, n) for n in ("reward_transform", *names)}, pad["args"],
+                    "pretrain with the same values on the dataset you train on", same_data=pad["dataset_sha1"] == fingerprint)
+    for name in ("diffusion", "critic", "critic_target", "value"):
+        getattr(agent, name).load_state_dict(pad[name])
+    print(f"loaded the PAD model, critics and value net of {args.pad_checkpoint}"
+          + (" (diffusion model frozen)" if args.freeze_pad else ""))
 
 
-def pad_compatibility(payload: dict, path: str, args: Args, fingerprint: str, obs_dim: int) -> None:
-    """Refuse a pad_pretrain checkpoint of other data, other rewards, another size or another schedule."""
-    check_dataset_match(payload, path, fingerprint, obs_dim, "pretrain on the dataset you train on")
-    theirs = payload["args"]
-    if theirs["reward_transform"] != args.reward_transform:
-        raise InputError(f"{path} was pretrained with --reward-transform {theirs['reward_transform']}, this run "
-                         f"uses {args.reward_transform}; pass the same value or pretrain again")
-    for name in ("diffusion_steps", "beta_min", "beta_max", "hidden_dim", "num_layers"):
-        if theirs[name] != getattr(args, name):
-            raise InputError(f"{path} was pretrained with --{name.replace('_', '-')} {theirs[name]}, this run "
-                             f"uses {getattr(args, name)}; pass the same value or pretrain again")
+def restore_run(agent: DIVO, args: Args, checkpoint: Optional[dict], fingerprint: str) -> tuple[int, list]:
+    """The step and evaluation history to start from: a resumed run's (networks, optimisers, RNG), or a new run's."""
+    if checkpoint is None:
+        if args.pad_checkpoint:
+            load_pretrained_pad(agent, args, fingerprint)
+        return 0, []
+    refuse_mismatch(args.resume, {}, {}, "resume on the dataset it was trained on",
+                    same_data=checkpoint["dataset_sha1"] == fingerprint)
+    agent.load_state_dict(checkpoint["agent"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    if torch.cuda.is_available() and args.cuda and checkpoint["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
+    print(f"resumed {args.run_name} at step {checkpoint['step']:,}")
+    return checkpoint["step"], checkpoint["evaluations"]
 
 
-def resume_args(path: str) -> tuple[Args, dict]:
-    """Arguments of a resumed run: the checkpoint's, overridden by those given on the command line."""
-    payload = load_checkpoint(path, "divo_antmaze")
-    saved = Args(**{f.name: payload["args"][f.name] for f in fields(Args) if f.name in payload["args"]})
-    args = tyro.cli(Args, default=replace(saved, resume=path))
-    changed = [f"--{name.replace('_', '-')} {getattr(args, name)!r} (checkpoint: {getattr(saved, name)!r})"
-               for name in (f.name for f in fields(Args)) if name not in RESUME_FREE_ARGS
-               and getattr(args, name) != getattr(saved, name)]
-    if changed:
-        raise InputError(f"{path} belongs to another run than this command: {'; '.join(changed)}. Resume with "
-                         f"`--resume {path}` and the original arguments, or start a new run without --resume")
-    return args, payload
+def make_run_dir(args: Args) -> tuple[Args, str]:
+    """The run's new folder under runs/ (a new run never writes into an existing one), and its name in `args`."""
+    base = args.run_name or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    for attempt in range(1000):  # runs started in the same second get -1, -2, ...
+        name = base if attempt == 0 else f"{base}-{attempt}"
+        try:
+            os.makedirs(os.path.join("runs", name))
+            return replace(args, run_name=name), os.path.join("runs", name)
+        except FileExistsError:
+            if args.run_name:
+                raise InputError(f"runs/{name} exists: choose another --run-name, or continue that run with "
+                                 f"--resume runs/{name}/checkpoint.pt") from None
+    raise InputError(f"could not create a new folder runs/{base}-N: remove old runs or pass --run-name")
 
 
-def format_duration(seconds: float) -> str:
-    """1h02m03s style."""
-    seconds = int(seconds)
-    return (f"{seconds // 3600}h" if seconds >= 3600 else "") + f"{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+def write_json(path: str, content: dict) -> None:
+    """Strict JSON (NaN and inf refused, so every file parses anywhere), written atomically."""
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(content, f, indent=2, allow_nan=False)
+    os.replace(f"{path}.tmp", path)
 
 
-def benchmark(agent: DIVO, data: dict[str, torch.Tensor], args: Args, device: torch.device) -> None:
-    """Gradient steps per second of the whole iteration, and the time of each part of it."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    warmup = min(500, max(args.benchmark_steps // 5, 2 * args.policy_freq))
-    for step in range(warmup):
-        agent.update(sample_batch(data, args.batch_size), step % args.policy_freq == 0)
-    sync()
-    start = time.perf_counter()
-    for step in range(args.benchmark_steps):
-        agent.update(sample_batch(data, args.batch_size), step % args.policy_freq == 0)
-    sync()
-    sps = args.benchmark_steps / (time.perf_counter() - start)
+def check_finite(step: int, metrics: dict[str, torch.Tensor], agent: DIVO, last_checkpoint: str) -> dict[str, float]:
+    """The metrics as numbers (the loop's one host sync); stop with a message if training has diverged."""
+    weights = {name: torch.stack([p.isfinite().all() for p in module.parameters()]).all().float()
+               for name, module in agent.modules().items()}
+    values = dict(zip([*metrics, *weights], torch.stack([*metrics.values(), *weights.values()]).tolist()))
+    bad = [f"{name} = {values[name]}" for name in metrics if not math.isfinite(values[name])]
+    bad += [f"the {name} network's weights" for name in weights if values[name] != 1.0]
+    if bad:
+        raise InputError(f"training diverged by step {step:,}: {', '.join(bad)} not finite. Nothing after the last "
+                         f"good checkpoint was saved ({last_checkpoint}). Check the rewards' scale, or lower the "
+                         f"learning rates or --alpha")
+    return {name: values[name] for name in metrics}
 
-    s, a, r, s_next, not_done = sample_batch(data, args.batch_size)
-    v, adv, _ = agent.update_value(s, a)
-    a_bar, _ = agent.select_target(s, a, v, adv)
-    parts = {
-        "critic, eq. (1)": (1, lambda: agent.update_critic(s, a, r, s_next, not_done)),
-        "value, eq. (2)": (1, lambda: agent.update_value(s, a)),
-        "PAD, eq. (9)-(10)": (1, lambda: agent.update_pad(s, a, adv)),
-        "ADPO sampling, eq. (12)": (1 / args.policy_freq, lambda: agent.select_target(s, a, v, adv)),
-        "actor + targets, eq. (13)": (1 / args.policy_freq, lambda: agent.update_actor(s, a_bar)),
-    }
-    if args.freeze_pad:  # a frozen diffusion model has no PAD step
-        del parts["PAD, eq. (9)-(10)"]
-    repeats = max(50, args.benchmark_steps // 10)
-    per_step = {}
-    for name, (share, part) in parts.items():
-        for _ in range(10):
-            part()
-        sync()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            part()
-        sync()
-        per_step[name] = share * (time.perf_counter() - start) / repeats * 1e3
-    backbone = per_step["critic, eq. (1)"] + per_step["actor + targets, eq. (13)"]
-    print(f"\nbenchmark: {args.env_id}, device {device}, compile {args.compile}, batch {args.batch_size}, "
-          f"K {args.diffusion_steps}, N {args.num_candidates}, freeze_pad {args.freeze_pad}")
-    print(f"  full iteration: {sps:,.0f} gradient steps/s over {args.benchmark_steps:,} steps")
-    print("  per gradient step (actor-step parts divided by policy_freq, each part timed alone):")
-    for name, ms in per_step.items():
-        print(f"    {name:<28} {ms:8.3f} ms")
-    print(f"  DIVO / TD3+BC backbone (critic + actor alone): {sum(per_step.values()) / backbone:.2f}x")
+
+class StopSignal:
+    """SIGINT / SIGTERM end the loop after the current iteration, with a checkpoint; a second one stops at once."""
+
+    def __init__(self):
+        self.signum = None
+        signal.signal(signal.SIGINT, self.request)
+        signal.signal(signal.SIGTERM, self.request)
+
+    def request(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print("\nstopping after this step with a checkpoint (signal again to stop at once)", flush=True)
+
+
+class GraphedTrainStep:
+    """--cudagraphs: each variant of one iteration (batch sampling included) captured once as a CUDA graph, then replayed.
+
+    A replay runs the iteration's kernels with no Python and no launch overhead; the metrics it returns are the
+    graph's static output tensors, overwritten by every replay. Capturing needs a few warm-up iterations (on a side
+    stream) that would move the weights, the optimiser states and the RNG: all three are saved before and written
+    back in place after capture, so training continues exactly where it was, and checkpoints and resume work as in
+    eager mode. Without CUDA (the tests) capture does the same warm-up and restore, and a replay runs the iteration
+    eagerly and copies its metrics into the static tensors.
+    """
+
+    def __init__(self, step: Callable[..., dict[str, torch.Tensor]], state: Callable[[], list[torch.Tensor]],
+                 device: torch.device, warmup: int = 3):
+        self.step, self.state, self.device, self.warmup = step, state, device, warmup
+        self.graphs = {}
+
+    def __call__(self, *flags) -> dict[str, torch.Tensor]:
+        if flags not in self.graphs:
+            self.graphs[flags] = self.capture(flags)
+        replay, metrics = self.graphs[flags]
+        replay()
+        return metrics
+
+    def capture(self, flags: tuple) -> tuple[Callable[[], None], dict[str, torch.Tensor]]:
+        cuda = self.device.type == "cuda"
+        tensors = self.state()
+        saved = [t.clone() for t in tensors]
+        rng = torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if cuda else None
+        stream = torch.cuda.Stream(self.device) if cuda else None
+        if cuda:
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+            for _ in range(self.warmup):
+                metrics = self.step(*flags)
+        if cuda:
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                metrics = self.step(*flags)
+            replay = graph.replay
+        else:
+            metrics = {name: value.clone() for name, value in metrics.items()}
+
+            def replay():
+                for name, value in self.step(*flags).items():
+                    metrics[name].copy_(value)
+        with torch.no_grad():  # back to the state before the warm-up, in place: the graph holds these tensors
+            for tensor, value in zip(tensors, saved):
+                tensor.copy_(value)
+            known = {id(t) for t in tensors}
+            for tensor in self.state():  # optimiser states the warm-up created: a fresh state is all zeros
+                if id(tensor) not in known:
+                    tensor.zero_()
+        torch.set_rng_state(rng[0])
+        if cuda:
+            torch.cuda.set_rng_state(rng[1], self.device)
+        return replay, metrics
+
+
+def make_train_step(agent: DIVO, data: dict[str, torch.Tensor], batch_size: int, cudagraphs: bool) -> Callable:
+    """One training iteration on a fresh batch: plain PyTorch, or replayed CUDA graphs with --cudagraphs."""
+    def train_step(*flags) -> dict[str, torch.Tensor]:
+        return agent.update(sample_batch(data, batch_size), *flags)
+
+    device = data["rewards"].device
+    return GraphedTrainStep(train_step, lambda: training_state(agent), device) if cudagraphs else train_step
+
+
+def training_state(agent: DIVO) -> list[torch.Tensor]:
+    """Every tensor an iteration changes or reads as state: weights, buffers and optimiser states."""
+    tensors = [t for module in agent.modules().values() for t in module.state_dict(keep_vars=True).values()]
+    return tensors + [t for opt in agent.optimizers().values() for state in opt.state.values() for t in state.values()
+                      if torch.is_tensor(t)]
+
+
+def progress_line(done: int, total: int, sps: float, evaluations: list[dict]) -> str:
+    """[ 12.0%] step 120,000/1,000,000 | 1,234 steps/s | score 45.6 @ 115,000 | ETA 11m53s"""
+    score = f"{evaluations[-1]['score']:.1f} @ {evaluations[-1]['step']:,}" if evaluations else "-"
+    eta = int((total - done) / sps)
+    eta = (f"{eta // 3600}h" if eta >= 3600 else "") + f"{eta % 3600 // 60:02d}m{eta % 60:02d}s"
+    return f"[{done / total:6.1%}] step {done:,}/{total:,} | {sps:,.0f} steps/s | score {score} | ETA {eta}"
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-    payload = None
-    if args.resume:
-        args, payload = resume_args(args.resume)
+    args, resumed = parse_args()  # with --resume: the checkpoint's arguments, and the checkpoint
     maze = check_env_id(args.env_id)
-    if args.alpha is None:
-        args = replace(args, alpha=ALPHAS[maze])
-    if args.freeze_pad and not args.pad_checkpoint:
-        raise InputError("--freeze-pad keeps a pretrained diffusion model fixed: pass --pad-checkpoint too")
-    run_name = payload["run_name"] if payload else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.dirname(args.resume) if payload else os.path.join("runs", run_name)
+    check_writable(os.path.dirname(args.resume) if resumed else "runs", "run where the run's folder can be written")
 
     # seeding
     random.seed(args.seed)
@@ -874,164 +1278,110 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    # data
+    # data and env
     obs_dim, act_dim = OBS_DIM, ACT_DIM
-    path = args.dataset_path or default_dataset_path(args.env_id)
-    if args.benchmark_steps and not os.path.isfile(path):
-        print(f"benchmark: no dataset at {path}, using 1,000,000 random transitions of the right shape")
-        n = 1_000_000
-        raw = {"observations": np.random.randn(n, obs_dim).astype(np.float32),
-               "actions": np.random.uniform(-1, 1, (n, act_dim)).astype(np.float32),
-               "rewards": (np.random.rand(n) < 1e-2).astype(np.float32), "terminals": np.random.rand(n) < 1e-3,
-               "timeouts": np.arange(n) % 1000 == 999}
-    else:
-        if not os.path.isfile(path) and not args.dataset_path:
-            download(dataset_url(args.env_id), path)
-        raw = load_d4rl_file(path, obs_dim, act_dim)
+    raw, path = read_dataset(args, obs_dim, act_dim)
     fingerprint = dataset_fingerprint(raw)
-    dataset = qlearning_dataset(raw)
-    print(dataset_summary(path, raw, dataset))
-    if not (raw["rewards"] > 0).any():
-        raise InputError(f"{path} has no goal rewards (no reward > 0): not a sparse AntMaze dataset; check the file")
-    dataset["actions"] = np.clip(dataset["actions"], -1.0, 1.0)  # the actor and the sampler act in [-1, 1]
-    dataset["rewards"] = transform_rewards(dataset["rewards"], args.reward_transform)
-    print(f"reward       {'r - 1' if args.reward_transform == 'minus-one' else 'r'} (--reward-transform "
-          f"{args.reward_transform}); alpha {args.alpha}; {args.eval_episodes} evaluation episodes of "
-          f"{antmaze_horizon(maze)} steps")
-    if payload:
-        check_dataset_match(payload, args.resume, fingerprint, obs_dim, "resume on the dataset it was trained on")
-    obs_mean = dataset["observations"].mean(axis=0)
-    obs_std = dataset["observations"].std(axis=0) + 1e-3
-    data = {
-        "observations": torch.tensor((dataset["observations"] - obs_mean) / obs_std, device=device),
-        "actions": torch.tensor(dataset["actions"], device=device),
-        "rewards": torch.tensor(dataset["rewards"], device=device),
-        "next_observations": torch.tensor((dataset["next_observations"] - obs_mean) / obs_std, device=device),
-        "not_done": torch.tensor(1.0 - dataset["terminals"], dtype=torch.float32, device=device),
-    }
+    transitions = qlearning_dataset(raw)
+    print(dataset_summary(path, raw, transitions))
+    transitions["actions"] = np.clip(transitions["actions"], -1.0, 1.0)  # the actor and the sampler act in [-1, 1]
+    transitions["rewards"] = transform_rewards(transitions["rewards"], args.reward_transform)
+    envs = [D4RLAntMaze(maze, antmaze_horizon(maze), args.legacy_inertia) for _ in range(args.eval_episodes)]
+    print(f"reward     {'r - 1' if args.reward_transform == 'minus-one' else 'r'} (--reward-transform "
+          f"{args.reward_transform}); alpha {args.alpha}; {len(envs)} evaluation episodes of {antmaze_horizon(maze)} steps")
+    obs_mean = transitions["observations"].mean(axis=0)
+    obs_std = transitions["observations"].std(axis=0) + 1e-3
+    train_rows, heldout_rows = split_holdout(len(transitions["rewards"]), args.holdout, args.seed)
+    data = to_device(transitions, train_rows, obs_mean, obs_std, device)
 
     # networks and optimisers
     agent = DIVO(obs_dim, act_dim, args, device)
-    if args.pad_checkpoint and not payload:  # a resumed run has the PAD model in its own checkpoint
-        pad = load_checkpoint(args.pad_checkpoint, "pad_pretrain")
-        pad_compatibility(pad, args.pad_checkpoint, args, fingerprint, obs_dim)
-        agent.diffusion.load_state_dict(pad["diffusion"])
-        agent.critic.load_state_dict(pad["critic"])
-        agent.critic_target.load_state_dict(pad["critic_target"])
-        agent.value.load_state_dict(pad["value"])
-        print(f"loaded the PAD model, critics and value net of {args.pad_checkpoint}"
-              + (" (diffusion model frozen)" if args.freeze_pad else ""))
-    if args.freeze_pad:
-        agent.diffusion.requires_grad_(False)
-    start_step, evaluations = 0, []
-    if payload:
-        agent.load_state_dict(payload["agent"])
-        start_step, evaluations = payload["step"], payload["evaluations"]
-        torch.set_rng_state(payload["rng"]["torch"])
-        if device.type == "cuda" and payload["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(payload["rng"]["cuda"])
-        print(f"resumed {run_name} at step {start_step:,}")
+    start_step, evaluations = restore_run(agent, args, resumed, fingerprint)  # a resumed run, or --pad-checkpoint
     if args.compile:
         agent.compile()
-
-    if args.benchmark_steps:
-        benchmark(agent, data, args, device)
-        raise SystemExit(0)
-
-    # evaluation envs, built once: one per episode, run side by side
-    envs = [D4RLAntMaze(maze, antmaze_horizon(maze), args.legacy_inertia) for _ in range(args.eval_episodes)]
-    eval_threads = args.eval_threads or os.cpu_count() or 1
+    train_step = make_train_step(agent, data, args.batch_size, args.cudagraphs)  # sample a batch, update
+    heldout = to_device(transitions, heldout_rows, obs_mean, obs_std, device)
+    diagnostics = Diagnostics(data, heldout, args.seed) if args.adpo else None
 
     # tracking
+    args, run_dir = (args, os.path.dirname(args.resume)) if resumed else make_run_dir(args)
     if args.track:
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, id=run_name, resume="allow", save_code=True)
-    writer = SummaryWriter(run_dir, purge_step=start_step if payload else None)
+                   config=vars(args), name=args.run_name, id=args.run_name, resume="allow", save_code=True)
+    writer = SummaryWriter(run_dir, purge_step=start_step if resumed else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=2)
+    labels = {"script": "divo_antmaze", "mode": run_mode(args), "task": task_name(args)}  # for tools/report.py
+    run_info = {"kind": "divo_antmaze", "args": asdict(args), **labels,
+                "env_id": args.env_id, "obs_dim": obs_dim, "act_dim": act_dim, "dataset_sha1": fingerprint,
+                "num_transitions": len(data["rewards"]), "obs_mean": torch.tensor(obs_mean), "obs_std": torch.tensor(obs_std)}
+    write_json(os.path.join(run_dir, "args.json"), {**asdict(args), **labels})
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+    last_checkpoint = f"{checkpoint_path} (step {start_step:,})" if resumed else "none yet"
 
     def checkpoint(step: int) -> str:
         """Everything needed to continue the run exactly: networks, optimisers, step, RNG, statistics."""
-        path = os.path.join(run_dir, "checkpoint.pt")
-        save_checkpoint(path, {
-            "kind": "divo_antmaze", "args": asdict(args), "run_name": run_name, "step": step,
-            "env_id": args.env_id, "obs_dim": obs_dim, "act_dim": act_dim, "dataset_sha1": fingerprint,
-            "num_transitions": len(dataset["rewards"]), "obs_mean": torch.tensor(obs_mean), "obs_std": torch.tensor(obs_std),
-            "agent": agent.state_dict(), "evaluations": evaluations,
-            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None},
-        })
-        return path
+        check_finite(step, metrics, agent, last_checkpoint)  # a diverged run never overwrites a good checkpoint
+        save_checkpoint(checkpoint_path, {**run_info, "step": step, "agent": agent.state_dict(), "evaluations": evaluations,
+                                          "rng": {"torch": torch.get_rng_state(),
+                                                  "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}})
+        return f"{checkpoint_path} (step {step:,})"
 
     def run_evaluation(step: int) -> np.ndarray:
-        """Evaluate the actor, log it, and remember it in the run's history."""
+        """Evaluate the actor, log it with the diagnostics, and remember it in the run's history."""
+        check_finite(step, metrics, agent, last_checkpoint)
         start = time.time()
         agent.actor.eval()
-        returns = evaluate(agent.actor, envs, obs_mean, obs_std, seed=args.seed + 10_000, threads=eval_threads)
+        returns = evaluate(agent.actor, envs, obs_mean, obs_std, args.seed + 10_000, args.eval_threads or os.cpu_count())
         agent.actor.train()
         scores = normalized_score(returns)
-        writer.add_scalar("charts/d4rl_normalized_score", scores.mean(), step)
-        writer.add_scalar("eval/return_mean", returns.mean(), step)
-        writer.add_scalar("eval/normalized_score_std", scores.std(), step)
-        writer.add_scalar("eval/seconds", time.time() - start, step)
+        logged = {"charts/d4rl_normalized_score": scores.mean(), "eval/return_mean": returns.mean(),
+                  "eval/normalized_score_std": scores.std(), "eval/seconds": time.time() - start}
+        for name, value in {**logged, **(diagnostics.pad(agent) if diagnostics else {})}.items():
+            writer.add_scalar(name, value, step)
         evaluations.append({"step": step, "score": float(scores.mean()), "score_std": float(scores.std())})
         print(f"eval   step {step:,}: normalised score {scores.mean():.1f} +- {scores.std():.1f} "
               f"(return {returns.mean():.1f}, {len(returns)} episodes, {time.time() - start:.1f}s)", flush=True)
         return returns
 
-    # SIGINT / SIGTERM stop the loop at the end of the current iteration, with a checkpoint
-    stop_signal = []
-
-    def request_stop(signum, frame):
-        if stop_signal:  # a second signal stops at once
-            raise KeyboardInterrupt
-        stop_signal.append(signum)
-        print("\nstopping after this step with a checkpoint (signal again to stop at once)", flush=True)
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-
-    print(f"training {run_name} on {device} for {args.total_timesteps:,} gradient steps; logs in {run_dir}", flush=True)
+    stop = StopSignal()
+    print(f"training {args.run_name} ({labels['mode']}) on {device} for {args.total_timesteps:,} gradient steps; "
+          f"logs in {run_dir}", flush=True)
     metrics, last_time, last_step = {}, time.time(), start_step
     for step in range(start_step, args.total_timesteps):
-        if stop_signal:
-            path = checkpoint(step)
-            print(f"stopped at step {step:,}; resume with: python {os.path.basename(__file__)} --resume {path}")
-            raise SystemExit(128 + stop_signal[0])
+        if stop.signum is not None:
+            last_checkpoint = checkpoint(step)
+            print(f"stopped at step {step:,}; resume with: python {os.path.basename(__file__)} --resume {checkpoint_path}")
+            raise SystemExit(128 + stop.signum)
         # the latest value of each metric (actor metrics come from the last actor step)
-        metrics.update(agent.update(sample_batch(data, args.batch_size), update_actor=step % args.policy_freq == 0))
+        metrics.update(train_step(step % args.policy_freq == 0, step >= args.adpo_start))
         done = step + 1
 
         if done % args.log_freq == 0:
-            for name, value in metrics.items():  # the only host sync of the loop, once per log_freq steps
-                writer.add_scalar(name, value.item(), done)
+            logged = check_finite(done, metrics, agent, last_checkpoint)  # the loop's only host sync
             sps = (done - last_step) / (time.time() - last_time)
             last_time, last_step = time.time(), done
-            writer.add_scalar("charts/SPS", sps, done)
-            score = f"{evaluations[-1]['score']:.1f} @ {evaluations[-1]['step']:,}" if evaluations else "-"
-            print(f"[{done / args.total_timesteps:6.1%}] step {done:,}/{args.total_timesteps:,} | {sps:,.0f} steps/s | "
-                  f"score {score} | ETA {format_duration((args.total_timesteps - done) / sps)}", flush=True)
+            for name, value in {**logged, "charts/SPS": sps, **(diagnostics.adpo(agent) if diagnostics else {})}.items():
+                writer.add_scalar(name, value, done)
+            print(progress_line(done, args.total_timesteps, sps, evaluations), flush=True)
         if args.eval_freq and done % args.eval_freq == 0 and done < args.total_timesteps:
             run_evaluation(done)
         if args.checkpoint_freq and done % args.checkpoint_freq == 0 and done < args.total_timesteps:
-            checkpoint(done)
+            last_checkpoint = checkpoint(done)
 
-    # final evaluation of the last policy, scores and checkpoint
+    # final evaluation of the last policy, checkpoint, scores
     returns = run_evaluation(args.total_timesteps)
     scores = normalized_score(returns)
-    result = {"env_id": args.env_id, "run_name": run_name, "step": args.total_timesteps, "seed": args.seed,
-              "normalized_score_mean": float(scores.mean()), "normalized_score_std": float(scores.std()),
-              "normalized_scores": scores.tolist(), "returns": returns.tolist(), "evaluations": evaluations}
-    with open(os.path.join(run_dir, "scores.json"), "w") as f:
-        json.dump(result, f, indent=2)
     if args.checkpoint_freq:
         print(f"checkpoint: {checkpoint(args.total_timesteps)}")
+    write_json(os.path.join(run_dir, "scores.json"), {
+        **labels, "env_id": args.env_id, "run_name": args.run_name, "exp_name": args.exp_name, "seed": args.seed,
+        "step": args.total_timesteps, "normalized_score_mean": scores.mean(), "normalized_score_std": scores.std(),
+        "normalized_scores": scores.tolist(), "returns": returns.tolist(), "evaluations": evaluations})
     if args.save_model:
         model_path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
-        torch.save({"actor": agent.actor.state_dict(), "obs_mean": torch.tensor(obs_mean),
-                    "obs_std": torch.tensor(obs_std), "args": asdict(args)}, model_path)
+        torch.save({**run_info, "actor": agent.actor.state_dict()}, model_path)
         print(f"model saved to {model_path}")
     print(f"final normalised score of the last policy: {scores.mean():.1f} +- {scores.std():.1f} "
           f"({len(scores)} episodes); per-episode scores in {os.path.join(run_dir, 'scores.json')}")

@@ -39,9 +39,11 @@ def test_ids_and_horizons():
     assert da.check_env_id("antmaze-large-diverse-v2") == "large"
     assert da.check_env_id("antmaze-umaze-v2") == "umaze"
     assert antmaze_horizon("umaze") == 700 and antmaze_horizon("medium") == antmaze_horizon("large") == 1000
-    for bad in ["antmaze-medium-v2", "antmaze-umaze-v0", "hopper-medium-v2"]:
+    for bad in ["antmaze-medium-v2", "antmaze-umaze-v0"]:
         with pytest.raises(da.InputError, match="antmaze-large-play-v2"):
             da.check_env_id(bad)
+    with pytest.raises(da.InputError, match="is a locomotion dataset: run divo_continuous.py --env-id hopper-medium-v2"):
+        da.check_env_id("hopper-medium-v2")
     with pytest.raises(da.InputError, match="did you mean antmaze-medium-play-v2"):
         da.check_env_id("antmaze-medium-ply-v2")
     assert da.dataset_url("antmaze-umaze-diverse-v2").endswith(
@@ -71,8 +73,8 @@ def test_start_and_goal_cells(env):
 
 def test_reset_start_state(env):
     for seed in range(20):
-        obs = env.reset(seed=seed)
-        assert obs.shape == (29,) and obs.dtype == np.float64
+        obs, info = env.reset(seed=seed)
+        assert obs.shape == (29,) and info == {} and obs.dtype == np.float64
         assert np.all(np.abs(obs[:2]) <= 0.1)
         assert np.all(np.abs(obs[2:15] - env.model.qpos0[2:15]) <= 0.1)
         assert np.allclose(obs[:2], env.data.body("torso").xpos[:2] - env.offset)
@@ -109,7 +111,7 @@ def test_success_radius(dist, success):
     xy_next = env.step(action)[0][:2]  # where the torso is after one step from this state
     place()
     env.goal = xy_next + dist * np.array([0.6, 0.8])
-    obs, reward, terminated, truncated = env.step(action)
+    obs, reward, terminated, truncated, _ = env.step(action)
     assert np.array_equal(obs[:2], xy_next)
     assert np.isclose(np.linalg.norm(obs[:2] - env.goal), dist)
     assert reward == float(success) and terminated == success and not truncated
@@ -122,7 +124,7 @@ def test_horizon_truncation():
         assert env.horizon == horizon
         env.reset(seed=0)
         for t in range(1, horizon + 1):
-            _, reward, terminated, truncated = env.step(np.zeros(8))
+            _, reward, terminated, truncated, _ = env.step(np.zeros(8))
             assert not terminated and reward == 0.0
             assert truncated == (t == horizon)
         env.reset(seed=1)
@@ -131,7 +133,7 @@ def test_horizon_truncation():
 
 
 def test_observation_layout(env):
-    obs = env.reset(seed=5)
+    obs, _ = env.reset(seed=5)
     rng = np.random.default_rng(0)
     for _ in range(20):
         obs = env.step(rng.uniform(-1, 1, 8))[0]
@@ -206,7 +208,7 @@ def test_no_ant_maze_files_in_system_tempdir():
 def test_seed_reproducibility():
     def rollout(env, seed):
         rng = np.random.default_rng(123)
-        obs = [env.reset(seed=seed)]
+        obs = [env.reset(seed=seed)[0]]
         goal = env.goal.copy()
         for _ in range(100):
             obs.append(env.step(rng.uniform(-1, 1, 8))[0])
@@ -241,7 +243,7 @@ def test_antmaze_layout_loads_with_qlearning_semantics(tmp_path):
     assert len(q["rewards"]) == 297  # last row and the timeouts at rows 99 and 199 dropped
     assert q["terminals"].sum() == data["terminals"][:-1][~data["timeouts"][:-1]].sum()  # terminals as stored
     text = da.dataset_summary("am.hdf5", raw, q)
-    assert "episodes     3 " in text and f"goal reward  {int(data['rewards'].sum())} rows" in text
+    assert "episodes   3 (split by timeouts" in text and f"{int(data['rewards'].sum())} rows (" in text
 
 
 def test_reward_transform():
@@ -278,7 +280,7 @@ def test_training_evaluates_checkpoints_and_resumes(tmp_path):
     antmaze_file(tmp_path / "am.hdf5")
     proc = run_script("divo_antmaze.py", *TINY, "--dataset-path", tmp_path / "am.hdf5", "--total-timesteps", 20,
                       "--eval-freq", 10, cwd=tmp_path)
-    assert "reward       r - 1 (--reward-transform minus-one); alpha 2.5; 2 evaluation episodes of 700 steps" in proc.stdout
+    assert "reward     r - 1 (--reward-transform minus-one); alpha 2.5; 2 evaluation episodes of 700 steps" in proc.stdout
     (run,) = (tmp_path / "runs").iterdir()
     scores = json.loads((run / "scores.json").read_text())
     assert len(scores["normalized_scores"]) == 2 and set(scores["normalized_scores"]) <= {0.0, 100.0}
