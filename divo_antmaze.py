@@ -653,7 +653,7 @@ class Diagnostics:
         self.neighbours = min(neighbours, len(rows) - probe)
         self.heldout = heldout["observations"], heldout["actions"]
         joint = torch.cat(self.heldout, 1)
-        self.bandwidth = torch.cdist(joint, joint).median().item()  # of the MMD kernel
+        self.bandwidth = torch.cdist(joint, joint).median().clamp(min=1e-6).item()  # of the MMD kernel
 
     @torch.no_grad()
     def adpo(self, agent: DIVO) -> dict[str, float]:
@@ -776,7 +776,7 @@ def parse_args(kind: str = "divo_antmaze") -> tuple[Args, Optional[dict]]:
     if args.resume is None:
         if args.run_name and os.path.exists(os.path.join("runs", args.run_name)):
             raise InputError(f"runs/{args.run_name} exists: choose another --run-name, or continue that run with "
-                             f"--resume runs/{args.run_name}/checkpoint.pt")
+                             f"--resume runs/{args.run_name}/{CHECKPOINT}")
         return args, None
     checkpoint = load_checkpoint(args.resume, kind)
     saved = Args(**{f.name: checkpoint["args"][f.name] for f in fields(Args) if f.name in checkpoint["args"]})
@@ -785,11 +785,11 @@ def parse_args(kind: str = "divo_antmaze") -> tuple[Args, Optional[dict]]:
     names = [f.name for f in fields(Args) if f.name not in RESUME_FREE_ARGS]
     refuse_mismatch(args.resume, {n: getattr(args, n) for n in names}, {n: getattr(saved, n) for n in names},
                     f"resume with `--resume {args.resume}` and the original arguments, or start a new run without --resume")
-    done, scores = checkpoint["step"], os.path.join(os.path.dirname(args.resume), "scores.json")
+    done = checkpoint["step"]
     if done >= args.total_timesteps:
         state = "finished" if done == args.total_timesteps else f"at step {done:,}, beyond --total-timesteps"
-        raise InputError(f"{args.resume} is {state} ({done:,} of {args.total_timesteps:,} steps; scores in {scores}). "
-                         f"To train it longer, pass --total-timesteps larger than {done:,}")
+        raise InputError(f"{args.resume} is {state} ({done:,} of {args.total_timesteps:,} steps; its results are in "
+                         f"{os.path.dirname(args.resume)}). To train it longer, pass --total-timesteps larger than {done:,}")
     stale = f"{args.resume}.tmp"  # a save killed half-way leaves it; the checkpoint itself is whole (atomic rename)
     if os.path.exists(stale):
         os.remove(stale)
@@ -1082,6 +1082,9 @@ def antmaze_horizon(maze: str) -> int:
     return 700 if maze == "umaze" else 1000
 
 
+CHECKPOINT = "checkpoint.pt"  # the file name of a run's checkpoint in its folder
+
+
 def save_checkpoint(path: str, payload: dict) -> None:
     """Write atomically: a crash while saving never leaves a broken file in place of a good one."""
     tmp = f"{path}.tmp"
@@ -1143,7 +1146,7 @@ def make_run_dir(args: Args) -> tuple[Args, str]:
         except FileExistsError:
             if args.run_name:
                 raise InputError(f"runs/{name} exists: choose another --run-name, or continue that run with "
-                                 f"--resume runs/{name}/checkpoint.pt") from None
+                                 f"--resume runs/{name}/{CHECKPOINT}") from None
     raise InputError(f"could not create a new folder runs/{base}-N: remove old runs or pass --run-name")
 
 
@@ -1154,8 +1157,8 @@ def write_json(path: str, content: dict) -> None:
     os.replace(f"{path}.tmp", path)
 
 
-def check_finite(step: int, metrics: dict[str, torch.Tensor], agent: DIVO, last_checkpoint: str) -> dict[str, float]:
-    """The metrics as numbers (the loop's one host sync); stop with a message if training has diverged."""
+def check_finite(step: int, metrics: dict[str, torch.Tensor], agent, last_checkpoint: str) -> dict[str, float]:
+    """The metrics as numbers (the loop's one host sync); stop with a message if a metric or a weight is NaN/inf."""
     weights = {name: torch.stack([p.isfinite().all() for p in module.parameters()]).all().float()
                for name, module in agent.modules().items()}
     values = dict(zip([*metrics, *weights], torch.stack([*metrics.values(), *weights.values()]).tolist()))
@@ -1242,8 +1245,8 @@ class GraphedTrainStep:
         return replay, metrics
 
 
-def make_train_step(agent: DIVO, data: dict[str, torch.Tensor], batch_size: int, cudagraphs: bool) -> Callable:
-    """One training iteration on a fresh batch: plain PyTorch, or replayed CUDA graphs with --cudagraphs."""
+def make_train_step(agent, data: dict[str, torch.Tensor], batch_size: int, cudagraphs: bool) -> Callable:
+    """One training iteration of `agent` on a fresh batch: plain PyTorch, or replayed CUDA graphs (--cudagraphs)."""
     def train_step(*flags) -> dict[str, torch.Tensor]:
         return agent.update(sample_batch(data, batch_size), *flags)
 
@@ -1251,7 +1254,7 @@ def make_train_step(agent: DIVO, data: dict[str, torch.Tensor], batch_size: int,
     return GraphedTrainStep(train_step, lambda: training_state(agent), device) if cudagraphs else train_step
 
 
-def training_state(agent: DIVO) -> list[torch.Tensor]:
+def training_state(agent) -> list[torch.Tensor]:
     """Every tensor an iteration changes or reads as state: weights, buffers and optimiser states."""
     tensors = [t for module in agent.modules().values() for t in module.state_dict(keep_vars=True).values()]
     return tensors + [t for opt in agent.optimizers().values() for state in opt.state.values() for t in state.values()
@@ -1317,7 +1320,7 @@ if __name__ == "__main__":
                 "env_id": args.env_id, "obs_dim": obs_dim, "act_dim": act_dim, "dataset_sha1": fingerprint,
                 "num_transitions": len(data["rewards"]), "obs_mean": torch.tensor(obs_mean), "obs_std": torch.tensor(obs_std)}
     write_json(os.path.join(run_dir, "args.json"), {**asdict(args), **labels})
-    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+    checkpoint_path = os.path.join(run_dir, CHECKPOINT)
     last_checkpoint = f"{checkpoint_path} (step {start_step:,})" if resumed else "none yet"
 
     def checkpoint(step: int) -> str:

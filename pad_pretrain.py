@@ -12,6 +12,7 @@ Run:
     python divo_continuous.py --env-id hopper-medium-v2 --pad-checkpoint runs/<run_name>/pad_checkpoint.pt
 """
 
+import contextlib
 import copy
 import difflib
 import hashlib
@@ -21,11 +22,12 @@ import math
 import os
 import random
 import signal
+import sys
 import tempfile
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import h5py
 import numpy as np
@@ -33,6 +35,17 @@ import torch
 import torch.nn as nn
 import tyro
 from torch.utils.tensorboard import SummaryWriter
+
+LOCOMOTION_DIMS = {"halfcheetah": (17, 6), "hopper": (11, 3), "walker2d": (17, 6)}
+LEVELS = ("random", "medium", "medium-replay", "medium-expert", "expert", "full-replay")
+ANTMAZE_TASKS = ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")
+ENV_IDS = tuple(f"{env}-{level}-v2" for env in LOCOMOTION_DIMS for level in LEVELS) + tuple(
+    f"antmaze-{task}-v2" for task in ANTMAZE_TASKS)
+# Domain defaults (README: arguments that matter).
+DOMAIN_DEFAULTS = {
+    "locomotion": {"gamma": 0.99, "critic_lr": 3e-4, "expectile": 0.7, "reward_transform": "none"},
+    "antmaze": {"gamma": 0.995, "critic_lr": 1e-4, "expectile": 0.9, "reward_transform": "minus-one"},
+}
 
 
 @dataclass
@@ -53,7 +66,7 @@ class Args:
     """the entity (team) of wandb's project"""
 
     # Algorithm specific arguments
-    env_id: str = "hopper-medium-v2"
+    env_id: Literal[ENV_IDS] = "hopper-medium-v2"
     """the D4RL dataset id (locomotion or AntMaze); it picks the domain's defaults"""
     dataset_path: Optional[str] = None
     """a local D4RL-format HDF5 file to train on instead of the downloaded dataset"""
@@ -87,8 +100,12 @@ class Args:
     """width of every hidden layer"""
     num_layers: int = 3
     """number of hidden layers of every network"""
+
+    # Run management
+    run_name: Optional[str] = None
+    """the run's folder under runs/ (default {env_id}__{exp_name}__{seed}__{unix time}); it must not exist yet"""
     holdout: int = 2000
-    """transitions held out of training, on which the diagnostics compare samples with data"""
+    """transitions held out of training for the diagnostics (0: measure them on 2,000 training transitions)"""
     diag_freq: int = 50_000
     """compute the sample-to-data distances every this many gradient steps (0: only before and after)"""
     log_freq: int = 1000
@@ -97,188 +114,18 @@ class Args:
     """write `runs/{run_name}/pad_checkpoint.pt` every this many gradient steps (0: only at the end)"""
     resume: Optional[str] = None
     """continue the run of this checkpoint (arguments not given on the command line come from it)"""
+    compile: bool = False
+    """compile the update function with torch.compile"""
+    cudagraphs: bool = False
+    """capture each training iteration as a CUDA graph and replay it (needs a GPU; see the README's Speed section)"""
 
-
-# Arguments that may differ between a checkpoint and the command that resumes it.
-RESUME_FREE_ARGS = {"resume", "cuda", "track", "wandb_project_name", "wandb_entity", "total_timesteps",
-                    "dataset_path", "log_freq", "diag_freq", "checkpoint_freq"}
-# Domain defaults (README: arguments that matter).
-DOMAIN_DEFAULTS = {
-    "locomotion": {"gamma": 0.99, "critic_lr": 3e-4, "expectile": 0.7, "reward_transform": "none"},
-    "antmaze": {"gamma": 0.995, "critic_lr": 1e-4, "expectile": 0.9, "reward_transform": "minus-one"},
-}
-
-
-class InputError(SystemExit):
-    """Bad input from the user: exits with one message that says what is wrong and what to do."""
-
-    def __init__(self, message: str):
-        super().__init__(f"error: {message}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Data: D4RL files read with h5py (the `d4rl` package cannot be installed any more, see the README)
-# ----------------------------------------------------------------------------------------------
-D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl"
-LOCOMOTION_DIMS = {"halfcheetah": (17, 6), "hopper": (11, 3), "walker2d": (17, 6)}
-LEVELS = ("random", "medium", "medium-replay", "medium-expert", "expert", "full-replay")
-ANTMAZE_FILES = {
-    "umaze": "Ant_maze_u-maze_noisy_multistart_False_multigoal_False_sparse_fixed.hdf5",
-    "umaze-diverse": "Ant_maze_u-maze_noisy_multistart_True_multigoal_True_sparse_fixed.hdf5",
-    "medium-play": "Ant_maze_big-maze_noisy_multistart_True_multigoal_False_sparse_fixed.hdf5",
-    "medium-diverse": "Ant_maze_big-maze_noisy_multistart_True_multigoal_True_sparse_fixed.hdf5",
-    "large-play": "Ant_maze_hardest-maze_noisy_multistart_True_multigoal_False_sparse_fixed.hdf5",
-    "large-diverse": "Ant_maze_hardest-maze_noisy_multistart_True_multigoal_True_sparse_fixed.hdf5",
-}
-ENV_IDS = tuple(f"{env}-{level}-v2" for env in LOCOMOTION_DIMS for level in LEVELS) + tuple(
-    f"antmaze-{task}-v2" for task in ANTMAZE_FILES)
-HDF5_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
-
-
-def check_env_id(env_id: str) -> str:
-    """Return the domain ("locomotion" or "antmaze") of a D4RL id, or stop with the valid ids."""
-    if env_id not in ENV_IDS:
-        close = difflib.get_close_matches(env_id, ENV_IDS, n=1)
-        hint = f"did you mean {close[0]}? " if close else ""
-        raise InputError(f"unknown --env-id {env_id!r}; {hint}valid ids: {', '.join(ENV_IDS)}")
-    return "antmaze" if env_id.startswith("antmaze-") else "locomotion"
-
-
-def dataset_dims(env_id: str) -> tuple[int, int]:
-    """Observation and action sizes of a D4RL dataset."""
-    return (29, 8) if env_id.startswith("antmaze-") else LOCOMOTION_DIMS[env_id.split("-")[0]]
-
-
-def dataset_url(env_id: str) -> str:
-    """D4RL's download address of a dataset."""
-    name = env_id[: -len("-v2")]
-    if name.startswith("antmaze-"):
-        return f"{D4RL_URL}/ant_maze_v2/{ANTMAZE_FILES[name[len('antmaze-'):]]}"
-    env, level = name.split("-", 1)
-    return f"{D4RL_URL}/gym_mujoco_v2/{env}_{level.replace('-', '_')}-v2.hdf5"
-
-
-def default_dataset_path(env_id: str) -> str:
-    """Where D4RL caches a dataset: $D4RL_DATASET_DIR or ~/.d4rl/datasets, file named as in the URL."""
-    cache = os.environ.get("D4RL_DATASET_DIR", os.path.expanduser(os.path.join("~", ".d4rl", "datasets")))
-    return os.path.join(cache, os.path.basename(dataset_url(env_id)))
-
-
-def download(url: str, path: str, timeout: float = 60.0) -> None:
-    """Download `url` to `path`; the file appears only once complete and readable as HDF5."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=os.path.basename(path) + ".")
-    print(f"downloading {url}\n         to {path}", flush=True)
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
-            total, done, shown = int(response.headers.get("Content-Length") or 0), 0, 0.0
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-                done += len(chunk)
-                if total and done / total >= shown + 0.1:
-                    shown = done / total
-                    print(f"  {done / 2**20:7.1f} / {total / 2**20:.1f} MiB", flush=True)
-            if total and done != total:
-                raise http.client.IncompleteRead(b"", total - done)
-        with h5py.File(tmp, "r"):
-            pass
-        os.replace(tmp, path)
-    except (OSError, http.client.HTTPException) as e:
-        raise InputError(
-            f"could not download {url} ({type(e).__name__}: {e}); nothing was written to {path}. The D4RL "
-            f"server has been unreachable at times: try again later, or get the file another way and pass "
-            f"--dataset-path FILE (or put it at {path})") from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def load_d4rl_file(path: str, obs_dim: int, act_dim: int) -> dict[str, np.ndarray]:
-    """Read and check a D4RL-format HDF5 file: keys, shapes against the env, finite values."""
-    if not os.path.isfile(path):
-        raise InputError(f"no dataset file at {path}: check --dataset-path, or leave it out to download the dataset")
-    fix = ("delete it and run again to download it anew" if os.path.basename(path) in {
-        os.path.basename(dataset_url(env_id)) for env_id in ENV_IDS} else "re-create or re-download it")
-    try:
-        with h5py.File(path, "r") as f:
-            missing = [key for key in HDF5_KEYS if key not in f]
-            if missing:
-                raise InputError(f"{path} lacks the D4RL keys {missing} (it has {sorted(f.keys())}); "
-                                 f"a D4RL v2 file has {list(HDF5_KEYS)}")
-            data = {key: f[key][()] for key in HDF5_KEYS}
-    except OSError as e:
-        raise InputError(f"cannot read {path} as HDF5 ({e}): the file is partial or corrupt; {fix}") from e
-    for key in ("rewards", "terminals", "timeouts"):  # old files store these as (N, 1)
-        if data[key].ndim == 2 and data[key].shape[1] == 1:
-            data[key] = data[key][:, 0]
-    for key, dtype in (("observations", np.float32), ("actions", np.float32), ("rewards", np.float32),
-                       ("terminals", bool), ("timeouts", bool)):  # medium-replay files are float64
-        data[key] = data[key].astype(dtype)
-    n = len(data["observations"])
-    expected = {"observations": (n, obs_dim), "actions": (n, act_dim), "rewards": (n,), "terminals": (n,), "timeouts": (n,)}
-    for key, shape in expected.items():
-        if data[key].shape != shape:
-            raise InputError(f"{path}: {key!r} has shape {data[key].shape}, expected {shape} for this --env-id "
-                             f"(observation size {obs_dim}, action size {act_dim}); is it a dataset of another env?")
-    if n < 2:
-        raise InputError(f"{path} holds {n} row(s); a dataset needs at least two")
-    for key in ("observations", "actions", "rewards"):
-        bad = ~np.isfinite(data[key].reshape(n, -1)).all(axis=1)
-        if bad.any():
-            raise InputError(f"{path}: {int(bad.sum())} row(s) of {key!r} hold NaN or inf (first at row "
-                             f"{int(np.argmax(bad))}); the file is corrupt: {fix}, or drop those rows")
-    return data
-
-
-def qlearning_dataset(data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """D4RL's `qlearning_dataset`: last row dropped, next state = next row, timeout rows skipped."""
-    keep = np.flatnonzero(~data["timeouts"][:-1])
-    return {
-        "observations": data["observations"][keep],
-        "actions": data["actions"][keep],
-        "next_observations": data["observations"][keep + 1],
-        "rewards": data["rewards"][keep],
-        "terminals": data["terminals"][keep],
-    }
-
-
-def dataset_summary(path: str, data: dict[str, np.ndarray], transitions: dict[str, np.ndarray]) -> str:
-    """One screen about the data: size, episodes, returns, rewards, terminals."""
-    n = len(data["rewards"])
-    ends = np.flatnonzero(data["terminals"] | data["timeouts"])
-    if len(ends) == 0 or ends[-1] != n - 1:  # a trailing unfinished episode counts too
-        ends = np.append(ends, n - 1)
-    starts = np.concatenate([[0], ends[:-1] + 1])
-    returns = np.add.reduceat(data["rewards"], starts)
-    return "\n".join([
-        f"dataset      {path}",
-        f"rows         {n:,} -> {len(transitions['rewards']):,} transitions "
-        f"(qlearning_dataset: last row and {int(data['timeouts'][:-1].sum()):,} timeout rows dropped)",
-        f"episodes     {len(returns):,}, length {np.mean(ends - starts + 1):.0f} on average",
-        f"returns      min {returns.min():.1f}  mean {returns.mean():.1f}  max {returns.max():.1f}",
-        f"rewards      min {transitions['rewards'].min():.3f}  mean {transitions['rewards'].mean():.3f}  "
-        f"max {transitions['rewards'].max():.3f}",
-        f"terminals    {transitions['terminals'].mean():.4%} of transitions",
-    ])
-
-
-def transform_rewards(rewards: np.ndarray, transform: str) -> np.ndarray:
-    """The rewards the agent learns from: r, or r - 1 (0 at the goal, -1 elsewhere) for AntMaze [IQL]."""
-    return rewards - 1.0 if transform == "minus-one" else rewards
-
-
-def dataset_fingerprint(data: dict[str, np.ndarray]) -> str:
-    """SHA-1 of the dataset's arrays, stored in checkpoints to refuse a checkpoint of other data."""
-    sha = hashlib.sha1()
-    for key in HDF5_KEYS:
-        sha.update(np.ascontiguousarray(data[key]).tobytes())
-    return sha.hexdigest()
-
-
-def sample_batch(data: dict[str, torch.Tensor], batch_size: int) -> tuple[torch.Tensor, ...]:
-    """Uniform batch of (s, a, r, s', 1 - d), sampled on the data's device."""
-    idx = torch.randint(len(data["rewards"]), (batch_size,), device=data["rewards"].device)
-    return tuple(data[key][idx] for key in ("observations", "actions", "rewards", "next_observations", "not_done"))
+    def __post_init__(self):
+        if self.env_id in ENV_IDS:  # the domain's defaults for what was not given
+            domain = "antmaze" if self.env_id.startswith("antmaze-") else "locomotion"
+            for name, value in DOMAIN_DEFAULTS[domain].items():
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
+        check_args(self)  # every range and combination, against ARG_RANGES below
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,7 +138,6 @@ def mlp(in_dim: int, out_dim: int, hidden_dim: int, num_layers: int, activation:
         layers += [nn.Linear(dim, hidden_dim), activation()]
         dim = hidden_dim
     return nn.Sequential(*layers, nn.Linear(dim, out_dim))
-
 
 class VectorizedLinear(nn.Module):
     """`ensemble_size` independent linear layers applied in one batched matmul."""
@@ -308,9 +154,8 @@ class VectorizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.baddbmm(self.bias, x, self.weight)  # (E, B, in) @ (E, in, out) + (E, 1, out)
 
-
 class TwinCritic(nn.Module):
-    """Q_theta1 and Q_theta2 as one ensemble of two MLPs, evaluated in a single call."""
+    """Q_theta1 and Q_theta2 (eq. 1) as one ensemble of two MLPs, evaluated in a single call."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, num_layers: int, num_critics: int = 2):
         super().__init__()
@@ -326,7 +171,6 @@ class TwinCritic(nn.Module):
         x = torch.cat([s, a], dim=-1).unsqueeze(0).expand(self.num_critics, -1, -1)
         return self.net(x).squeeze(-1)
 
-
 class ValueNet(nn.Module):
     """State value V_psi(s): an expectile of Q over dataset actions (eq. 2)."""
 
@@ -336,7 +180,6 @@ class ValueNet(nn.Module):
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         return self.net(s).squeeze(-1)
-
 
 class SinusoidalEmbedding(nn.Module):
     """Sinusoidal embedding of the diffusion step index k."""
@@ -349,7 +192,6 @@ class SinusoidalEmbedding(nn.Module):
     def forward(self, k: torch.Tensor) -> torch.Tensor:
         x = k.float().unsqueeze(-1) * self.freqs
         return torch.cat([x.sin(), x.cos()], dim=-1)
-
 
 class NoiseNet(nn.Module):
     """eps_omega(a_k, k, s): predicts the noise in a noised action (Diffusion-QL's MLP)."""
@@ -364,11 +206,13 @@ class NoiseNet(nn.Module):
         return self.net(torch.cat([a_k, self.time_mlp(k), s], dim=-1))
 
 
+# ----------------------------------------------------------------------------------------------
+# The diffusion behaviour model (PAD's backbone)
+# ----------------------------------------------------------------------------------------------
 def vp_beta_schedule(num_steps: int, beta_min: float, beta_max: float) -> torch.Tensor:
     """Variance-preserving betas beta_1..beta_K (Diffusion-QL's discretisation), float64."""
     k = torch.arange(1, num_steps + 1, dtype=torch.float64)
     return 1 - torch.exp(-beta_min / num_steps - (beta_max - beta_min) * (2 * k - 1) / (2 * num_steps**2))
-
 
 class Diffusion(nn.Module):
     """The PAD behaviour model pi_omega(a|s): a conditional DDPM over actions (eq. 3-10)."""
@@ -411,21 +255,21 @@ class Diffusion(nn.Module):
         a = noise[self.num_steps]  # a_K ~ N(0, I)
         for k in range(self.num_steps, 0, -1):
             k_batch = torch.full((len(s),), k, device=s.device)
-            a0_hat = (self.sqrt_recip_alpha_bar[k] * a - self.sqrt_recipm1_alpha_bar[k] * self.eps_model(a, k_batch, s)
-                      ).clamp(-1, 1)  # eq. (7)
+            eps = self.eps_model(a, k_batch, s)
+            a0_hat = (self.sqrt_recip_alpha_bar[k] * a - self.sqrt_recipm1_alpha_bar[k] * eps).clamp(-1, 1)  # (7)
             mean = self.posterior_coef_a0[k] * a0_hat + self.posterior_coef_ak[k] * a  # eq. (8)
             a = mean + self.posterior_std[k] * noise[k - 1]  # posterior_std[1] = 0: no noise on the last step
         return a.clamp(-1, 1)
 
 
+# ----------------------------------------------------------------------------------------------
+# In-sample pretraining: value -> critic -> PAD -> target critics, on one batch
+# ----------------------------------------------------------------------------------------------
 def expectile_loss(u: torch.Tensor, expectile: float) -> torch.Tensor:
     """Asymmetric squared loss of eq. (2): mean |tau - 1(u < 0)| u^2."""
     return (torch.abs(expectile - (u < 0).float()) * u**2).mean()
 
 
-# ----------------------------------------------------------------------------------------------
-# In-sample pretraining: value -> critic -> PAD -> target critics, on one batch
-# ----------------------------------------------------------------------------------------------
 class PADPretrainer:
     """Critics, value net and diffusion model with their optimisers; one in-sample iteration per update."""
 
@@ -436,9 +280,21 @@ class PADPretrainer:
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.value = ValueNet(obs_dim, h, n).to(device)
         self.diffusion = Diffusion(obs_dim, act_dim, args.diffusion_steps, args.beta_min, args.beta_max, h, n).to(device)
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr)
-        self.value_optimizer = torch.optim.Adam(self.value.parameters(), lr=args.value_lr)
-        self.diffusion_optimizer = torch.optim.Adam(self.diffusion.parameters(), lr=args.diffusion_lr)
+        # --cudagraphs keeps Adam's step counts on the device (capturable), where a CUDA graph can update them
+        capturable = args.cudagraphs
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, capturable=capturable)
+        self.value_optimizer = torch.optim.Adam(self.value.parameters(), lr=args.value_lr, capturable=capturable)
+        self.diffusion_optimizer = torch.optim.Adam(self.diffusion.parameters(), lr=args.diffusion_lr,
+                                                    capturable=capturable)
+
+    def target_q(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """min_i Q_theta'_i(s, a): the pessimistic value of eq. (2), as in DIVO."""
+        return self.critic_target(s, a).min(dim=0).values
+
+    @torch.no_grad()
+    def advantage(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """A(s, a) = min_i Q'_i(s, a) - V(s), as PAD weighs it."""
+        return self.target_q(s, a) - self.value(s)
 
     def update(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
         """One iteration; returns the metrics as device tensors (no host sync)."""
@@ -446,7 +302,7 @@ class PADPretrainer:
         args = self.args
         # Value, eq. (2): V is the expectile of min_i Q'_i(s, a) over dataset actions [IQL]
         with torch.no_grad():
-            q_target = self.critic_target(s, a).min(dim=0).values
+            q_target = self.target_q(s, a)
         u = q_target - self.value(s)
         value_loss = expectile_loss(u, args.expectile)
         self.value_optimizer.zero_grad(set_to_none=True)
@@ -460,7 +316,7 @@ class PADPretrainer:
         self.critic_optimizer.zero_grad(set_to_none=True)
         qf_loss.backward()
         self.critic_optimizer.step()
-        # PAD, eq. (9)-(10): w = zeta * 1[A(s, a) > 0] with A = min_i Q'_i(s, a) - V(s)
+        # PAD, eq. (9)-(10): w = zeta * 1[A(s, a) > 0], A(s, a) = min_i Q'_i(s, a) - V(s) before V's step
         positive = (u.detach() > 0).float()
         pad_loss = self.diffusion.loss(s, a, args.pad_strength * positive)
         self.diffusion_optimizer.zero_grad(set_to_none=True)
@@ -472,10 +328,9 @@ class PADPretrainer:
                 "losses/value_loss": value_loss.detach(), "losses/pad_loss": pad_loss.detach(),
                 "pad/positive_fraction": positive.mean()}
 
-    @torch.no_grad()
-    def advantage(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """A(s, a) = min_i Q'_i(s, a) - V(s), as PAD weighs it."""
-        return self.critic_target(s, a).min(dim=0).values - self.value(s)
+    def compile(self, backend: str = "inductor") -> None:
+        """Replace the update function by its torch.compile'd version."""
+        self.update = torch.compile(self.update, backend=backend)
 
     def modules(self) -> dict[str, nn.Module]:
         return {"critic": self.critic, "critic_target": self.critic_target, "value": self.value, "diffusion": self.diffusion}
@@ -486,19 +341,75 @@ class PADPretrainer:
 
 
 # ----------------------------------------------------------------------------------------------
+# Data: D4RL's transitions, state normalisation, batches
+# ----------------------------------------------------------------------------------------------
+def qlearning_dataset(data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """D4RL's `qlearning_dataset`: last row dropped, next state = next row, timeout rows skipped."""
+    keep = np.flatnonzero(~data["timeouts"][:-1])
+    return {
+        "observations": data["observations"][keep],
+        "actions": data["actions"][keep],
+        "next_observations": data["observations"][keep + 1],
+        "rewards": data["rewards"][keep],
+        "terminals": data["terminals"][keep],
+    }
+
+def normalize_states(states: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """The dataset's per-dimension standardisation, for training data and evaluation alike [TD3+BC]."""
+    return (states - mean) / std
+
+def to_device(transitions: dict[str, np.ndarray], rows: np.ndarray, mean: np.ndarray, std: np.ndarray,
+              device: torch.device) -> dict[str, torch.Tensor]:
+    """The transitions `rows` as tensors on the device (states normalised), where batches are drawn."""
+    return {
+        "observations": torch.tensor(normalize_states(transitions["observations"][rows], mean, std), device=device),
+        "actions": torch.tensor(transitions["actions"][rows], device=device),
+        "rewards": torch.tensor(transitions["rewards"][rows], device=device),
+        "next_observations": torch.tensor(normalize_states(transitions["next_observations"][rows], mean, std),
+                                          device=device),
+        "not_done": torch.tensor(1.0 - transitions["terminals"][rows], dtype=torch.float32, device=device),
+    }
+
+def sample_batch(data: dict[str, torch.Tensor], batch_size: int) -> tuple[torch.Tensor, ...]:
+    """Uniform batch of (s, a, r, s', 1 - d), sampled on the data's device."""
+    idx = torch.randint(len(data["rewards"]), (batch_size,), device=data["rewards"].device)
+    return tuple(data[key][idx] for key in ("observations", "actions", "rewards", "next_observations", "not_done"))
+
+
+def transform_rewards(rewards: np.ndarray, transform: str) -> np.ndarray:
+    """The rewards the agent learns from: r, or r - 1 (0 at the goal, -1 elsewhere) for AntMaze [IQL]."""
+    return rewards - 1.0 if transform == "minus-one" else rewards
+
+
+def dataset_summary(path: str, data: dict[str, np.ndarray], transitions: dict[str, np.ndarray]) -> str:
+    """A few lines about the data: size, episodes and their returns, rewards, terminals."""
+    n = len(data["rewards"])
+    ends = np.flatnonzero(data["terminals"] | data["timeouts"])
+    if len(ends) == 0 or ends[-1] != n - 1:  # a trailing unfinished episode counts too
+        ends = np.append(ends, n - 1)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    returns, r = np.add.reduceat(data["rewards"], starts), transitions["rewards"]
+    return "\n".join([
+        f"dataset    {path}: {n:,} rows -> {len(r):,} transitions (D4RL's qlearning_dataset)",
+        f"episodes   {len(returns):,}, mean length {np.mean(ends - starts + 1):.0f}, return "
+        f"min {returns.min():.1f}  mean {returns.mean():.1f}  max {returns.max():.1f}",
+        f"rewards    min {r.min():.3f}  mean {r.mean():.3f}  max {r.max():.3f} (before --reward-transform); terminals "
+        f"{transitions['terminals'].mean():.4%} of transitions",
+    ])
+
+
+# ----------------------------------------------------------------------------------------------
 # Diagnostics: how close the model's samples are to the positive-advantage data on held-out states
 # ----------------------------------------------------------------------------------------------
 def wasserstein_per_dim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """1-D Wasserstein-1 distance of each column between two equally sized samples."""
     return (x.sort(dim=0).values - y.sort(dim=0).values).abs().mean(dim=0)
 
-
 def mmd_rbf(x: torch.Tensor, y: torch.Tensor, bandwidth: float) -> torch.Tensor:
     """Squared maximum mean discrepancy with a Gaussian kernel (biased estimate)."""
     def kernel(p, q):
         return torch.exp(-torch.cdist(p, q) ** 2 / (2 * bandwidth**2)).mean()
     return kernel(x, x) + kernel(y, y) - 2 * kernel(x, y)
-
 
 @torch.no_grad()
 def sample_distances(diffusion: Diffusion, s: torch.Tensor, a: torch.Tensor, bandwidth: float) -> dict[str, float]:
@@ -511,6 +422,19 @@ def sample_distances(diffusion: Diffusion, s: torch.Tensor, a: torch.Tensor, ban
     sampled = diffusion.sample(s)
     return {"wasserstein": wasserstein_per_dim(sampled, a).mean().item(),
             "mmd": mmd_rbf(torch.cat([s, sampled], 1), torch.cat([s, a], 1), bandwidth).item()}
+
+
+@torch.no_grad()
+def diagnose(pretrainer: PADPretrainer, models: dict[str, Diffusion], s: torch.Tensor, a: torch.Tensor,
+             bandwidth: float) -> dict[str, float]:
+    """Each model's sample-to-data distances on the held-out transitions whose advantage is positive now."""
+    positive = pretrainer.advantage(s, a) > 0
+    row = {"positive_fraction": positive.float().mean().item()}
+    s_pos, a_pos = (s[positive], a[positive]) if positive.sum() >= 10 else (s, a)
+    with torch.random.fork_rng(devices=[s.device] if s.device.type == "cuda" else []):  # training's RNG untouched
+        for label, model in models.items():
+            row.update({f"{label}_{name}": value for name, value in sample_distances(model, s_pos, a_pos, bandwidth).items()})
+    return row
 
 
 @torch.no_grad()
@@ -542,15 +466,268 @@ def plot_samples(models: dict[str, Diffusion], states: torch.Tensor, actions: to
     plt.close(fig)
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------
+# ==============================================================================================
+# Plumbing: everything from here to the main block is infrastructure; a reader learning PAD may skip it.
+# Argument checks, downloads and file checks, fingerprints, checkpoints and resume, CUDA graphs.
+# ==============================================================================================
+class InputError(SystemExit):
+    """Bad input from the user: exits with one message that says what is wrong and what to do."""
+
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")
+
+
+# The range of every numeric argument, checked once when the arguments are built ("[" closed, "(" open).
+ARG_RANGES = {
+    "seed": "[0, 4294967295]", "total_timesteps": "[1, inf)", "batch_size": "[1, inf)", "critic_lr": "(0, inf)",
+    "value_lr": "(0, inf)", "diffusion_lr": "(0, inf)", "gamma": "[0, 1)", "tau": "(0, 1]", "expectile": "(0, 1)",
+    "diffusion_steps": "[1, inf)", "beta_min": "(0, inf)", "beta_max": "(0, inf)", "pad_strength": "(0, inf)",
+    "hidden_dim": "[1, inf)", "num_layers": "[1, inf)", "holdout": "[0, inf)", "diag_freq": "[0, inf)",
+    "log_freq": "[1, inf)", "checkpoint_freq": "[0, inf)",
+}
+
+
+def check_env_id(env_id: str) -> str:
+    """Return the domain ("locomotion" or "antmaze") of a D4RL id, or stop with the valid ids."""
+    if env_id not in ENV_IDS:
+        close = difflib.get_close_matches(env_id, ENV_IDS, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise InputError(f"unknown --env-id {env_id!r}; {hint}valid ids: {', '.join(ENV_IDS)}")
+    return "antmaze" if env_id.startswith("antmaze-") else "locomotion"
+
+
+def dataset_dims(env_id: str) -> tuple[int, int]:
+    """Observation and action sizes of a D4RL dataset."""
+    return (29, 8) if env_id.startswith("antmaze-") else LOCOMOTION_DIMS[env_id.split("-")[0]]
+
+
+def flag(name: str, value=None) -> str:
+    """The command-line spelling of an argument (`--no-x` for a boolean x that is off)."""
+    return ("--no-" if value is False else "--") + name.replace("_", "-")
+
+
+def check_args(args) -> None:
+    """Refuse out-of-range or contradictory arguments before anything runs (ranges: ARG_RANGES)."""
+    check_env_id(args.env_id)
+    for name, interval in ARG_RANGES.items():
+        value = getattr(args, name)
+        low, high = (float(bound) for bound in interval[1:-1].split(","))
+        above = low <= value if interval[0] == "[" else low < value
+        below = value <= high if interval[-1] == "]" else value < high
+        if not (above and below):  # also refuses NaN
+            raise InputError(f"{flag(name)} {value} is out of range: it must lie in {interval}")
+    problems = {
+        "--beta-max must be larger than --beta-min": args.beta_max <= args.beta_min,
+        "--cudagraphs needs a CUDA GPU (and --cuda)": args.cudagraphs and not (args.cuda and torch.cuda.is_available()),
+        f"--run-name {args.run_name!r} must be a plain folder name": args.run_name is not None
+        and (os.path.basename(args.run_name) != args.run_name or args.run_name in ("", ".", "..")),
+    }
+    for message, refused in problems.items():
+        if refused:
+            raise InputError(message)
+
+
+def parse_args(kind: str = "pad_pretrain") -> tuple[Args, Optional[dict]]:
+    """The command line; with --resume, the checkpoint's arguments under those given, and the checkpoint."""
+    argv = sys.argv[1:]
+    for i, arg in enumerate(argv):  # our message for a wrong id (the nearest id, the other script) before tyro's
+        name, has_value, value = arg.partition("=")
+        if name in ("--env-id", "--env_id") and (has_value or i + 1 < len(argv)):
+            check_env_id(value if has_value else argv[i + 1])
+    args = tyro.cli(Args)
+    if args.resume is None:
+        if args.run_name and os.path.exists(os.path.join("runs", args.run_name)):
+            raise InputError(f"runs/{args.run_name} exists: choose another --run-name, or continue that run with "
+                             f"--resume runs/{args.run_name}/{CHECKPOINT}")
+        return args, None
+    checkpoint = load_checkpoint(args.resume, kind)
+    saved = Args(**{f.name: checkpoint["args"][f.name] for f in fields(Args) if f.name in checkpoint["args"]})
+    saved = replace(saved, run_name=saved.run_name or os.path.basename(os.path.dirname(os.path.abspath(args.resume))))
+    args = tyro.cli(Args, default=replace(saved, resume=args.resume))
+    names = [f.name for f in fields(Args) if f.name not in RESUME_FREE_ARGS]
+    refuse_mismatch(args.resume, {n: getattr(args, n) for n in names}, {n: getattr(saved, n) for n in names},
+                    f"resume with `--resume {args.resume}` and the original arguments, or start a new run without --resume")
+    done = checkpoint["step"]
+    if done >= args.total_timesteps:
+        state = "finished" if done == args.total_timesteps else f"at step {done:,}, beyond --total-timesteps"
+        raise InputError(f"{args.resume} is {state} ({done:,} of {args.total_timesteps:,} steps; its results are in "
+                         f"{os.path.dirname(args.resume)}). To train it longer, pass --total-timesteps larger than {done:,}")
+    stale = f"{args.resume}.tmp"  # a save killed half-way leaves it; the checkpoint itself is whole (atomic rename)
+    if os.path.exists(stale):
+        os.remove(stale)
+        print(f"removed {stale}, a partial checkpoint left by an interrupted save")
+    return args, checkpoint
+
+
+# Arguments that may differ between a checkpoint and the command that resumes it.
+RESUME_FREE_ARGS = {"resume", "cuda", "track", "wandb_project_name", "wandb_entity", "total_timesteps",
+                    "dataset_path", "log_freq", "diag_freq", "checkpoint_freq", "compile", "cudagraphs"}
+
+
+def refuse_mismatch(path: str, ours: dict, theirs: dict, fix: str, same_data: bool = True) -> None:
+    """Stop with one message if a checkpoint was made with other values of `ours` or on other data."""
+    differences = [f"{flag(name)} {value!r} here, {theirs.get(name)!r} in the checkpoint"
+                   for name, value in ours.items() if theirs.get(name) != value]
+    if not same_data:
+        differences.insert(0, "it was trained on another dataset than this one")
+    if differences:
+        raise InputError(f"{path} does not match this run: {'; '.join(differences)}. To fix: {fix}")
+
+
+D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl"
+ANTMAZE_FILES = {
+    "umaze": "Ant_maze_u-maze_noisy_multistart_False_multigoal_False_sparse_fixed.hdf5",
+    "umaze-diverse": "Ant_maze_u-maze_noisy_multistart_True_multigoal_True_sparse_fixed.hdf5",
+    "medium-play": "Ant_maze_big-maze_noisy_multistart_True_multigoal_False_sparse_fixed.hdf5",
+    "medium-diverse": "Ant_maze_big-maze_noisy_multistart_True_multigoal_True_sparse_fixed.hdf5",
+    "large-play": "Ant_maze_hardest-maze_noisy_multistart_True_multigoal_False_sparse_fixed.hdf5",
+    "large-diverse": "Ant_maze_hardest-maze_noisy_multistart_True_multigoal_True_sparse_fixed.hdf5",
+}
+HDF5_COLUMNS = {"observations": np.float32, "actions": np.float32, "rewards": np.float32, "terminals": bool,
+                "timeouts": bool}
+
+
+def dataset_url(env_id: str) -> str:
+    """D4RL's download address of a dataset."""
+    name = env_id[: -len("-v2")]
+    if name.startswith("antmaze-"):
+        return f"{D4RL_URL}/ant_maze_v2/{ANTMAZE_FILES[name[len('antmaze-'):]]}"
+    env, level = name.split("-", 1)
+    return f"{D4RL_URL}/gym_mujoco_v2/{env}_{level.replace('-', '_')}-v2.hdf5"
+
+
+def default_dataset_path(env_id: str) -> str:
+    """Where D4RL caches a dataset: $D4RL_DATASET_DIR or ~/.d4rl/datasets, file named as in the URL."""
+    cache = os.environ.get("D4RL_DATASET_DIR", os.path.expanduser(os.path.join("~", ".d4rl", "datasets")))
+    return os.path.join(cache, os.path.basename(dataset_url(env_id)))
+
+def check_writable(folder: str, fix: str) -> None:
+    """Stop with `fix` unless files can be made in `folder` (or, if it does not exist yet, where it would be made)."""
+    existing = os.path.abspath(folder)
+    while not os.path.isdir(existing):  # nothing is created here: the nearest existing folder is tried
+        if os.path.exists(existing):
+            raise InputError(f"cannot write to {folder}: {existing} is a file, not a folder; {fix}")
+        existing = os.path.dirname(existing)
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise InputError(f"cannot write to {folder} ({e.strerror or e}): {fix}") from e
+
+def download(url: str, path: str, timeout: float = 60.0) -> None:
+    """Download `url` to `path`; the file appears only once complete and readable as HDF5."""
+    folder = os.path.dirname(os.path.abspath(path))
+    check_writable(folder, "set D4RL_DATASET_DIR to a folder you can write to, or pass --dataset-path FILE")
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".")
+    print(f"downloading {url}\n         to {path}", flush=True)
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
+            total, done, shown = int(response.headers.get("Content-Length") or 0), 0, 0.0
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                done += len(chunk)
+                if total and done / total >= shown + 0.1:
+                    shown = done / total
+                    print(f"  {done / 2**20:7.1f} / {total / 2**20:.1f} MiB", flush=True)
+            if total and done != total:
+                raise http.client.IncompleteRead(b"", total - done)
+        with h5py.File(tmp, "r"):
+            pass
+        os.replace(tmp, path)
+    except (OSError, http.client.HTTPException) as e:
+        raise InputError(
+            f"could not download {url} ({type(e).__name__}: {e}); nothing was written to {path}. The D4RL "
+            f"server has been unreachable at times: try again later, or get the file another way and pass "
+            f"--dataset-path FILE (or put it at {path})") from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+def load_d4rl_file(path: str, obs_dim: int, act_dim: int) -> dict[str, np.ndarray]:
+    """Read a D4RL-format HDF5 file and refuse anything else: keys, types, shapes, 0/1 flags, finite values."""
+    if os.path.isdir(path):
+        raise InputError(f"{path} is a directory; pass the D4RL-format HDF5 file itself")
+    if not os.path.isfile(path):
+        raise InputError(f"no dataset file at {path}: check --dataset-path, or leave it out to download the dataset")
+    fix = ("delete it and run again to download it anew" if os.path.basename(path) in {
+        os.path.basename(dataset_url(env_id)) for env_id in ENV_IDS} else "re-create or re-download it")
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [key for key in HDF5_COLUMNS if key not in f]
+            if missing:
+                raise InputError(f"{path} lacks the D4RL keys {missing} (it has {sorted(f.keys())}); "
+                                 f"a D4RL v2 file has {list(HDF5_COLUMNS)}")
+            for key in HDF5_COLUMNS:
+                if not isinstance(f[key], h5py.Dataset) or f[key].dtype.kind not in "biuf":
+                    found = "a group" if isinstance(f[key], h5py.Group) else f"of type {f[key].dtype}"
+                    raise InputError(f"{path}: {key!r} is {found}, not an array of numbers; is it a D4RL file?")
+            data = {key: f[key][()] for key in HDF5_COLUMNS}
+    except OSError as e:
+        raise InputError(f"cannot read {path} as HDF5 ({e}): the file is partial or corrupt; {fix}") from e
+    n = len(data["observations"]) if data["observations"].ndim else 0
+    shapes = {"observations": (n, obs_dim), "actions": (n, act_dim), "rewards": (n,), "terminals": (n,), "timeouts": (n,)}
+    for key, shape in shapes.items():
+        if data[key].shape == shape + (1,):  # old files store rewards, terminals and timeouts as (N, 1)
+            data[key] = data[key][..., 0]
+        if data[key].shape != shape:
+            raise InputError(f"{path}: {key!r} has shape {data[key].shape}, expected {shape} for this --env-id "
+                             f"(observation size {obs_dim}, action size {act_dim}); is it a dataset of another env?")
+    if n < 2:
+        raise InputError(f"{path} holds {n} row(s); a dataset needs at least two")
+    for key in ("terminals", "timeouts"):
+        bad = ~np.isin(data[key], (0, 1))  # NaN and 0.5 are not flags
+        if bad.any():
+            raise InputError(f"{path}: {key!r} must hold only 0/1 (or booleans); row {int(np.argmax(bad))} holds "
+                             f"{data[key][np.argmax(bad)]!r} ({int(bad.sum())} such rows): {fix}")
+    data = {key: data[key].astype(dtype) for key, dtype in HDF5_COLUMNS.items()}  # medium-replay files are float64
+    for key in ("observations", "actions", "rewards"):
+        bad = ~np.isfinite(data[key].reshape(n, -1)).all(axis=1)
+        if bad.any():
+            raise InputError(f"{path}: {int(bad.sum())} row(s) of {key!r} hold NaN or inf (first at row "
+                             f"{int(np.argmax(bad))}); the file is corrupt: {fix}, or drop those rows")
+    if not (~data["timeouts"][:-1]).any():
+        raise InputError(f"{path} yields no transitions: every row but the last is a timeout (D4RL's "
+                         f"qlearning_dataset skips those); is the timeouts column right?")
+    return data
+
+
+def read_dataset(args: Args, obs_dim: int, act_dim: int) -> tuple[dict[str, np.ndarray], str]:
+    """The dataset's arrays (downloaded into D4RL's cache first if needed, then checked) and its path."""
+    path = args.dataset_path or default_dataset_path(args.env_id)
+    if not args.dataset_path and not os.path.isfile(path):
+        download(dataset_url(args.env_id), path)
+    data = load_d4rl_file(path, obs_dim, act_dim)
+    if args.env_id.startswith("antmaze-") and not (data["rewards"] > 0).any():
+        raise InputError(f"{path} has no goal rewards (no reward > 0): not a sparse AntMaze dataset; check the file")
+    return data, path
+
+
+def dataset_fingerprint(data: dict[str, np.ndarray]) -> str:
+    """SHA-1 of the dataset's arrays, stored in checkpoints to refuse a resume on other data."""
+    sha = hashlib.sha1()
+    for key in HDF5_COLUMNS:
+        sha.update(np.ascontiguousarray(data[key]).tobytes())
+    return sha.hexdigest()
+
+def split_holdout(num_transitions: int, holdout: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows to train on and rows for the PAD diagnostic: `holdout` held out, or 2,000 training rows if 0."""
+    order = np.random.default_rng(seed).permutation(num_transitions)  # its own generator: training's is untouched
+    if holdout == 0:
+        return np.arange(num_transitions), np.sort(order[:2000])
+    if holdout > num_transitions // 2:
+        raise InputError(f"--holdout {holdout} would hold out more than half of the {num_transitions:,} transitions")
+    return np.sort(order[holdout:]), np.sort(order[:holdout])
+
+
+CHECKPOINT = "pad_checkpoint.pt"  # the file name of a run's checkpoint in its folder
+
+
 def save_checkpoint(path: str, payload: dict) -> None:
     """Write atomically: a crash while saving never leaves a broken file in place of a good one."""
     tmp = f"{path}.tmp"
     torch.save(payload, tmp)
     os.replace(tmp, path)
-
 
 def load_checkpoint(path: str, kind: str) -> dict:
     """Read a checkpoint written by `kind` (a script name), or stop with what is wrong."""
@@ -567,35 +744,153 @@ def load_checkpoint(path: str, kind: str) -> dict:
     return payload
 
 
-def resume_args(path: str) -> tuple[Args, dict]:
-    """Arguments of a resumed run: the checkpoint's, overridden by those given on the command line."""
-    payload = load_checkpoint(path, "pad_pretrain")
-    saved = Args(**{f.name: payload["args"][f.name] for f in fields(Args) if f.name in payload["args"]})
-    args = tyro.cli(Args, default=replace(saved, resume=path))
-    changed = [f"--{name.replace('_', '-')} {getattr(args, name)!r} (checkpoint: {getattr(saved, name)!r})"
-               for name in (f.name for f in fields(Args)) if name not in RESUME_FREE_ARGS
-               and getattr(args, name) != getattr(saved, name)]
-    if changed:
-        raise InputError(f"{path} belongs to another run than this command: {'; '.join(changed)}. Resume with "
-                         f"`--resume {path}` and the original arguments, or start a new run without --resume")
-    return args, payload
+def restore_run(pretrainer: PADPretrainer, initial: Diffusion, args: Args, checkpoint: Optional[dict],
+                fingerprint: str) -> tuple[int, list]:
+    """The step and diagnostics history to start from: a resumed run's (networks, optimisers, RNG), or a new run's."""
+    if checkpoint is None:
+        return 0, []
+    refuse_mismatch(args.resume, {}, {}, "resume on the dataset it was trained on",
+                    same_data=checkpoint["dataset_sha1"] == fingerprint)
+    for name, part in {**pretrainer.modules(), **pretrainer.optimizers()}.items():
+        part.load_state_dict(checkpoint[name])
+    initial.load_state_dict(checkpoint["initial_diffusion"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    if torch.cuda.is_available() and args.cuda and checkpoint["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
+    print(f"resumed {args.run_name} at step {checkpoint['step']:,}")
+    return checkpoint["step"], checkpoint["diagnostics"]
 
 
-def format_duration(seconds: float) -> str:
-    """1h02m03s style."""
-    seconds = int(seconds)
-    return (f"{seconds // 3600}h" if seconds >= 3600 else "") + f"{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+def make_run_dir(args: Args) -> tuple[Args, str]:
+    """The run's new folder under runs/ (a new run never writes into an existing one), and its name in `args`."""
+    base = args.run_name or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    for attempt in range(1000):  # runs started in the same second get -1, -2, ...
+        name = base if attempt == 0 else f"{base}-{attempt}"
+        try:
+            os.makedirs(os.path.join("runs", name))
+            return replace(args, run_name=name), os.path.join("runs", name)
+        except FileExistsError:
+            if args.run_name:
+                raise InputError(f"runs/{name} exists: choose another --run-name, or continue that run with "
+                                 f"--resume runs/{name}/{CHECKPOINT}") from None
+    raise InputError(f"could not create a new folder runs/{base}-N: remove old runs or pass --run-name")
+
+def write_json(path: str, content: dict) -> None:
+    """Strict JSON (NaN and inf refused, so every file parses anywhere), written atomically."""
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(content, f, indent=2, allow_nan=False)
+    os.replace(f"{path}.tmp", path)
+
+def check_finite(step: int, metrics: dict[str, torch.Tensor], agent, last_checkpoint: str) -> dict[str, float]:
+    """The metrics as numbers (the loop's one host sync); stop with a message if a metric or a weight is NaN/inf."""
+    weights = {name: torch.stack([p.isfinite().all() for p in module.parameters()]).all().float()
+               for name, module in agent.modules().items()}
+    values = dict(zip([*metrics, *weights], torch.stack([*metrics.values(), *weights.values()]).tolist()))
+    bad = [f"{name} = {values[name]}" for name in metrics if not math.isfinite(values[name])]
+    bad += [f"the {name} network's weights" for name in weights if values[name] != 1.0]
+    if bad:
+        raise InputError(f"training diverged by step {step:,}: {', '.join(bad)} not finite. Nothing after the last "
+                         f"good checkpoint was saved ({last_checkpoint}). Check the rewards' scale, or lower the "
+                         f"learning rates or --alpha")
+    return {name: values[name] for name in metrics}
+
+class StopSignal:
+    """SIGINT / SIGTERM end the loop after the current iteration, with a checkpoint; a second one stops at once."""
+
+    def __init__(self):
+        self.signum = None
+        signal.signal(signal.SIGINT, self.request)
+        signal.signal(signal.SIGTERM, self.request)
+
+    def request(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print("\nstopping after this step with a checkpoint (signal again to stop at once)", flush=True)
+
+class GraphedTrainStep:
+    """--cudagraphs: each variant of one iteration (batch sampling included) captured once as a CUDA graph, then replayed.
+
+    A replay runs the iteration's kernels with no Python and no launch overhead; the metrics it returns are the
+    graph's static output tensors, overwritten by every replay. Capturing needs a few warm-up iterations (on a side
+    stream) that would move the weights, the optimiser states and the RNG: all three are saved before and written
+    back in place after capture, so training continues exactly where it was, and checkpoints and resume work as in
+    eager mode. Without CUDA (the tests) capture does the same warm-up and restore, and a replay runs the iteration
+    eagerly and copies its metrics into the static tensors.
+    """
+
+    def __init__(self, step: Callable[..., dict[str, torch.Tensor]], state: Callable[[], list[torch.Tensor]],
+                 device: torch.device, warmup: int = 3):
+        self.step, self.state, self.device, self.warmup = step, state, device, warmup
+        self.graphs = {}
+
+    def __call__(self, *flags) -> dict[str, torch.Tensor]:
+        if flags not in self.graphs:
+            self.graphs[flags] = self.capture(flags)
+        replay, metrics = self.graphs[flags]
+        replay()
+        return metrics
+
+    def capture(self, flags: tuple) -> tuple[Callable[[], None], dict[str, torch.Tensor]]:
+        cuda = self.device.type == "cuda"
+        tensors = self.state()
+        saved = [t.clone() for t in tensors]
+        rng = torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if cuda else None
+        stream = torch.cuda.Stream(self.device) if cuda else None
+        if cuda:
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+            for _ in range(self.warmup):
+                metrics = self.step(*flags)
+        if cuda:
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                metrics = self.step(*flags)
+            replay = graph.replay
+        else:
+            metrics = {name: value.clone() for name, value in metrics.items()}
+
+            def replay():
+                for name, value in self.step(*flags).items():
+                    metrics[name].copy_(value)
+        with torch.no_grad():  # back to the state before the warm-up, in place: the graph holds these tensors
+            for tensor, value in zip(tensors, saved):
+                tensor.copy_(value)
+            known = {id(t) for t in tensors}
+            for tensor in self.state():  # optimiser states the warm-up created: a fresh state is all zeros
+                if id(tensor) not in known:
+                    tensor.zero_()
+        torch.set_rng_state(rng[0])
+        if cuda:
+            torch.cuda.set_rng_state(rng[1], self.device)
+        return replay, metrics
+
+def make_train_step(agent, data: dict[str, torch.Tensor], batch_size: int, cudagraphs: bool) -> Callable:
+    """One training iteration of `agent` on a fresh batch: plain PyTorch, or replayed CUDA graphs (--cudagraphs)."""
+    def train_step(*flags) -> dict[str, torch.Tensor]:
+        return agent.update(sample_batch(data, batch_size), *flags)
+
+    device = data["rewards"].device
+    return GraphedTrainStep(train_step, lambda: training_state(agent), device) if cudagraphs else train_step
+
+def training_state(agent) -> list[torch.Tensor]:
+    """Every tensor an iteration changes or reads as state: weights, buffers and optimiser states."""
+    tensors = [t for module in agent.modules().values() for t in module.state_dict(keep_vars=True).values()]
+    return tensors + [t for opt in agent.optimizers().values() for state in opt.state.values() for t in state.values()
+                      if torch.is_tensor(t)]
+
+def progress_line(done: int, total: int, sps: float, evaluations: list[dict]) -> str:
+    """[ 12.0%] step 120,000/1,000,000 | 1,234 steps/s | score 45.6 @ 115,000 | ETA 11m53s"""
+    score = f"{evaluations[-1]['score']:.1f} @ {evaluations[-1]['step']:,}" if evaluations else "-"
+    eta = int((total - done) / sps)
+    eta = (f"{eta // 3600}h" if eta >= 3600 else "") + f"{eta % 3600 // 60:02d}m{eta % 60:02d}s"
+    return f"[{done / total:6.1%}] step {done:,}/{total:,} | {sps:,.0f} steps/s | score {score} | ETA {eta}"
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-    payload = None
-    if args.resume:
-        args, payload = resume_args(args.resume)
-    domain = check_env_id(args.env_id)
-    args = replace(args, **{k: v for k, v in DOMAIN_DEFAULTS[domain].items() if getattr(args, k) is None})
-    run_name = payload["run_name"] if payload else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.dirname(args.resume) if payload else os.path.join("runs", run_name)
+    args, resumed = parse_args()  # with --resume: the checkpoint's arguments, and the checkpoint
+    check_writable(os.path.dirname(args.resume) if resumed else "runs", "run where the run's folder can be written")
 
     # seeding
     random.seed(args.seed)
@@ -606,140 +901,108 @@ if __name__ == "__main__":
 
     # data (no env needed)
     obs_dim, act_dim = dataset_dims(args.env_id)
-    path = args.dataset_path or default_dataset_path(args.env_id)
-    if not os.path.isfile(path) and not args.dataset_path:
-        download(dataset_url(args.env_id), path)
-    raw = load_d4rl_file(path, obs_dim, act_dim)
+    raw, path = read_dataset(args, obs_dim, act_dim)
     fingerprint = dataset_fingerprint(raw)
-    dataset = qlearning_dataset(raw)
-    print(dataset_summary(path, raw, dataset))
-    if domain == "antmaze" and not (raw["rewards"] > 0).any():
-        raise InputError(f"{path} has no goal rewards (no reward > 0): not a sparse AntMaze dataset")
-    if payload and (payload["dataset_sha1"] != fingerprint):
-        raise InputError(f"{args.resume} was trained on another dataset than {path}; resume on the same data")
-    dataset["actions"] = np.clip(dataset["actions"], -1.0, 1.0)  # the actor and the sampler act in [-1, 1]
-    dataset["rewards"] = transform_rewards(dataset["rewards"], args.reward_transform)
-    reward = "r - 1" if args.reward_transform == "minus-one" else "r"
-    print(f"reward       {reward} (--reward-transform {args.reward_transform})")
-    obs_mean = dataset["observations"].mean(axis=0)
-    obs_std = dataset["observations"].std(axis=0) + 1e-3
-    num_holdout = min(args.holdout, len(dataset["rewards"]) // 10)
-    order = np.random.default_rng(args.seed).permutation(len(dataset["rewards"]))
-    split = {"train": np.sort(order[num_holdout:]), "holdout": np.sort(order[:num_holdout])}
-    data, heldout = ({
-        "observations": torch.tensor((dataset["observations"][idx] - obs_mean) / obs_std, device=device),
-        "actions": torch.tensor(dataset["actions"][idx], device=device),
-        "rewards": torch.tensor(dataset["rewards"][idx], device=device),
-        "next_observations": torch.tensor((dataset["next_observations"][idx] - obs_mean) / obs_std, device=device),
-        "not_done": torch.tensor(1.0 - dataset["terminals"][idx], dtype=torch.float32, device=device),
-    } for idx in (split["train"], split["holdout"]))
-    print(f"split        {len(split['train']):,} transitions to train on, {num_holdout:,} held out for diagnostics")
+    transitions = qlearning_dataset(raw)
+    print(dataset_summary(path, raw, transitions))
+    transitions["actions"] = np.clip(transitions["actions"], -1.0, 1.0)  # the actor and the sampler act in [-1, 1]
+    transitions["rewards"] = transform_rewards(transitions["rewards"], args.reward_transform)
+    obs_mean = transitions["observations"].mean(axis=0)
+    obs_std = transitions["observations"].std(axis=0) + 1e-3
+    train_rows, heldout_rows = split_holdout(len(transitions["rewards"]), args.holdout, args.seed)
+    data = to_device(transitions, train_rows, obs_mean, obs_std, device)
+    heldout = to_device(transitions, heldout_rows, obs_mean, obs_std, device)
+    s_ho, a_ho = heldout["observations"], heldout["actions"]
+    bandwidth = torch.cdist(torch.cat([s_ho, a_ho], 1), torch.cat([s_ho, a_ho], 1)).median().clamp(min=1e-6).item()
+    print(f"reward     {'r - 1' if args.reward_transform == 'minus-one' else 'r'} (--reward-transform "
+          f"{args.reward_transform}); {len(train_rows):,} transitions to train on, diagnostics on {len(heldout_rows):,} "
+          + ("held-out ones" if args.holdout else "training ones (--holdout 0)"))
 
     # networks and optimisers
     pretrainer = PADPretrainer(obs_dim, act_dim, args, device)
     initial_diffusion = copy.deepcopy(pretrainer.diffusion)  # the untrained model, for "before" diagnostics
-    start_step, diagnostics = 0, []
-    if payload:
-        for name, part in {**pretrainer.modules(), **pretrainer.optimizers()}.items():
-            part.load_state_dict(payload[name])
-        initial_diffusion.load_state_dict(payload["initial_diffusion"])
-        start_step, diagnostics = payload["step"], payload["diagnostics"]
-        torch.set_rng_state(payload["rng"]["torch"])
-        if device.type == "cuda" and payload["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(payload["rng"]["cuda"])
-        print(f"resumed {run_name} at step {start_step:,}")
-    s_ho, a_ho = heldout["observations"], heldout["actions"]
-    bandwidth = torch.cdist(torch.cat([s_ho, a_ho], 1), torch.cat([s_ho, a_ho], 1)).median().item()
+    start_step, diagnostics = restore_run(pretrainer, initial_diffusion, args, resumed, fingerprint)
+    if args.compile:
+        pretrainer.compile()
+    train_step = make_train_step(pretrainer, data, args.batch_size, args.cudagraphs)  # sample a batch, update
 
     # tracking
+    args, run_dir = (args, os.path.dirname(args.resume)) if resumed else make_run_dir(args)
     if args.track:
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, id=run_name, resume="allow", save_code=True)
-    writer = SummaryWriter(run_dir, purge_step=start_step if payload else None)
+                   config=vars(args), name=args.run_name, id=args.run_name, resume="allow", save_code=True)
+    writer = SummaryWriter(run_dir, purge_step=start_step if resumed else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=2)
+    write_json(os.path.join(run_dir, "args.json"), {**asdict(args), "script": "pad_pretrain"})
+    run_info = {"kind": "pad_pretrain", "args": asdict(args), "env_id": args.env_id, "obs_dim": obs_dim,
+                "act_dim": act_dim, "dataset_sha1": fingerprint, "num_transitions": len(data["rewards"]),
+                "obs_mean": torch.tensor(obs_mean), "obs_std": torch.tensor(obs_std)}
+    checkpoint_path = os.path.join(run_dir, CHECKPOINT)
+    last_checkpoint = f"{checkpoint_path} (step {start_step:,})" if resumed else "none yet"
 
     def checkpoint(step: int) -> str:
         """What the DIVO scripts start from, plus what this script needs to continue exactly."""
-        path = os.path.join(run_dir, "pad_checkpoint.pt")
-        save_checkpoint(path, {
-            "kind": "pad_pretrain", "args": asdict(args), "run_name": run_name, "step": step,
-            "env_id": args.env_id, "obs_dim": obs_dim, "act_dim": act_dim, "dataset_sha1": fingerprint,
-            "num_transitions": len(dataset["rewards"]), "obs_mean": torch.tensor(obs_mean), "obs_std": torch.tensor(obs_std),
-            **{name: part.state_dict() for name, part in {**pretrainer.modules(), **pretrainer.optimizers()}.items()},
-            "initial_diffusion": initial_diffusion.state_dict(), "diagnostics": diagnostics,
-            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None},
-        })
-        return path
+        check_finite(step, metrics, pretrainer, last_checkpoint)  # a diverged run never overwrites a good checkpoint
+        parts = {name: part.state_dict() for name, part in {**pretrainer.modules(), **pretrainer.optimizers()}.items()}
+        save_checkpoint(checkpoint_path, {**run_info, "step": step, **parts, "diagnostics": diagnostics,
+                                          "initial_diffusion": initial_diffusion.state_dict(),
+                                          "rng": {"torch": torch.get_rng_state(),
+                                                  "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}})
+        return f"{checkpoint_path} (step {step:,})"
 
-    def diagnose(step: int, models: dict[str, Diffusion]) -> dict[str, float]:
-        """Distances of each model's samples to the held-out positive-advantage data, logged."""
-        positive = pretrainer.advantage(s_ho, a_ho) > 0
-        row = {"step": step, "positive_fraction": positive.float().mean().item()}
-        s_pos, a_pos = (s_ho[positive], a_ho[positive]) if positive.sum() >= 10 else (s_ho, a_ho)
-        for label, model in models.items():
-            for name, value in sample_distances(model, s_pos, a_pos, bandwidth).items():
-                row[f"{label}_{name}"] = value
-                writer.add_scalar(f"diag/{label}_{name}", value, step)
-        writer.add_scalar("diag/heldout_positive_fraction", row["positive_fraction"], step)
+    def log_diagnostics(step: int, models: dict[str, Diffusion]) -> dict[str, float]:
+        """Each model's sample-to-data distances on held-out positive-advantage data, logged and remembered."""
+        row = {"step": step, **diagnose(pretrainer, models, s_ho, a_ho, bandwidth)}
+        for name, value in row.items():
+            if name != "step":
+                writer.add_scalar(f"diag/{name}", value, step)
         diagnostics.append(row)
-        shown = (f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v:,}" for k, v in row.items())
-        print("diag   " + ", ".join(shown), flush=True)
+        print("diag   " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v:,}" for k, v in row.items()))
         return row
 
-    stop_signal = []
-
-    def request_stop(signum, frame):
-        if stop_signal:  # a second signal stops at once
-            raise KeyboardInterrupt
-        stop_signal.append(signum)
-        print("\nstopping after this step with a checkpoint (signal again to stop at once)", flush=True)
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-
-    print(f"pretraining {run_name} on {device} for {args.total_timesteps:,} gradient steps; logs in {run_dir}", flush=True)
-    if not payload:
-        diagnose(0, {"model": pretrainer.diffusion})
+    stop = StopSignal()
+    print(f"pretraining {args.run_name} on {device} for {args.total_timesteps:,} steps; logs in {run_dir}", flush=True)
+    if not resumed:
+        log_diagnostics(0, {"model": pretrainer.diffusion})
     metrics, last_time, last_step = {}, time.time(), start_step
     for step in range(start_step, args.total_timesteps):
-        if stop_signal:
-            path = checkpoint(step)
-            print(f"stopped at step {step:,}; resume with: python {os.path.basename(__file__)} --resume {path}")
-            raise SystemExit(128 + stop_signal[0])
-        metrics = pretrainer.update(sample_batch(data, args.batch_size))
+        if stop.signum is not None:
+            last_checkpoint = checkpoint(step)
+            print(f"stopped at step {step:,}; resume with: python {os.path.basename(__file__)} --resume {checkpoint_path}")
+            raise SystemExit(128 + stop.signum)
+        metrics = train_step()
         done = step + 1
         if done % args.log_freq == 0:
-            for name, value in metrics.items():  # the only host sync of the loop, once per log_freq steps
-                writer.add_scalar(name, value.item(), done)
+            logged = check_finite(done, metrics, pretrainer, last_checkpoint)  # the loop's only host sync
             sps = (done - last_step) / (time.time() - last_time)
             last_time, last_step = time.time(), done
-            writer.add_scalar("charts/SPS", sps, done)
-            print(f"[{done / args.total_timesteps:6.1%}] step {done:,}/{args.total_timesteps:,} | {sps:,.0f} steps/s | "
-                  f"pad_loss {metrics['losses/pad_loss'].item():.4f} | "
-                  f"positive {metrics['pad/positive_fraction'].item():.2f} | "
-                  f"ETA {format_duration((args.total_timesteps - done) / sps)}", flush=True)
+            for name, value in {**logged, "charts/SPS": sps}.items():
+                writer.add_scalar(name, value, done)
+            print(progress_line(done, args.total_timesteps, sps, []) + f" | pad_loss {logged['losses/pad_loss']:.4f} | "
+                  f"positive {logged['pad/positive_fraction']:.2f}", flush=True)
         if args.diag_freq and done % args.diag_freq == 0 and done < args.total_timesteps:
-            diagnose(done, {"model": pretrainer.diffusion})
+            log_diagnostics(done, {"model": pretrainer.diffusion})
         if args.checkpoint_freq and done % args.checkpoint_freq == 0 and done < args.total_timesteps:
-            checkpoint(done)
+            last_checkpoint = checkpoint(done)
 
-    # before / after: the untrained and the trained model against the final advantage labels
-    final = diagnose(args.total_timesteps, {"model": pretrainer.diffusion, "initial": initial_diffusion})
-    with open(os.path.join(run_dir, "pad_diagnostics.json"), "w") as f:
-        json.dump({"env_id": args.env_id, "run_name": run_name, "heldout_transitions": num_holdout,
-                   "mmd_bandwidth": bandwidth, "final": final, "history": diagnostics}, f, indent=2)
-    show = torch.arange(4) * max(1, len(s_ho) // 4)
-    plot_samples({"before": initial_diffusion, "after": pretrainer.diffusion}, s_ho[show], a_ho[show],
-                 data["observations"], data["actions"], os.path.join(run_dir, "pad_samples.png"))
+    # before / after: the untrained and the trained model against the final advantage labels; then the checkpoint
+    final = log_diagnostics(args.total_timesteps, {"model": pretrainer.diffusion, "initial": initial_diffusion})
     path = checkpoint(args.total_timesteps)
-    print(f"sample-to-data distance on held-out positive-advantage states: Wasserstein "
-          f"{final['initial_wasserstein']:.4f} before -> {final['model_wasserstein']:.4f} after, MMD^2 "
+    write_json(os.path.join(run_dir, "pad_diagnostics.json"), {
+        "env_id": args.env_id, "run_name": args.run_name, "heldout_transitions": len(heldout_rows),
+        "heldout": bool(args.holdout), "mmd_bandwidth": bandwidth, "final": final, "history": diagnostics})
+    try:  # the figure is a bonus: the run's results are written already
+        show = torch.arange(min(4, len(s_ho))) * max(1, len(s_ho) // 4)
+        plot_samples({"before": initial_diffusion, "after": pretrainer.diffusion}, s_ho[show], a_ho[show],
+                     data["observations"], data["actions"], os.path.join(run_dir, "pad_samples.png"))
+    except Exception as e:  # matplotlib has many ways to fail on odd data
+        print(f"warning: could not draw pad_samples.png ({type(e).__name__}: {e})")
+    print(f"sample-to-data distance on {'held-out' if args.holdout else 'training'} positive-advantage states: "
+          f"Wasserstein {final['initial_wasserstein']:.4f} before -> {final['model_wasserstein']:.4f} after, MMD^2 "
           f"{final['initial_mmd']:.4f} -> {final['model_mmd']:.4f}")
-    print(f"checkpoint: {path}\nuse it with: --pad-checkpoint {path} [--freeze-pad]")
+    print(f"checkpoint: {path}\nuse it with: --pad-checkpoint {checkpoint_path} [--freeze-pad]")
     writer.close()
     if args.track:
         wandb.finish()
