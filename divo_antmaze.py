@@ -750,6 +750,7 @@ def check_args(args) -> None:
     no_effect = [flag(n, getattr(args, n)) for n in ADPO_ONLY_ARGS if getattr(args, n) != defaults[n]]
     problems = {
         "--beta-max must be larger than --beta-min": args.beta_max <= args.beta_min,
+        "--holdout must be 0 (diagnostics on training transitions) or at least 10": 0 < args.holdout < 10,
         "--freeze-pad keeps a pretrained diffusion model fixed: pass --pad-checkpoint too": args.freeze_pad
         and not args.pad_checkpoint,
         "--no-pad trains the diffusion model with uniform weights; --freeze-pad would not train it": args.freeze_pad
@@ -765,7 +766,7 @@ def check_args(args) -> None:
             raise InputError(message)
 
 
-def parse_args(kind: str = "divo_antmaze") -> tuple[Args, Optional[dict]]:
+def parse_args(kind: str) -> tuple[Args, Optional[dict]]:
     """The command line; with --resume, the checkpoint's arguments under those given, and the checkpoint."""
     argv = sys.argv[1:]
     for i, arg in enumerate(argv):  # our message for a wrong id (the nearest id, the other script) before tyro's
@@ -888,8 +889,8 @@ def load_d4rl_file(path: str, obs_dim: int, act_dim: int) -> dict[str, np.ndarra
         raise InputError(f"{path} is a directory; pass the D4RL-format HDF5 file itself")
     if not os.path.isfile(path):
         raise InputError(f"no dataset file at {path}: check --dataset-path, or leave it out to download the dataset")
-    fix = ("delete it and run again to download it anew" if os.path.basename(path) in ANTMAZE_FILES.values()
-           else "re-create or re-download it")
+    fix = ("delete it and run again to download it anew" if os.path.basename(path) in {
+        os.path.basename(dataset_url(env_id)) for env_id in ENV_IDS} else "re-create or re-download it")
     try:
         with h5py.File(path, "r") as f:
             missing = [key for key in HDF5_COLUMNS if key not in f]
@@ -916,8 +917,9 @@ def load_d4rl_file(path: str, obs_dim: int, act_dim: int) -> dict[str, np.ndarra
     for key in ("terminals", "timeouts"):
         bad = ~np.isin(data[key], (0, 1))  # NaN and 0.5 are not flags
         if bad.any():
-            raise InputError(f"{path}: {key!r} must hold only 0/1 (or booleans); row {int(np.argmax(bad))} holds "
-                             f"{data[key][np.argmax(bad)]!r} ({int(bad.sum())} such rows): {fix}")
+            row = int(np.argmax(bad))
+            raise InputError(f"{path}: {key!r} must hold only 0/1 (or booleans); row {row} holds {data[key][row].item()} "
+                             f"({int(bad.sum())} such row(s)): {fix}")
     data = {key: data[key].astype(dtype) for key, dtype in HDF5_COLUMNS.items()}  # medium-replay files are float64
     for key in ("observations", "actions", "rewards"):
         bad = ~np.isfinite(data[key].reshape(n, -1)).all(axis=1)
@@ -1270,7 +1272,7 @@ def progress_line(done: int, total: int, sps: float, evaluations: list[dict]) ->
 
 
 if __name__ == "__main__":
-    args, resumed = parse_args()  # with --resume: the checkpoint's arguments, and the checkpoint
+    args, resumed = parse_args("divo_antmaze")  # with --resume: the checkpoint's arguments, and the checkpoint
     maze = check_env_id(args.env_id)
     check_writable(os.path.dirname(args.resume) if resumed else "runs", "run where the run's folder can be written")
 

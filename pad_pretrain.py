@@ -518,6 +518,7 @@ def check_args(args) -> None:
             raise InputError(f"{flag(name)} {value} is out of range: it must lie in {interval}")
     problems = {
         "--beta-max must be larger than --beta-min": args.beta_max <= args.beta_min,
+        "--holdout must be 0 (diagnostics on training transitions) or at least 10": 0 < args.holdout < 10,
         "--cudagraphs needs a CUDA GPU (and --cuda)": args.cudagraphs and not (args.cuda and torch.cuda.is_available()),
         f"--run-name {args.run_name!r} must be a plain folder name": args.run_name is not None
         and (os.path.basename(args.run_name) != args.run_name or args.run_name in ("", ".", "..")),
@@ -527,7 +528,7 @@ def check_args(args) -> None:
             raise InputError(message)
 
 
-def parse_args(kind: str = "pad_pretrain") -> tuple[Args, Optional[dict]]:
+def parse_args(kind: str) -> tuple[Args, Optional[dict]]:
     """The command line; with --resume, the checkpoint's arguments under those given, and the checkpoint."""
     argv = sys.argv[1:]
     for i, arg in enumerate(argv):  # our message for a wrong id (the nearest id, the other script) before tyro's
@@ -678,8 +679,9 @@ def load_d4rl_file(path: str, obs_dim: int, act_dim: int) -> dict[str, np.ndarra
     for key in ("terminals", "timeouts"):
         bad = ~np.isin(data[key], (0, 1))  # NaN and 0.5 are not flags
         if bad.any():
-            raise InputError(f"{path}: {key!r} must hold only 0/1 (or booleans); row {int(np.argmax(bad))} holds "
-                             f"{data[key][np.argmax(bad)]!r} ({int(bad.sum())} such rows): {fix}")
+            row = int(np.argmax(bad))
+            raise InputError(f"{path}: {key!r} must hold only 0/1 (or booleans); row {row} holds {data[key][row].item()} "
+                             f"({int(bad.sum())} such row(s)): {fix}")
     data = {key: data[key].astype(dtype) for key, dtype in HDF5_COLUMNS.items()}  # medium-replay files are float64
     for key in ("observations", "actions", "rewards"):
         bad = ~np.isfinite(data[key].reshape(n, -1)).all(axis=1)
@@ -889,7 +891,7 @@ def progress_line(done: int, total: int, sps: float, evaluations: list[dict]) ->
 
 
 if __name__ == "__main__":
-    args, resumed = parse_args()  # with --resume: the checkpoint's arguments, and the checkpoint
+    args, resumed = parse_args("pad_pretrain")  # with --resume: the checkpoint's arguments, and the checkpoint
     check_writable(os.path.dirname(args.resume) if resumed else "runs", "run where the run's folder can be written")
 
     # seeding

@@ -37,9 +37,9 @@ def write_d4rl_file(path, obs_dim=11, act_dim=3, episode_lengths=(30, 25, 40), t
     return data
 
 
-def run_script(script, *args, cwd, timeout=300, check=True):
-    """Run `python script args` in `cwd` like a user; return the CompletedProcess."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+def run_script(script, *args, cwd, timeout=300, check=True, env=None):
+    """Run `python script args` in `cwd` like a user (with extra environment variables `env`); return the result."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

@@ -1,0 +1,279 @@
+"""Bad input and faults: one `error:` line before any work or file, and nothing on disk lost or overwritten.
+
+Argument checks run in-process (they happen when the arguments are built); the rest runs each script as a
+user would, on tiny settings.
+"""
+
+import json
+import os
+import shutil
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import divo_antmaze as da
+import divo_continuous as dc
+import pad_pretrain as pp
+from conftest import run_script, write_d4rl_file
+
+TINY = ["--env-id", "hopper-medium-v2", "--hidden-dim", "16", "--num-layers", "1", "--batch-size", "32",
+        "--eval-episodes", "1", "--log-freq", "10", "--no-cuda", "--no-legacy-inertia"]
+
+
+def refused(proc, message):
+    """The process stopped with exactly one line on stderr, starting with `error:` and containing `message`."""
+    lines = proc.stderr.strip().splitlines()
+    return proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+
+
+def snapshot(folder):
+    """Every file under `folder` with its bytes."""
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(folder) for f in files}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished 40-step run (checkpoints at 20 and 40) on a small hopper-shaped file."""
+    cwd = tmp_path_factory.mktemp("finished")
+    write_d4rl_file(cwd / "data.hdf5", episode_lengths=(120, 90, 150, 140), terminal_episodes=(1,))
+    run_script("divo_continuous.py", *TINY, "--dataset-path", cwd / "data.hdf5", "--total-timesteps", 40,
+               "--eval-freq", 20, "--checkpoint-freq", 20, "--run-name", "done", cwd=cwd)
+    return cwd, cwd / "runs" / "done"
+
+
+# ---------------------------------------------------------------------------------------------- arguments
+@pytest.mark.parametrize("module", [dc, da, pp])
+@pytest.mark.parametrize("name, value, message", [
+    ("batch_size", 0, "--batch-size 0 is out of range: it must lie in [1, inf)"),
+    ("batch_size", -1, "--batch-size -1 is out of range"),
+    ("total_timesteps", -5, "--total-timesteps -5 is out of range"),
+    ("tau", 2.0, "--tau 2.0 is out of range: it must lie in (0, 1]"),
+    ("expectile", 0.0, "--expectile 0.0 is out of range: it must lie in (0, 1)"),
+    ("expectile", 1.5, "--expectile 1.5 is out of range"),
+    ("gamma", 1.0, "--gamma 1.0 is out of range: it must lie in [0, 1)"),
+    ("critic_lr", float("nan"), "--critic-lr nan is out of range"),
+    ("checkpoint_freq", -1, "--checkpoint-freq -1 is out of range"),
+    ("log_freq", 0, "--log-freq 0 is out of range"),
+    ("diffusion_steps", 0, "--diffusion-steps 0 is out of range"),
+    ("hidden_dim", 0, "--hidden-dim 0 is out of range"),
+    ("num_layers", 0, "--num-layers 0 is out of range"),
+    ("seed", -1, "--seed -1 is out of range"),
+    ("beta_max", 0.05, "--beta-max must be larger than --beta-min"),
+    ("holdout", 5, "--holdout must be 0 (diagnostics on training transitions) or at least 10"),
+    ("run_name", "../elsewhere", "must be a plain folder name"),
+])
+def test_every_script_refuses_out_of_range_arguments(module, name, value, message):
+    env_id = "antmaze-umaze-v2" if module is da else "hopper-medium-v2"
+    with pytest.raises(module.InputError) as error:
+        module.Args(env_id=env_id, **{name: value})
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize("module", [dc, da])
+@pytest.mark.parametrize("overrides, message", [
+    ({"alpha": -1.0}, "--alpha -1.0 is out of range: it must lie in [0, inf)"),
+    ({"eval_freq": -1}, "--eval-freq -1 is out of range"),
+    ({"eval_episodes": 0}, "--eval-episodes 0 is out of range: it must lie in [1, inf)"),
+    ({"num_candidates": 0}, "--num-candidates 0 is out of range"),
+    ({"policy_freq": 0}, "--policy-freq 0 is out of range"),
+    ({"adpo_start": -3}, "--adpo-start -3 is out of range"),
+    ({"freeze_pad": True}, "--freeze-pad keeps a pretrained diffusion model fixed: pass --pad-checkpoint too"),
+    ({"freeze_pad": True, "pad_checkpoint": "p.pt", "pad": False}, "--freeze-pad would not train it"),
+    ({"adpo": False, "num_candidates": 4, "pad": False}, "these would have no effect: --num-candidates, --no-pad"),
+    ({"cudagraphs": True, "cuda": False}, "--cudagraphs needs a CUDA GPU"),
+])
+def test_divo_scripts_refuse_nonsense_combinations(module, overrides, message):
+    env_id = "antmaze-umaze-v2" if module is da else "hopper-medium-v2"
+    with pytest.raises(module.InputError) as error:
+        module.Args(env_id=env_id, **overrides)
+    assert message in str(error.value)
+
+
+def test_the_defaults_and_the_modes_pass():
+    assert dc.Args().alpha == 2.5 and da.Args().alpha == 7.5 and da.Args(env_id="antmaze-large-play-v2").alpha == 20.0
+    assert pp.Args(env_id="antmaze-umaze-v2").gamma == 0.995 and pp.Args().expectile == 0.7
+    assert dc.run_mode(dc.Args(adpo=False)) == "td3bc" and dc.run_mode(dc.Args(pad=False)) == "divo-no-pad"
+    assert dc.task_name(dc.Args(dataset_path="/x/hopper-medium-dev.hdf5")) == "hopper-medium-dev"
+
+
+def test_bad_command_lines_exit_before_any_file(tmp_path):
+    cases = [
+        (["--env-id", "hopper-medium-v2", "--alpha", "-1"], "divo_continuous.py", "--alpha -1.0 is out of range"),
+        (["--env-id=antmaze-umaze-v2"], "divo_continuous.py", "is an AntMaze dataset: run divo_antmaze.py"),
+        (["--env-id", "walker2d-medium-v2"], "divo_antmaze.py", "is a locomotion dataset: run divo_continuous.py"),
+        (["--env-id", "antmaze-umaze-v2", "--eval-episodes", "0"], "divo_antmaze.py", "--eval-episodes 0 is out of range"),
+        (["--holdout", "0", "--batch-size", "0"], "pad_pretrain.py", "--batch-size 0 is out of range"),
+    ]
+    for argv, script, message in cases:
+        proc = run_script(script, *argv, cwd=tmp_path, check=False)
+        assert refused(proc, message), (script, argv, proc.stderr)
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------- data files
+@pytest.mark.parametrize("module", [dc, da, pp])
+def test_zero_transitions_and_bad_flags_are_refused_by_every_script(module, tmp_path):
+    obs_dim, act_dim = (29, 8) if module is da else (11, 3)
+    path = tmp_path / "d.hdf5"
+    write_d4rl_file(path, obs_dim=obs_dim, act_dim=act_dim, episode_lengths=(5, 5), timeouts=np.ones(10, bool))
+    with pytest.raises(module.InputError, match="yields no transitions: every row but the last is a timeout"):
+        module.load_d4rl_file(str(path), obs_dim, act_dim)
+    for column, value, shown in (("terminals", 0.5, "0.5"), ("timeouts", np.nan, "nan"), ("terminals", 2, "2.0")):
+        flags = np.zeros(10)
+        flags[3] = value
+        write_d4rl_file(path, obs_dim=obs_dim, act_dim=act_dim, episode_lengths=(5, 5), **{column: flags})
+        with pytest.raises(module.InputError, match=f"'{column}' must hold only 0/1 .*row 3 holds {shown}"):
+            module.load_d4rl_file(str(path), obs_dim, act_dim)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("group", "'rewards' is a group, not an array of numbers"),
+    ("strings", "'actions' is of type |S5, not an array of numbers"),
+    ("directory", "is a directory; pass the D4RL-format HDF5 file itself"),
+])
+def test_files_that_are_not_d4rl_arrays_are_refused(tmp_path, case, message):
+    path = tmp_path / "bad.hdf5"
+    if case == "directory":
+        path.mkdir()
+    else:
+        write_d4rl_file(path, **{"rewards" if case == "group" else "actions": None})
+        with h5py.File(path, "a") as f:
+            if case == "group":
+                f.create_group("rewards")["x"] = np.zeros(3)
+            else:
+                f["actions"] = np.array([b"hello"] * 95)
+    with pytest.raises(dc.InputError, match=message):
+        dc.load_d4rl_file(str(path), 11, 3)
+
+
+def test_unwritable_dataset_cache_and_runs_folder_are_refused_before_any_work(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    env = {"D4RL_DATASET_DIR": str(blocker / "cache")}
+    proc = run_script("divo_continuous.py", *TINY, cwd=tmp_path, check=False, env=env)
+    assert refused(proc, "a-file is a file, not a folder; set D4RL_DATASET_DIR to a folder you can write to"), proc.stderr
+    write_d4rl_file(tmp_path / "data.hdf5")
+    (tmp_path / "runs").write_text("runs is a file here")
+    proc = run_script("divo_continuous.py", *TINY, "--dataset-path", tmp_path / "data.hdf5", cwd=tmp_path, check=False)
+    assert refused(proc, "cannot write to runs: "), proc.stderr
+    assert "dataset " not in proc.stdout  # refused before the data was read
+    if os.geteuid() != 0:  # root writes into read-only folders, so only other users can see this case
+        (tmp_path / "runs").unlink()
+        (tmp_path / "runs").mkdir(mode=0o555)
+        proc = run_script("divo_continuous.py", *TINY, "--dataset-path", tmp_path / "data.hdf5", cwd=tmp_path, check=False)
+        assert refused(proc, "cannot write to runs (Permission denied)"), proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------- run folders
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(dc.time, "time", lambda: 1_700_000_000.5)
+    args = dc.Args(env_id="hopper-medium-v2", seed=3)
+    names = [dc.make_run_dir(args)[0].run_name for _ in range(3)]
+    base = "hopper-medium-v2__divo_continuous__3__1700000000"
+    assert names == [base, f"{base}-1", f"{base}-2"]
+    assert sorted(os.listdir(tmp_path / "runs")) == sorted(names)
+
+
+def test_an_existing_run_name_is_refused_and_left_untouched(finished_run):
+    cwd, run = finished_run
+    before = snapshot(run)
+    proc = run_script("divo_continuous.py", *TINY, "--dataset-path", cwd / "data.hdf5", "--total-timesteps", 20,
+                      "--run-name", "done", cwd=cwd, check=False)
+    assert refused(proc, "runs/done exists: choose another --run-name, or continue that run with --resume "
+                         "runs/done/checkpoint.pt"), proc.stderr
+    assert snapshot(run) == before
+
+
+def test_resuming_a_finished_run_or_going_back_in_time_is_refused(finished_run):
+    cwd, run = finished_run
+    before = snapshot(run)
+    proc = run_script("divo_continuous.py", "--resume", run / "checkpoint.pt", "--no-cuda", cwd=cwd, check=False)
+    assert refused(proc, "checkpoint.pt is finished (40 of 40 steps; its results are in"), proc.stderr
+    assert "pass --total-timesteps larger than 40" in proc.stderr
+    proc = run_script("divo_continuous.py", "--resume", run / "checkpoint.pt", "--total-timesteps", 30, "--no-cuda", cwd=cwd,
+                      check=False)
+    assert refused(proc, "checkpoint.pt is at step 40, beyond --total-timesteps (40 of 30 steps"), proc.stderr
+    assert snapshot(run) == before
+    assert json.loads((run / "scores.json").read_text())["evaluations"][-1]["step"] == 40  # no duplicate entry
+
+
+def test_a_stale_partial_checkpoint_is_removed_when_the_run_resumes(finished_run, tmp_path):
+    cwd, run = finished_run
+    copy = tmp_path / "runs" / "done"
+    shutil.copytree(run, copy)
+    (copy / "checkpoint.pt.tmp").write_bytes(b"half a checkpoint")
+    proc = run_script("divo_continuous.py", "--resume", copy / "checkpoint.pt", "--total-timesteps", 50, "--no-cuda",
+                      "--dataset-path", cwd / "data.hdf5", cwd=tmp_path)
+    assert "a partial checkpoint left by an interrupted save" in proc.stdout
+    assert not (copy / "checkpoint.pt.tmp").exists()
+    assert dc.load_checkpoint(str(copy / "checkpoint.pt"), "divo_continuous")["step"] == 50
+
+
+def test_divergence_stops_with_the_step_and_the_loss_and_keeps_the_last_good_checkpoint(finished_run, tmp_path):
+    cwd, run = finished_run
+    copy = tmp_path / "runs" / "done"
+    shutil.copytree(run, copy)
+    checkpoint = torch.load(copy / "checkpoint.pt", weights_only=True)
+    # weights stay finite, but Adam's second moment is negative: the next critic step writes NaN into the weights
+    for state in checkpoint["agent"]["critic_optimizer"]["state"].values():
+        state["exp_avg_sq"].fill_(-1.0)
+    torch.save(checkpoint, copy / "checkpoint.pt")
+    before = snapshot(copy)
+    proc = run_script("divo_continuous.py", "--resume", copy / "checkpoint.pt", "--total-timesteps", 80, "--no-cuda",
+                      "--dataset-path", cwd / "data.hdf5", "--checkpoint-freq", 5, cwd=tmp_path, check=False)
+    assert refused(proc, "training diverged by step 45: losses/qf_loss = nan"), proc.stderr
+    assert "the critic network's weights" in proc.stderr and f"({copy / 'checkpoint.pt'} (step 40))" in proc.stderr
+    after = snapshot(copy)
+    assert after["checkpoint.pt"] == before["checkpoint.pt"] and "scores.json" in after
+    assert json.loads(after["scores.json"]) == json.loads(before["scores.json"])  # the old, valid scores
+    assert not any(name.endswith(".tmp") for name in after)
+
+
+def test_check_finite_names_the_loss_or_the_network():
+    agent = dc.DIVO(5, 3, dc.Args(hidden_dim=8, num_layers=1), torch.device("cpu"))
+    ok = {"losses/qf_loss": torch.tensor(1.0), "losses/pad_loss": torch.tensor(0.5)}
+    assert dc.check_finite(7, ok, agent, "none yet") == {"losses/qf_loss": 1.0, "losses/pad_loss": 0.5}
+    with pytest.raises(dc.InputError, match=r"diverged by step 7: losses/pad_loss = inf not finite.*\(none yet\)"):
+        dc.check_finite(7, {**ok, "losses/pad_loss": torch.tensor(float("inf"))}, agent, "none yet")
+    with torch.no_grad():
+        agent.value.net[0].weight[0, 0] = float("nan")
+    with pytest.raises(dc.InputError, match="diverged by step 9: the value network's weights not finite"):
+        dc.check_finite(9, ok, agent, "none yet")
+
+
+def test_scores_json_is_strict_json(tmp_path):
+    dc.write_json(str(tmp_path / "a.json"), {"x": 1.5})
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1.5}
+    with pytest.raises(ValueError):
+        dc.write_json(str(tmp_path / "b.json"), {"x": float("nan")})
+
+
+# ---------------------------------------------------------------------------------------------- pad_pretrain
+def test_pad_pretrain_ends_without_a_holdout_and_refuses_a_holdout_too_large(tmp_path):
+    write_d4rl_file(tmp_path / "d.hdf5", episode_lengths=(120, 90, 150, 140), terminal_episodes=(1,))
+    common = ["--env-id", "hopper-medium-v2", "--dataset-path", tmp_path / "d.hdf5", "--hidden-dim", "16",
+              "--num-layers", "1", "--batch-size", "32", "--total-timesteps", "20", "--log-freq", "10", "--no-cuda"]
+    proc = run_script("pad_pretrain.py", *common, "--holdout", "400", cwd=tmp_path, check=False)
+    assert refused(proc, "--holdout 400 would hold out more than half of the 497 transitions"), proc.stderr
+    assert not (tmp_path / "runs").exists()
+    proc = run_script("pad_pretrain.py", *common, "--holdout", "0", "--run-name", "p", cwd=tmp_path)
+    assert "diagnostics on 497 training ones (--holdout 0)" in proc.stdout
+    run = tmp_path / "runs" / "p"
+    assert pp.load_checkpoint(str(run / "pad_checkpoint.pt"), "pad_pretrain")["step"] == 20
+    diagnostics = json.loads((run / "pad_diagnostics.json").read_text())
+    assert diagnostics["heldout"] is False and diagnostics["heldout_transitions"] == 497
+    assert (run / "pad_samples.png").stat().st_size > 1000
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the file-as-folder trick is checked on Linux")
+def test_check_writable_tries_the_nearest_existing_folder_and_creates_nothing(tmp_path):
+    dc.check_writable(str(tmp_path / "not" / "yet"), "fix")
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "f").write_text("")
+    with pytest.raises(dc.InputError, match="f is a file, not a folder; fix"):
+        dc.check_writable(str(tmp_path / "f" / "below"), "fix")
