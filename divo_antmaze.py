@@ -424,11 +424,8 @@ class DIVO:
         return self.target_q(s, a)
 
     @torch.no_grad()
-    def select_target(self, s, a, v, adv) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """ADPO, eq. (12): N diffusion samples per state compete with the dataset action on A(s, .).
-
-        Returns the BC target a_bar, the BC weight of each state (1 in eq. 13) and diagnostics.
-        """
+    def score_candidates(self, s, a, v, adv) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Eq. (12)'s contest: N diffusion samples per state (N, B, A), their advantages (N, B), and a's (B,)."""
         args = self.args
         n, (b, act_dim) = args.num_candidates, a.shape
         s_rep = s.repeat(n, 1)
@@ -436,31 +433,30 @@ class DIVO:
         if args.adpo_critic != "target-min":  # a variant's critic scores the dataset action too
             adv = self.candidate_q(s, a) - v
         cand_adv = (self.candidate_q(s_rep, candidates) - v.repeat(n)).view(n, b)
-        candidates = candidates.view(n, b, act_dim)
-        target, generated, target_adv = adpo_target(a, adv, candidates, cand_adv, args.adpo_positive_only)
-        weight = (target_adv >= 0).float() if args.bc_weight == "a2pr" else torch.ones_like(adv)
-        return target, weight, {
-            "adpo/generated_fraction": generated.float().mean(),
-            "adpo/advantage_gain": (target_adv - adv).mean(),  # A(s, a_bar) - A(s, a), >= 0
-            "adpo/candidate_advantage_gain": (cand_adv - adv).mean(),  # A(s, a_hat) - A(s, a)
-            "adpo/candidate_distance": rms(candidates - a),
-            "adpo/bc_weight": weight.mean(),
-        }
+        return candidates.view(n, b, act_dim), cand_adv, adv
 
-    def update_actor(self, s, a, a_bar, bc_weight) -> dict[str, torch.Tensor]:
+    @torch.no_grad()
+    def select_target(self, s, a, v, adv) -> tuple[torch.Tensor, Optional[torch.Tensor], dict[str, torch.Tensor]]:
+        """ADPO, eq. (12): the BC target a_bar, the BC weight of each state (None: 1, as in eq. 13), a metric."""
+        candidates, cand_adv, adv = self.score_candidates(s, a, v, adv)
+        target, generated, target_adv = adpo_target(a, adv, candidates, cand_adv, self.args.adpo_positive_only)
+        weight = (target_adv >= 0).float() if self.args.bc_weight == "a2pr" else None
+        return target, weight, {"adpo/generated_fraction": generated.float().mean()}
+
+    def update_actor(self, s, a_bar, bc_weight=None) -> dict[str, torch.Tensor]:
         """Actor step, eq. (13): -lambda Q_theta1(s, pi(s)) + ||pi(s) - a_bar||^2, then Polyak updates."""
         pi = self.actor(s)
         q = self.critic(s, pi)[0]
         lmbda = self.args.alpha / q.abs().mean().detach()
-        bc_loss = (bc_weight[:, None] * (pi - a_bar) ** 2).mean()
+        squared = (pi - a_bar) ** 2
+        bc_loss = (squared if bc_weight is None else bc_weight[:, None] * squared).mean()  # a variant's weight
         actor_loss = -lmbda * q.mean() + bc_loss
         self.actor_optimizer.zero_grad(set_to_none=True)
         actor_loss.backward()
         self.actor_optimizer.step()
         with torch.no_grad():  # theta' <- tau theta + (1 - tau) theta', for the critics and the actor
             torch._foreach_lerp_(self.target_params, self.online_params, self.args.tau)
-        return {"losses/actor_loss": actor_loss.detach(), "losses/bc_loss": bc_loss.detach(),
-                "adpo/actor_target_distance": rms(pi.detach() - a_bar), "adpo/actor_data_distance": rms(pi.detach() - a)}
+        return {"losses/actor_loss": actor_loss.detach(), "losses/bc_loss": bc_loss.detach()}
 
     def update(self, batch: tuple[torch.Tensor, ...], update_actor: bool, use_adpo: bool = True) -> dict[str, torch.Tensor]:
         """One iteration on one batch; returns the metrics as device tensors (no host sync)."""
@@ -476,8 +472,8 @@ class DIVO:
                 a_bar, bc_weight, adpo_metrics = self.select_target(s, a, v, adv)
                 metrics.update(adpo_metrics)
             else:  # the TD3+BC backbone (--no-adpo), or ADPO not started yet (--adpo-start)
-                a_bar, bc_weight = a, torch.ones_like(r)
-            metrics.update(self.update_actor(s, a, a_bar, bc_weight))
+                a_bar, bc_weight = a, None
+            metrics.update(self.update_actor(s, a_bar, bc_weight))
         return metrics
 
     def compile(self, backend: str = "inductor") -> None:
@@ -657,19 +653,28 @@ class Diagnostics:
 
     @torch.no_grad()
     def adpo(self, agent: DIVO) -> dict[str, float]:
-        """ADPO's choice on probe states: generated winners against the dataset actions, checked on nearby data."""
+        """ADPO's contest (eq. 12) on the probe states: what the targets gain, how far they and the actor are from
+        the data, and whether the generated winners are rated above what the data did at nearby states."""
         (s, a), (s_ref, a_ref) = self.probe, self.reference
         with torch.random.fork_rng(devices=[s.device] if s.device.type == "cuda" else []):
             v = agent.value(s)
-            target, *_ = agent.select_target(s, a, v, agent.target_q(s, a) - v)
-        won = (target != a).any(dim=1)
+            candidates, cand_adv, adv = agent.score_candidates(s, a, v, agent.target_q(s, a) - v)
+        target, generated, target_adv = adpo_target(a, adv, candidates, cand_adv, agent.args.adpo_positive_only)
+        pi = agent.actor(s)
+        row = {
+            "adpo/advantage_gain": (target_adv - adv).mean(),  # A(s, a_bar) - A(s, a), >= 0
+            "adpo/candidate_advantage_gain": (cand_adv - adv).mean(),  # A(s, a_hat) - A(s, a)
+            "adpo/candidate_distance": rms(candidates - a),
+            "adpo/actor_target_distance": rms(pi - target),
+            "adpo/actor_data_distance": rms(pi - a),
+        }
         q_ref = agent.target_q(s_ref, a_ref)
-        q_margin, action_gap = nearby_data_check(agent, s, a, s_ref, a_ref, q_ref, self.neighbours)
-        row = {"adpo/data_q_margin": q_margin.mean().item(), "adpo/data_action_gap": action_gap.mean().item()}
-        if won.any():  # the generated actions that won eq. (12), against the same nearby data
-            q_margin, action_gap = nearby_data_check(agent, s[won], target[won], s_ref, a_ref, q_ref, self.neighbours)
-            row.update({"adpo/winner_q_margin": q_margin.mean().item(), "adpo/winner_action_gap": action_gap.mean().item()})
-        return row
+        row["adpo/data_q_margin"], row["adpo/data_action_gap"] = (x.mean() for x in nearby_data_check(
+            agent, s, a, s_ref, a_ref, q_ref, self.neighbours))
+        if generated.any():  # the generated actions that won eq. (12), against the same nearby data
+            row["adpo/winner_q_margin"], row["adpo/winner_action_gap"] = (x.mean() for x in nearby_data_check(
+                agent, s[generated], target[generated], s_ref, a_ref, q_ref, self.neighbours))
+        return {name: value.item() for name, value in row.items()}
 
     @torch.no_grad()
     def pad(self, agent: DIVO) -> dict[str, float]:

@@ -126,33 +126,78 @@ def test_select_target_compares_advantages_of_samples_and_data():
     agent.diffusion.sample = lambda s_rep: best.expand(len(s_rep), 3).clone()
     target, weight, metrics = agent.select_target(s, a, v, adv)
     torch.testing.assert_close(target, best.expand(8, 3))
-    assert metrics["adpo/generated_fraction"].item() == 1.0 and weight.tolist() == [1.0] * 8
+    assert metrics["adpo/generated_fraction"].item() == 1.0 and weight is None  # weight 1 everywhere, eq. (13)
     agent.diffusion.sample = lambda s_rep: torch.full((len(s_rep), 3), -1.0)  # far worse than any data action
     target, weight, metrics = agent.select_target(s, a, v, adv)
     torch.testing.assert_close(target, a)
     assert metrics["adpo/generated_fraction"].item() == 0.0
 
 
-def test_adpo_diagnostics_on_a_hand_built_batch():
-    """advantage gain, candidate advantage, candidate distance and A2PR's BC weight, by hand."""
-    agent = small_agent(num_candidates=2, bc_weight="a2pr")
-    agent.critic_target = lambda s, a: a.sum(-1).expand(2, -1)  # Q'(s, a) = sum of the action's entries
+def hand_built_contest(agent):
+    """Q'(s, a) = sum of a's entries, V = (0, 1, 0), N = 2 fixed candidates for 3 states."""
+    agent.critic_target = lambda s, a: a.sum(-1).expand(2, -1)
+    agent.value = lambda s: torch.tensor([0.0, 1.0, 0.0])
     s = torch.zeros(3, 5)
-    a = torch.tensor([[0.1, 0.1, 0.1], [0.5, 0.5, 0.5], [-0.5, -0.5, -0.5]])  # Q' = 0.3, 1.5, -1.5
-    v = torch.tensor([0.0, 1.0, 0.0])  # A(s, a) = 0.3, 0.5, -1.5
+    a = torch.tensor([[0.1, 0.1, 0.1], [0.5, 0.5, 0.5], [-0.5, -0.5, -0.5]])  # A(s, a) = 0.3, 0.5, -1.5
     draws = [torch.tensor([[0.2, 0.2, 0.2], [0.0, 0.0, 0.0], [-0.4, -0.4, -0.4]]),  # A = 0.6, -1.0, -1.2
              torch.tensor([[0.0, 0.0, 0.0], [0.4, 0.4, 0.4], [-0.6, -0.6, -0.6]])]  # A = 0.0,  0.2, -1.8
     agent.diffusion.sample = lambda s_rep: torch.cat(draws)
+    return s, a, torch.stack(draws)
+
+
+def test_a2pr_bc_weight_imitates_only_targets_with_a_nonnegative_advantage():
+    agent = small_agent(num_candidates=2, bc_weight="a2pr")
+    s, a, draws = hand_built_contest(agent)
+    v = agent.value(s)
     target, weight, metrics = agent.select_target(s, a, v, agent.target_q(s, a) - v)
-    torch.testing.assert_close(target, torch.stack([draws[0][0], a[1], draws[0][2]]))
-    gains = torch.tensor([0.6 - 0.3, 0.0, -1.2 + 1.5])  # A(s, a_bar) - A(s, a)
-    assert metrics["adpo/advantage_gain"].item() == pytest.approx(gains.mean().item())
-    cand_gain = torch.tensor([[0.3, -1.5, 0.3], [-0.3, -0.3, -0.3]])
-    assert metrics["adpo/candidate_advantage_gain"].item() == pytest.approx(cand_gain.mean().item())
-    distance = (torch.stack(draws) - a).pow(2).mean().sqrt()
-    assert metrics["adpo/candidate_distance"].item() == pytest.approx(distance.item())
-    assert weight.tolist() == [1.0, 1.0, 0.0]  # A2PR: no imitation where the chosen target's advantage is < 0
+    torch.testing.assert_close(target, torch.stack([draws[0, 0], a[1], draws[0, 2]]))
+    assert weight.tolist() == [1.0, 1.0, 0.0]  # state 2: its best (a generated action, A = -1.2) is still negative
     assert metrics["adpo/generated_fraction"].item() == pytest.approx(2 / 3)
+
+
+def test_adpo_diagnostics_on_a_hand_built_contest():
+    """Gains, distances, and the check against the dataset actions of the nearest states, each by hand."""
+    agent = small_agent(num_candidates=2)
+    s, a, draws = hand_built_contest(agent)
+    agent.actor = lambda s: torch.zeros(3, 3)
+    s_ref = torch.tensor([[0.0] * 5, [10.0] * 5])  # the first reference state is nearest to every probe state
+    a_ref = torch.tensor([[0.3, 0.3, 0.3], [-0.9, -0.9, -0.9]])  # Q' = 0.9 and -2.7
+    d = dc.Diagnostics.__new__(dc.Diagnostics)
+    d.probe, d.reference, d.neighbours = (s, a), (s_ref, a_ref), 1
+    row = d.adpo(agent)
+    target = torch.stack([draws[0, 0], a[1], draws[0, 2]])  # generated wins at states 0 and 2
+    assert row["adpo/advantage_gain"] == pytest.approx((0.3 + 0.0 + 0.3) / 3)
+    assert row["adpo/candidate_advantage_gain"] == pytest.approx(((0.3 - 1.5 + 0.3) + (-0.3 - 0.3 - 0.3)) / 6)
+    assert row["adpo/candidate_distance"] == pytest.approx((draws - a).pow(2).mean().sqrt().item())
+    assert row["adpo/actor_target_distance"] == pytest.approx(target.pow(2).mean().sqrt().item())
+    assert row["adpo/actor_data_distance"] == pytest.approx(a.pow(2).mean().sqrt().item())
+    # Q'(s, action) - 0.9 (the best nearby dataset Q'), and the RMS gap to the nearby dataset action (0.3, 0.3, 0.3)
+    assert row["adpo/data_q_margin"] == pytest.approx(((0.3 - 0.9) + (1.5 - 0.9) + (-1.5 - 0.9)) / 3)
+    assert row["adpo/data_action_gap"] == pytest.approx((0.2 + 0.2 + 0.8) / 3)
+    assert row["adpo/winner_q_margin"] == pytest.approx(((0.6 - 0.9) + (-1.2 - 0.9)) / 2)
+    assert row["adpo/winner_action_gap"] == pytest.approx((0.1 + 0.7) / 2)
+
+
+def test_pad_sample_quality_diagnostic_uses_the_positive_advantage_rows():
+    agent = small_agent()
+    s, a = torch.randn(40, 5), torch.rand(40, 3) * 2 - 1
+    agent.critic_target = lambda s_, a_: a_[:, 0].expand(2, -1)  # A > 0 where the first action entry is positive
+    agent.value = lambda s_: torch.zeros(len(s_))
+    seen = {}
+
+    def sample(states):  # every sample is (0.5, 0.5, 0.5)
+        seen["s"] = states
+        return torch.full((len(states), 3), 0.5)
+
+    agent.diffusion.sample = sample
+    d = dc.Diagnostics.__new__(dc.Diagnostics)
+    d.heldout, d.bandwidth = (s, a), 1.0
+    row = d.pad(agent)
+    positive = a[:, 0] > 0
+    assert row["pad/heldout_positive_fraction"] == pytest.approx(positive.float().mean().item())
+    assert len(seen["s"]) == positive.sum()
+    expected = dc.wasserstein_per_dim(torch.full((int(positive.sum()), 3), 0.5), a[positive]).mean()
+    assert row["pad/sample_wasserstein"] == pytest.approx(expected.item())
 
 
 def test_online_critic_variants_score_data_and_candidates_alike():
@@ -203,15 +248,13 @@ def test_actor_loss_matches_eq_13_and_polyak_update():
     a_bar = torch.rand_like(a) * 2 - 1
     actor, critic, old_target = copy.deepcopy(agent.actor), copy.deepcopy(agent.critic), copy.deepcopy(agent.actor_target)
     weight = (torch.arange(32) % 3 > 0).float()  # A2PR-style weights; 1 everywhere in eq. (13)
-    metrics = agent.update_actor(s, a, a_bar, weight)
+    metrics = agent.update_actor(s, a_bar, weight)
     pi = actor(s)
     q1 = critic(s, pi)[0]
     bc = (weight * ((pi - a_bar) ** 2).sum(-1)).mean() / 3
     expected = -(2.5 / q1.abs().mean()) * q1.mean() + bc
     torch.testing.assert_close(metrics["losses/actor_loss"], expected.detach())
     torch.testing.assert_close(metrics["losses/bc_loss"], bc.detach())
-    assert metrics["adpo/actor_target_distance"].item() == pytest.approx((pi - a_bar).pow(2).mean().sqrt().item(), rel=1e-5)
-    assert metrics["adpo/actor_data_distance"].item() == pytest.approx((pi - a).pow(2).mean().sqrt().item(), rel=1e-5)
     for new, old, online in zip(agent.actor_target.parameters(), old_target.parameters(), agent.actor.parameters()):
         torch.testing.assert_close(new, 0.9 * old + 0.1 * online)
 
@@ -431,3 +474,42 @@ def test_rewards_of_the_wrong_width_are_refused_not_truncated(tmp_path):
     write_d4rl_file(path, rewards=np.ones((95, 2), np.float32))
     with pytest.raises(dc.InputError, match="'rewards' has shape \\(95, 2\\), expected \\(95,\\)"):
         dc.load_d4rl_file(str(path), 11, 3)
+
+
+# ---------------------------------------------------------------------------------------------- modes and variants
+def test_no_adpo_is_the_td3bc_backbone():
+    """--no-adpo: no diffusion model and no value net exist, only the critic and actor steps run, the BC target is a."""
+    agent = small_agent(adpo=False)
+    assert set(agent.modules()) == {"actor", "actor_target", "critic", "critic_target"}
+    assert set(agent.optimizers()) == {"actor_optimizer", "critic_optimizer"}
+    seen = {}
+    update_actor = agent.update_actor
+    agent.update_actor = lambda s, a_bar, w: seen.update(a_bar=a_bar, w=w) or update_actor(s, a_bar, w)
+    s, a, *rest = batch()
+    metrics = agent.update((s, a, *rest), update_actor=True)
+    assert set(metrics) == {"losses/qf_loss", "losses/qf1_values", "losses/actor_loss", "losses/bc_loss"}
+    assert seen["a_bar"] is a and seen["w"] is None
+
+
+def test_no_pad_trains_the_diffusion_model_on_every_action():
+    """--no-pad: uniform weights zeta in the diffusion loss, whatever the advantage; ADPO still runs."""
+    agent = small_agent(pad=False, pad_strength=2.0)
+    seen = {}
+
+    def recording_loss(s, a, w):
+        seen["w"] = w
+        return agent.diffusion.eps_model.net[0].weight.sum()
+
+    agent.diffusion.loss = recording_loss
+    s, a, *_ = batch(n=4)
+    metrics = agent.update_pad(s, a, adv=torch.tensor([0.3, 0.0, -1.0, 2.0]))
+    assert seen["w"].tolist() == [2.0, 2.0, 2.0, 2.0]
+    assert metrics["pad/positive_fraction"].item() == pytest.approx(0.5)  # still logged: the share PAD would keep
+    assert "adpo/generated_fraction" in small_agent(pad=False).update(batch(), update_actor=True)
+
+
+def test_adpo_start_imitates_the_dataset_action_first():
+    agent = small_agent()
+    agent.select_target = lambda *args: pytest.fail("ADPO must not run before --adpo-start")
+    metrics = agent.update(batch(), update_actor=True, use_adpo=False)
+    assert "adpo/generated_fraction" not in metrics and "losses/pad_loss" in metrics  # PAD trains all along
