@@ -1,0 +1,177 @@
+"""Gradient steps per second of the training iteration: eager, --compile and --cudagraphs side by side, on the same
+data, with the TD3+BC backbone (--no-adpo) beside DIVO, and the time of each part of the iteration.
+
+It imports the training scripts and times their own update functions (the scripts keep only their in-loop
+`charts/SPS`). Data: the dataset file given, else the cached D4RL file if there is one, else a million random
+transitions of the task's shapes (speed does not depend on the values).
+
+Run:
+    python tools/benchmark.py --env-id hopper-medium-v2 --cuda
+    python tools/benchmark.py --env-id halfcheetah-medium-expert-v2 --cuda --steps 5000
+    python tools/benchmark.py --env-id antmaze-medium-play-v2 --cuda
+    python tools/benchmark.py --env-id hopper-medium-v2 --script pad_pretrain --modes eager compile --no-cuda
+"""
+
+import importlib
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Optional
+
+import numpy as np
+import torch
+import tyro
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+Mode = Literal["eager", "compile", "cudagraphs"]
+
+
+@dataclass
+class Args:
+    env_id: str = "hopper-medium-v2"
+    """a D4RL id: it picks the DIVO script (divo_continuous or divo_antmaze) and the data's shapes"""
+    script: Literal["divo", "pad_pretrain"] = "divo"
+    """time DIVO's iteration (and its TD3+BC backbone), or pad_pretrain.py's"""
+    dataset_path: Optional[str] = None
+    """a D4RL-format file to draw batches from (default: the cached D4RL file, else random transitions)"""
+    modes: list[Mode] = field(default_factory=lambda: ["eager", "compile", "cudagraphs"])
+    """how to run the iteration: plain PyTorch, torch.compile, CUDA graphs (needs a GPU)"""
+    steps: int = 2000
+    """timed gradient steps per mode, after the warm-up"""
+    warmup: int = 200
+    """untimed gradient steps first (compilation and graph capture happen there)"""
+    parts: bool = True
+    """also time each part of the iteration alone (eager)"""
+    cuda: bool = True
+    """use the GPU when there is one"""
+    batch_size: int = 256
+    """the batch size of every update"""
+    hidden_dim: int = 256
+    """width of every hidden layer"""
+    num_layers: int = 3
+    """number of hidden layers of every network"""
+    diffusion_steps: int = 5
+    """number of DDPM steps K"""
+    num_candidates: int = 1
+    """N of eq. (12)"""
+
+
+def load_script(args: Args):
+    """The training script's module: pad_pretrain, or the DIVO script of the env id's domain."""
+    sys.path.insert(0, ROOT)
+    if args.script == "pad_pretrain":
+        return importlib.import_module("pad_pretrain")
+    return importlib.import_module("divo_antmaze" if args.env_id.startswith("antmaze-") else "divo_continuous")
+
+
+def shapes(module, env_id: str) -> tuple[int, int]:
+    """Observation and action sizes of the task (without building its env)."""
+    if hasattr(module, "dataset_dims"):
+        return module.dataset_dims(env_id)
+    if hasattr(module, "OBS_DIM"):
+        return module.OBS_DIM, module.ACT_DIM
+    return {"halfcheetah": (17, 6), "hopper": (11, 3), "walker2d": (17, 6)}[env_id.split("-")[0]]
+
+
+def load_data(module, args: Args, obs_dim: int, act_dim: int, device: torch.device) -> tuple[dict, str]:
+    """Transitions on the device, as the script prepares them, and where they came from."""
+    path = args.dataset_path or module.default_dataset_path(args.env_id)
+    if os.path.isfile(path):
+        transitions = module.qlearning_dataset(module.load_d4rl_file(path, obs_dim, act_dim))
+        source = path
+    else:
+        n, rng = 1_000_000, np.random.default_rng(0)
+        transitions = {"observations": rng.standard_normal((n, obs_dim), dtype=np.float32),
+                       "actions": rng.uniform(-1, 1, (n, act_dim)).astype(np.float32),
+                       "rewards": rng.standard_normal(n, dtype=np.float32), "terminals": rng.random(n) < 1e-3}
+        transitions["next_observations"] = np.roll(transitions["observations"], -1, axis=0)
+        source = f"{n:,} random transitions (no dataset at {path})"
+    transitions["actions"] = np.clip(transitions["actions"], -1.0, 1.0)
+    mean, std = transitions["observations"].mean(axis=0), transitions["observations"].std(axis=0) + 1e-3
+    rows = np.arange(len(transitions["rewards"]))
+    return module.to_device(transitions, rows, mean, std, device), source
+
+
+def build(module, args: Args, obs_dim: int, act_dim: int, device: torch.device, **overrides):
+    """The script's agent (DIVO, or PADPretrainer) with the benchmark's sizes."""
+    sizes = {"env_id": args.env_id, "batch_size": args.batch_size, "hidden_dim": args.hidden_dim,
+             "num_layers": args.num_layers, "cuda": device.type == "cuda", **overrides}
+    if hasattr(module, "PADPretrainer"):
+        return module.PADPretrainer(obs_dim, act_dim, module.Args(diffusion_steps=args.diffusion_steps, **sizes), device)
+    if overrides.get("adpo", True):
+        sizes.update(diffusion_steps=args.diffusion_steps, num_candidates=args.num_candidates)
+    return module.DIVO(obs_dim, act_dim, module.Args(**sizes), device)
+
+
+def steps_per_second(step: Callable[[int], object], steps: int, warmup: int, device: torch.device) -> float:
+    """Run `step(i)` for warm-up then timed steps; gradient steps per second of the timed ones."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for i in range(warmup):
+        step(i)
+    sync()
+    start = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        step(i)
+    sync()
+    return steps / (time.perf_counter() - start)
+
+
+def time_mode(module, args: Args, data: dict, mode: Mode, device: torch.device, obs_dim: int, act_dim: int,
+              **overrides) -> float:
+    """Steps per second of the whole iteration (batch sampling included) in one mode."""
+    agent = build(module, args, obs_dim, act_dim, device, cudagraphs=mode == "cudagraphs", **overrides)
+    if mode == "compile":
+        agent.compile()
+    train_step = module.make_train_step(agent, data, args.batch_size, mode == "cudagraphs")
+    if hasattr(module, "PADPretrainer"):
+        return steps_per_second(lambda i: train_step(), args.steps, args.warmup, device)
+    policy_freq = agent.args.policy_freq
+    return steps_per_second(lambda i: train_step(i % policy_freq == 0, True), args.steps, args.warmup, device)
+
+
+def time_parts(module, args: Args, data: dict, device: torch.device, obs_dim: int, act_dim: int) -> dict[str, float]:
+    """Milliseconds per gradient step of each part of DIVO's iteration, each timed alone (eager)."""
+    agent = build(module, args, obs_dim, act_dim, device)
+    s, a, r, s_next, not_done = module.sample_batch(data, args.batch_size)
+    v, adv, _ = agent.update_value(s, a)
+    a_bar, *_ = agent.select_target(s, a, v, adv)
+    share = 1 / agent.args.policy_freq  # ADPO and the actor run on every policy_freq-th step
+    parts = {"critic, eq. (1)": (1.0, lambda i: agent.update_critic(s, a, r, s_next, not_done)),
+             "value, eq. (2)": (1.0, lambda i: agent.update_value(s, a)),
+             "PAD, eq. (9)-(10)": (1.0, lambda i: agent.update_pad(s, a, adv)),
+             "ADPO sampling, eq. (12)": (share, lambda i: agent.select_target(s, a, v, adv)),
+             "actor + targets, eq. (13)": (share, lambda i: agent.update_actor(s, a_bar))}
+    repeats = max(20, args.steps // 10)
+    return {name: weight * 1e3 / steps_per_second(part, repeats, 10, device) for name, (weight, part) in parts.items()}
+
+
+def main(args: Args) -> None:
+    module = load_script(args)
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    obs_dim, act_dim = shapes(module, args.env_id)
+    data, source = load_data(module, args, obs_dim, act_dim, device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    print(f"benchmark: {module.__name__}, {args.env_id} shapes (observation {obs_dim}, action {act_dim}), batch "
+          f"{args.batch_size}, {args.num_layers} x {args.hidden_dim} hidden, K {args.diffusion_steps}, N "
+          f"{args.num_candidates}\n  device {name}, torch {torch.__version__}; data: {source}")
+    divo = not hasattr(module, "PADPretrainer")
+    print(f"  {'mode':<12}{'steps/s':>12}" + (f"{'TD3+BC backbone':>18}{'DIVO / backbone':>18}" if divo else ""))
+    for mode in args.modes:
+        if mode == "cudagraphs" and device.type != "cuda":
+            print(f"  {mode:<12}{'needs a CUDA GPU':>12}")
+            continue
+        sps = time_mode(module, args, data, mode, device, obs_dim, act_dim)
+        line = f"  {mode:<12}{sps:>12,.0f}"
+        if divo:
+            backbone = time_mode(module, args, data, mode, device, obs_dim, act_dim, adpo=False)
+            line += f"{backbone:>18,.0f}{backbone / sps:>17.2f}x"
+        print(line, flush=True)
+    if args.parts and divo:
+        print("  per gradient step, eager, each part timed alone (ADPO and actor parts divided by policy_freq):")
+        for part, ms in time_parts(module, args, data, device, obs_dim, act_dim).items():
+            print(f"    {part:<28}{ms:8.3f} ms")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
