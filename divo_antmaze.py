@@ -1380,15 +1380,15 @@ if __name__ == "__main__":
         if args.checkpoint_freq and done % args.checkpoint_freq == 0 and done < args.total_timesteps:
             last_checkpoint = checkpoint(done)
 
-    # final evaluation of the last policy, checkpoint, scores
+    # final evaluation of the last policy, scores (their presence marks a finished run), checkpoint
     returns = run_evaluation(args.total_timesteps)
     scores = normalized_score(returns)
-    if args.checkpoint_freq:
-        print(f"checkpoint: {checkpoint(args.total_timesteps)}")
     write_json(os.path.join(run_dir, "scores.json"), {
         **labels, "env_id": args.env_id, "run_name": args.run_name, "exp_name": args.exp_name, "seed": args.seed,
         "step": args.total_timesteps, "normalized_score_mean": scores.mean(), "normalized_score_std": scores.std(),
         "normalized_scores": scores.tolist(), "returns": returns.tolist(), "evaluations": evaluations})
+    if args.checkpoint_freq:
+        print(f"checkpoint: {checkpoint(args.total_timesteps)}")
     if args.save_model:
         model_path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
         torch.save({**run_info, "actor": agent.actor.state_dict()}, model_path)

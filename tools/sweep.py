@@ -1,0 +1,494 @@
+"""The paper's grid (tasks x seeds) of DIVO runs on Ray: on one machine, or on a cluster.
+
+Every (task, seed) is one Ray task that runs divo_continuous.py (locomotion ids) or divo_antmaze.py (antmaze-* ids) as
+a subprocess in the sweep's folder `--out` (default sweeps/{label}): the run writes `{out}/runs/{task}__{label}__{seed}/`
+and its output goes to `{out}/logs/{task}__{label}__{seed}.log`. A failed run is retried from its own checkpoint
+(`--max-retries`), and running the same command again continues an interrupted sweep: finished runs are skipped,
+unfinished ones resume from their last checkpoint. At the end, tools/report.py writes `{out}/report/` (Table I,
+rliable aggregates, curves) from the runs that finished. Arguments after `--` go to every run unchanged. Ctrl-C (or
+SIGTERM) stops the sweep: running runs write a checkpoint first, and the same command continues them. A finished run
+is never trained again: to change its arguments (e.g. longer runs), use another --label or --out.
+
+One machine (Ray is started for the sweep and stopped after it):
+    pip install -r requirements-tools.txt
+    python tools/sweep.py --suite paper --seeds 0 1 2 3 4                          # the paper's 15 tasks x 5 seeds
+    python tools/sweep.py --suite locomotion --seeds 0 1 2 --runs-per-gpu 4 -- --no-adpo --total-timesteps 500000
+    python tools/sweep.py --env-ids hopper-medium-v2 walker2d-medium-v2 --seeds 0 1 --dataset-dir ~/d4rl_files
+    python tools/sweep.py --suite paper --seeds 0 1 2 3 4 --dry-run                # print the planned commands only
+
+A cluster (the repository, the Python environment and `--out` at the same paths on every node, e.g. a shared disk):
+    ray start --head --port 6379                                 # on the head node
+    ray start --address HEAD_IP:6379                             # on every other node
+    python tools/sweep.py --suite paper --seeds 0 1 2 3 4 --address auto --out /shared/sweeps/divo   # on the head
+    python tools/sweep.py --suite paper --seeds 0 1 2 3 4 --address HEAD_IP:6379 --out /shared/sweeps/divo
+    ray stop                                                     # on every node, when done
+With Ray's token authentication on, the nodes and the sweep need the head's token (~/.ray/auth_token or RAY_AUTH_TOKEN).
+"""
+
+import difflib
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import tyro
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: the training scripts live here
+LOCOMOTION_SCRIPT, ANTMAZE_SCRIPT = "divo_continuous.py", "divo_antmaze.py"
+# The ids the scripts accept (their ENV_IDS; importing them here would load torch and MuJoCo for a command line).
+LOCOMOTION_IDS = tuple(f"{robot}-{level}-v2" for robot in ("halfcheetah", "hopper", "walker2d")
+                       for level in ("random", "medium", "medium-replay", "medium-expert", "expert", "full-replay"))
+ANTMAZE_IDS = tuple(f"antmaze-{maze}-v2" for maze in ("umaze", "umaze-diverse", "medium-play", "medium-diverse",
+                                                      "large-play", "large-diverse"))
+SUITES = {
+    "locomotion": [f"{robot}-{level}-v2" for level in ("medium", "medium-replay", "medium-expert")
+                   for robot in ("halfcheetah", "hopper", "walker2d")],
+    "antmaze": list(ANTMAZE_IDS),
+}
+SUITES["paper"] = SUITES["locomotion"] + SUITES["antmaze"]
+# Arguments the sweep sets for every run itself; passing them after `--` is refused.
+SWEEP_FLAGS = ("--env-id", "--seed", "--exp-name", "--run-name", "--resume", "--dataset-path")
+ATTEMPT_HEADER = "=== sweep attempt"  # the first words of the line the log gets before every attempt
+# Test hook (tests/test_sweep.py): =1 makes a fresh attempt SIGKILL its run as soon as the run's checkpoint.pt appears.
+KILL_HOOK = "DIVO_SWEEP_TEST_KILL_AFTER_CHECKPOINT"
+
+
+@dataclass
+class Args:
+    suite: Optional[str] = None
+    """the tasks: `locomotion` (9 Gym-MuJoCo), `antmaze` (6) or `paper` (all 15 of Table I); or give --env-ids"""
+    env_ids: list[str] = field(default_factory=list)
+    """D4RL ids to run instead of a suite, e.g. hopper-medium-v2 antmaze-umaze-v2"""
+    script: Optional[str] = None
+    """the training script of every task (default: divo_antmaze.py for antmaze-* ids, else divo_continuous.py)"""
+    seeds: list[int] = field(default_factory=list)
+    """the seeds of every task, e.g. 0 1 2 3 4"""
+    label: str = "divo"
+    """the runs' --exp-name: the column of the report's table, and part of every run name {task}__{label}__{seed}"""
+    out: Optional[str] = None
+    """the sweep's folder, holding runs/, logs/ and report/ (default sweeps/{label}); on a cluster, a shared path"""
+    dataset_dir: Optional[str] = None
+    """train on local D4RL files DIR/{env_id}.hdf5 or DIR/{env_id without -v2}.hdf5 instead of downloading"""
+    runs_per_gpu: int = 1
+    """runs sharing one GPU (each asks Ray for 1/N GPU) when the cluster has GPUs"""
+    cpus_per_run: int = 1
+    """CPUs Ray reserves for each run, also its OMP_NUM_THREADS"""
+    address: Optional[str] = None
+    """join a running Ray cluster (`auto`, or HOST:PORT of `ray start --head`) instead of starting Ray here"""
+    num_cpus: Optional[int] = None
+    """with a local Ray: the CPUs it may use (default all), which bounds the runs at a time"""
+    temp_dir: Optional[str] = None
+    """with a local Ray: its temporary folder (default Ray's /tmp/ray; keep it short, it holds Unix sockets)"""
+    max_retries: int = 2
+    """times a failed run is started again (from its last checkpoint) before it counts as failed"""
+    status_every: float = 30.0
+    """seconds between two status lines"""
+    report_reps: int = 2000
+    """bootstrap replications of the report's confidence intervals (tools/report.py's --reps)"""
+    dry_run: bool = False
+    """print the planned commands and exit without starting Ray"""
+
+
+class SweepError(Exception):
+    """Bad input: main() prints it as one `error: ` line and exits 1."""
+
+
+class RunFailed(Exception):
+    """A run's script exited with an error; raised inside the Ray task so that Ray retries it."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One (task, seed) of the grid."""
+
+    env_id: str
+    seed: int
+    script: str
+    """absolute path of the training script"""
+    dataset_path: Optional[str]
+    """absolute path of the local D4RL file, or None to let the script download the dataset"""
+    name: str
+    """the run's folder under {out}/runs and its log's name under {out}/logs"""
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line and the grid
+# ----------------------------------------------------------------------------------------------
+def parse_command_line(argv: list[str]) -> tuple[Args, list[str]]:
+    """The sweep's own arguments, and those after the first `--` that go to every run unchanged."""
+    own, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    description = f"{__doc__.splitlines()[0]} Arguments after `--` go to every run unchanged, e.g. `-- --no-adpo`."
+    return tyro.cli(Args, args=own, description=description), extra
+
+
+def script_of(env_id: str) -> str:
+    return ANTMAZE_SCRIPT if env_id.startswith("antmaze-") else LOCOMOTION_SCRIPT
+
+
+def find_dataset(dataset_dir: str, env_id: str) -> tuple[Optional[str], list[str]]:
+    """The task's file in `dataset_dir` (or None), and the names looked for."""
+    names = [f"{env_id}.hdf5"] + ([f"{env_id[: -len('-v2')]}.hdf5"] if env_id.endswith("-v2") else [])
+    for name in names:
+        if os.path.isfile(os.path.join(dataset_dir, name)):
+            return os.path.join(dataset_dir, name), names
+    return None, names
+
+
+def check_args(args: Args, extra: list[str]) -> None:
+    """Stop with one message for input that cannot make a sweep."""
+    if (args.suite is None) == (not args.env_ids):
+        raise SweepError("give either --suite (locomotion, antmaze or paper) or --env-ids, not both or neither")
+    if args.suite is not None and args.suite not in SUITES:
+        raise SweepError(f"unknown --suite {args.suite!r}: choose {', '.join(SUITES)}")
+    if not args.seeds:
+        raise SweepError("no seeds: pass e.g. --seeds 0 1 2 3 4")
+    for values, what in ((args.seeds, "seed"), (args.env_ids, "env id")):
+        twice = sorted({str(v) for v in values if values.count(v) > 1})
+        if twice:
+            raise SweepError(f"{what} given more than once: {', '.join(twice)}")
+    if any(not 0 <= seed < 2**32 for seed in args.seeds):
+        raise SweepError(f"seeds must be in [0, 4294967295], got {' '.join(map(str, args.seeds))}")
+    for env_id in args.env_ids:
+        if env_id not in LOCOMOTION_IDS + ANTMAZE_IDS:
+            close = difflib.get_close_matches(env_id, LOCOMOTION_IDS + ANTMAZE_IDS, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise SweepError(f"unknown env id {env_id!r}; {hint}valid ids: {', '.join(LOCOMOTION_IDS + ANTMAZE_IDS)}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", args.label):
+        raise SweepError(f"--label {args.label!r} must be a folder name: letters, digits and . _ + -")
+    for name, value, low in (("--runs-per-gpu", args.runs_per_gpu, 1), ("--cpus-per-run", args.cpus_per_run, 1),
+                             ("--max-retries", args.max_retries, 0), ("--report-reps", args.report_reps, 1)):
+        if value < low:
+            raise SweepError(f"{name} must be at least {low}, got {value}")
+    if args.num_cpus is not None and args.num_cpus < args.cpus_per_run:
+        raise SweepError(f"--num-cpus {args.num_cpus} leaves no room for one run of --cpus-per-run {args.cpus_per_run}")
+    if not args.status_every > 0:
+        raise SweepError(f"--status-every must be positive, got {args.status_every}")
+    if args.address and (args.num_cpus is not None or args.temp_dir):
+        raise SweepError("--num-cpus and --temp-dir are for a local Ray; a cluster's are set by its `ray start`")
+    taken = [arg for arg in extra if arg.partition("=")[0].replace("_", "-") in SWEEP_FLAGS]
+    if taken:
+        raise SweepError(f"{', '.join(taken)} after `--`: the sweep sets {', '.join(SWEEP_FLAGS)} for every run itself "
+                         "(use --env-ids, --seeds, --label and --dataset-dir)")
+    if args.dataset_dir is not None and not os.path.isdir(args.dataset_dir):
+        raise SweepError(f"--dataset-dir {args.dataset_dir} is not a folder")
+    if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise SweepError(f"--out {args.out} is a file, not a folder")
+
+
+def resolve_script(script: str) -> str:
+    """An explicit --script: as given (from the working directory), else relative to the repository."""
+    for path in (os.path.abspath(script), os.path.join(ROOT, script)):
+        if os.path.isfile(path):
+            return path
+    raise SweepError(f"--script {script}: no such file here or in {ROOT}")
+
+
+def plan_runs(args: Args) -> list[Run]:
+    """The grid, task by task and seed by seed, with each run's script, data and name."""
+    env_ids = SUITES[args.suite] if args.suite else args.env_ids
+    script = resolve_script(args.script) if args.script else None
+    for env_id in env_ids:  # a known script given for the other family of ids would refuse every run
+        if script and os.path.basename(script) in (LOCOMOTION_SCRIPT, ANTMAZE_SCRIPT) \
+                and os.path.basename(script) != script_of(env_id):
+            raise SweepError(f"{env_id} is run by {script_of(env_id)}, not by --script {args.script}")
+    datasets: dict[str, Optional[str]] = {env_id: None for env_id in env_ids}
+    if args.dataset_dir is not None:
+        missing = []
+        for env_id in env_ids:
+            path, names = find_dataset(args.dataset_dir, env_id)
+            datasets[env_id] = os.path.abspath(path) if path else None
+            if path is None:
+                missing.append(f"{env_id} (looked for {' or '.join(names)})")
+        if missing:
+            raise SweepError(f"no dataset file in --dataset-dir {args.dataset_dir} for {'; '.join(missing)}")
+    runs = []
+    for env_id in env_ids:
+        path = datasets[env_id]
+        task = os.path.splitext(os.path.basename(path))[0] if path else env_id  # as the scripts name the task
+        for seed in args.seeds:
+            runs.append(Run(env_id, seed, script or os.path.join(ROOT, script_of(env_id)), path,
+                            f"{task}__{args.label}__{seed}"))
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------
+# One run (the body of a Ray task; also used by the driver to plan)
+# ----------------------------------------------------------------------------------------------
+def run_state(out: str, name: str) -> Literal["finished", "resume", "restart", "new"]:
+    """What the next attempt of a run does: nothing, continue its checkpoint, start over, or start."""
+    run_dir = os.path.join(out, "runs", name)
+    if os.path.isfile(os.path.join(run_dir, "scores.json")):
+        return "finished"
+    if os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
+        return "resume"
+    return "restart" if os.path.exists(run_dir) else "new"  # restart: an attempt died before its first checkpoint
+
+
+def script_args(run: Run, label: str, state: str, extra: list[str], cuda: bool) -> list[str]:
+    """The script and its arguments for an attempt (paths relative to the sweep's folder, its working directory)."""
+    data = ["--dataset-path", run.dataset_path] if run.dataset_path else []
+    if state == "resume":  # the other arguments come from the checkpoint
+        start = ["--resume", f"runs/{run.name}/checkpoint.pt"]
+    else:
+        start = ["--env-id", run.env_id, "--seed", str(run.seed), "--exp-name", label, "--run-name", run.name]
+    return [run.script, *start, *data, *(["--cuda"] if cuda else []), *extra]
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, minutes = seconds // 3600, seconds // 60 % 60
+    return f"{hours}h{minutes:02d}m{seconds % 60:02d}s" if hours else f"{minutes}m{seconds % 60:02d}s"
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' * (n != 1)}"
+
+
+def last_line(path: str, offset: int) -> str:
+    """The last non-empty line written to `path` after `offset` (an attempt's last words)."""
+    with open(path, errors="replace") as f:
+        f.seek(offset)
+        lines = [line.strip() for line in f.read().splitlines() if line.strip() and not line.startswith("=== ")]
+    errors = [line for line in lines if line.startswith("error: ")]
+    return (errors or lines or ["(no output)"])[-1]
+
+
+def run_one(run: Run, out: str, label: str, extra: list[str], cuda: bool, threads: int) -> dict:
+    """One attempt at a run: skip it if finished, else run its script (resuming its checkpoint) and wait for it.
+
+    Raises RunFailed when the script fails, so that Ray tries again: the next attempt resumes the checkpoint."""
+    state = run_state(out, run.name)
+    if state == "finished":
+        return {"name": run.name, "status": "skipped"}
+    run_dir, log_path = os.path.join(out, "runs", run.name), os.path.join(out, "logs", f"{run.name}.log")
+    if state == "restart":
+        shutil.rmtree(run_dir)
+    command = [sys.executable, *script_args(run, label, state, extra, cuda)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    kill_after_checkpoint = os.environ.get(KILL_HOOK) == "1" and state != "resume"
+    if threading.current_thread() is threading.main_thread():  # ray.cancel interrupts us through Python's SIGINT
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # handler, absent if Ray started with SIGINT ignored
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    start = time.time()
+    with open(log_path, "a") as log:
+        offset = log.tell()
+        log.write(f"{ATTEMPT_HEADER} {time.strftime('%Y-%m-%d %H:%M:%S')} on {socket.gethostname()} "
+                  f"in {out}: {shlex.join(command)}\n")
+        log.flush()
+        proc = subprocess.Popen(command, cwd=out, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # a Ctrl-C of the sweep reaches the run only as our SIGTERM
+        try:
+            while proc.poll() is None:
+                time.sleep(0.02 if kill_after_checkpoint else 0.5)
+                if kill_after_checkpoint and os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
+                    proc.kill()
+                    proc.wait()
+                    log.write(f"=== killed by the test hook {KILL_HOOK} after the first checkpoint\n")
+        finally:
+            if proc.poll() is None:  # the task is cancelled (the sweep was stopped): the run checkpoints on SIGTERM
+                proc.terminate()
+                try:
+                    proc.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            seconds = time.time() - start
+            log.write(f"=== exit {proc.returncode} after {format_seconds(seconds)}\n")
+    if os.path.isfile(os.path.join(run_dir, "scores.json")):  # its existence means finished, as for tools/report.py
+        return {"name": run.name, "status": "finished", "seconds": seconds, "host": socket.gethostname()}
+    exit_status = f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0 else \
+        f"exited {proc.returncode}"
+    raise RunFailed(f"{exit_status}: {'no scores.json' if proc.returncode == 0 else last_line(log_path, offset)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The sweep on Ray
+# ----------------------------------------------------------------------------------------------
+def start_ray(args: Args):
+    """Import Ray and start it here, or join the cluster at --address."""
+    try:
+        import ray
+    except ImportError:
+        raise SweepError("Ray is not installed: pip install -r requirements-tools.txt") from None
+    try:
+        if args.address:
+            ray.init(address=args.address, log_to_driver=False, logging_level="WARNING")
+        else:
+            ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
+                     object_store_memory=128 * 1024**2, _temp_dir=os.path.abspath(args.temp_dir) if args.temp_dir else None)
+    except Exception as e:  # no cluster at that address, refused authentication, no room for Ray's files, ...
+        where = f"join the Ray cluster at {args.address} (is `ray start --head` running there?)" if args.address \
+            else "start Ray on this machine"
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise SweepError(f"could not {where}: {type(e).__name__}: {first_line}") from None
+    return ray
+
+
+def error_message(error: Exception) -> str:
+    """The cause of a failed Ray task in one line."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, Exception):
+        error = cause
+    lines = str(error).strip().splitlines() or [""]
+    return f"{type(error).__name__}: {lines[0]}" if not isinstance(error, RunFailed) else lines[0]
+
+
+class Progress:
+    """Counts of the sweep's runs, the line printed for each result and the periodic status line."""
+
+    def __init__(self, total: int, skipped: int, cpus_per_run: int):
+        self.total, self.skipped, self.cpus_per_run = total, skipped, cpus_per_run
+        self.start = time.time()
+        self.durations: list[float] = []
+        self.failed: dict[str, str] = {}
+
+    def finished(self, name: str, seconds: float, log_path: str) -> None:
+        self.durations.append(seconds)
+        print(f"[{self.skipped + len(self.durations) + len(self.failed)}/{self.total}] finished {name} in "
+              f"{format_seconds(seconds)} (log: {log_path})", flush=True)
+
+    def failure(self, name: str, message: str, log_path: str) -> None:
+        self.failed[name] = message
+        print(f"[{self.skipped + len(self.durations) + len(self.failed)}/{self.total}] FAILED {name}: {message} "
+              f"(log: {log_path})", flush=True)
+
+    def status(self, ray, pending: int) -> str:
+        """`runs: N done, N running, N failed, N queued (skipped: N) | elapsed 12m03s | ETA ~40m`."""
+        busy = ray.cluster_resources().get("CPU", 0) - ray.available_resources().get("CPU", 0)
+        running = max(0, min(pending, round(busy / self.cpus_per_run)))  # Ray's busy CPUs; exact on a dedicated cluster
+        queued = pending - running
+        eta = "-"
+        if self.durations and pending:
+            left = sum(self.durations) / len(self.durations) * pending / max(running, 1)
+            eta = f"~{format_seconds(left)[:-3]}" if left >= 60 else "~<1m"
+        return (f"runs: {len(self.durations)} done, {running} running, {len(self.failed)} failed, {queued} queued "
+                f"(skipped: {self.skipped}) | elapsed {format_seconds(time.time() - self.start)} | ETA {eta}")
+
+
+def stop_on_sigterm(signum: int, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def run_sweep(args: Args, extra: list[str], runs: list[Run], out: str) -> Progress:
+    """Run every unfinished run of the grid on Ray, printing each result and a status line now and then."""
+    todo = [run for run in runs if run_state(out, run.name) != "finished"]
+    for run in runs:
+        if run not in todo:
+            print(f"skipped (finished): {run.name}")
+    progress = Progress(len(runs), len(runs) - len(todo), args.cpus_per_run)
+    if not todo:
+        print("nothing to run: every run finished earlier")
+        return progress
+    ray = start_ray(args)
+    try:
+        resources = ray.cluster_resources()
+        gpus = resources.get("GPU", 0) > 0
+        where = f"the Ray cluster at {args.address}" if args.address else "a local Ray"
+        print(f"{where}: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs; each run asks for "
+              f"{plural(args.cpus_per_run, 'CPU')}" + (f" and 1/{args.runs_per_gpu} GPU" if gpus else ""))
+        print_plan(todo, out, args.label, extra, gpus)
+        remote = ray.remote(run_one)
+        options = {"num_cpus": args.cpus_per_run, "num_gpus": 1 / args.runs_per_gpu if gpus else 0,
+                   "max_retries": args.max_retries, "retry_exceptions": True}
+        refs = {remote.options(**options, name=run.name).remote(run, out, args.label, extra, gpus, args.cpus_per_run): run
+                for run in todo}
+        pending = list(refs)
+        signal.signal(signal.SIGTERM, stop_on_sigterm)  # `kill` of the sweep stops it like Ctrl-C
+        try:
+            next_status = time.time() + args.status_every
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, next_status - time.time()))
+                for ref in ready:
+                    run, log_path = refs[ref], os.path.join(out, "logs", f"{refs[ref].name}.log")
+                    try:
+                        result = ray.get(ref)
+                    except Exception as error:  # the last attempt failed (the script, the worker or its node)
+                        progress.failure(run.name, error_message(error), log_path)
+                    else:
+                        if result["status"] == "skipped":  # finished by someone else since the sweep started
+                            progress.skipped += 1
+                            print(f"skipped (finished): {run.name}", flush=True)
+                        else:
+                            progress.finished(run.name, result["seconds"], log_path)
+                if time.time() >= next_status:
+                    print(progress.status(ray, len(pending)), flush=True)
+                    next_status = time.time() + args.status_every
+        except KeyboardInterrupt:
+            print(f"\nstopping {len(pending)} unfinished runs (running ones checkpoint first); "
+                  "the same command continues the sweep", flush=True)
+            for ref in pending:
+                ray.cancel(ref)
+            ray.wait(pending, num_returns=len(pending), timeout=150)
+            for ref in pending:
+                progress.failed[refs[ref].name] = "stopped (the sweep was interrupted)"
+        return progress
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        ray.shutdown()
+
+
+def print_plan(runs: list[Run], out: str, label: str, extra: list[str], cuda: bool) -> None:
+    """The command each run starts with (from the sweep's folder), as the next attempt would run it."""
+    print(f"planned commands (working directory {out}):")
+    for run in runs:
+        state = run_state(out, run.name)
+        note = {"resume": "  # continues its checkpoint", "restart": "  # after removing its folder (no checkpoint yet)",
+                "finished": "  # finished: skipped"}.get(state, "")
+        print(f"  {shlex.join([sys.executable, *script_args(run, label, state, extra, cuda)])}{note}")
+
+
+def write_report(out: str, reps: int) -> Optional[str]:
+    """tools/report.py over the sweep's runs into {out}/report; the table's path, or None if nothing finished."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from report import ReportError, collect_runs, make_report
+
+    try:
+        written = make_report(collect_runs([os.path.join(out, "runs")]), os.path.join(out, "report"),
+                              reps=reps, profile_reps=max(1, reps // 2))
+    except ReportError as e:
+        print(f"no report: {e}", file=sys.stderr)
+        return None
+    return written["table.md"]
+
+
+def main() -> None:
+    args, extra = parse_command_line(sys.argv[1:])
+    try:
+        check_args(args, extra)
+        runs = plan_runs(args)
+    except SweepError as e:
+        raise SystemExit(f"error: {e}") from None
+    out = os.path.abspath(os.path.expanduser(args.out or os.path.join("sweeps", args.label)))
+    tasks = len(runs) // len(args.seeds)
+    print(f"sweep {args.label}: {plural(len(runs), 'run')} ({plural(tasks, 'task')} x {plural(len(args.seeds), 'seed')}) "
+          f"in {out}")
+    if args.dry_run:
+        print_plan(runs, out, args.label, extra, cuda=False)
+        print("(with --cuda added when the Ray cluster has GPUs)")
+        return
+    os.makedirs(os.path.join(out, "runs"), exist_ok=True)
+    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+    try:
+        progress = run_sweep(args, extra, runs, out)
+    except SweepError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"sweep done in {format_seconds(time.time() - progress.start)}: {len(runs) - len(progress.failed)} of "
+          f"{len(runs)} runs finished ({progress.skipped} skipped as finished earlier), {len(progress.failed)} failed")
+    for name, message in progress.failed.items():
+        print(f"  failed {name}: {message}\n    log: {os.path.join(out, 'logs', name + '.log')}")
+    table = write_report(out, args.report_reps)
+    if table:
+        print(f"report: {os.path.dirname(table)} (table: {table})")
+    raise SystemExit(1 if progress.failed else 0)
+
+
+if __name__ == "__main__":
+    main()
