@@ -111,17 +111,17 @@ class Args:
     num_layers: int = 3
     """number of hidden layers of every network"""
     adpo: bool = True
-    """ADPO (eq. 12); --no-adpo: the BC target is the dataset action, the TD3+BC backbone (no diffusion model, no V)"""
+    """ADPO (eq. 12); --no-adpo: imitate the dataset action, the TD3+BC backbone (no diffusion)"""
     pad: bool = True
-    """PAD weights 1[A > 0] (eq. 10); --no-pad: the diffusion model learns every dataset action (uniform weights)"""
+    """PAD weights 1[A > 0] (eq. 10); --no-pad: the diffusion model learns every action alike"""
     adpo_start: int = 0
-    """variant: imitate the dataset action for this many steps before ADPO starts choosing targets"""
+    """variant: imitate the dataset action for this many steps before ADPO chooses targets"""
     adpo_critic: Literal["target-min", "online-min", "online-q1"] = "target-min"
-    """variant: the Q that scores ADPO's candidates: min of the target critics (eq. 12), of the online ones, or online Q1"""
+    """variant: the Q scoring ADPO's contest: target critics' min (eq. 12), online min, online Q1"""
     adpo_positive_only: bool = False
     """variant: a generated action can win only where its own advantage is positive"""
     bc_weight: Literal["none", "a2pr"] = "none"
-    """variant: `a2pr` imitates the target only where its advantage is >= 0 (A2PR's weight); `none`: everywhere"""
+    """variant: `a2pr` imitates the target only where its advantage is >= 0; `none`: always"""
 
     # Evaluation
     legacy_inertia: bool = True
@@ -133,11 +133,11 @@ class Args:
 
     # Run management
     run_name: Optional[str] = None
-    """the run's folder under runs/ (default {env_id}__{exp_name}__{seed}__{unix time}); it must not exist yet"""
+    """the run's new folder under runs/ (default {env_id}__{exp_name}__{seed}__{unix time})"""
     log_freq: int = 1000
     """log losses and diagnostics and print a progress line every this many gradient steps"""
     checkpoint_freq: int = 50_000
-    """write `runs/{run_name}/checkpoint.pt` every this many gradient steps and at the end (0: never)"""
+    """write `runs/{run_name}/checkpoint.pt` every this many steps and at the end (0: never)"""
     resume: Optional[str] = None
     """continue the run of this checkpoint (arguments not given on the command line come from it)"""
     pad_checkpoint: Optional[str] = None
@@ -145,11 +145,11 @@ class Args:
     freeze_pad: bool = False
     """with --pad-checkpoint: keep the pretrained diffusion model fixed and skip the PAD step"""
     holdout: int = 0
-    """transitions held out of training for the PAD sample-quality diagnostic (0: measure it on 2,000 training ones)"""
+    """transitions held out for the PAD sample-quality diagnostic (0: use 2,000 training ones)"""
     compile: bool = False
     """compile the update functions with torch.compile"""
     cudagraphs: bool = False
-    """capture each training iteration as a CUDA graph and replay it (needs a GPU; see the README's Speed section)"""
+    """replay each training iteration as a captured CUDA graph (needs a GPU; README: Speed)"""
 
     def __post_init__(self):
         check_args(self)  # every range and combination, against ARG_RANGES below
@@ -159,7 +159,7 @@ class Args:
 # ----------------------------------------------------------------------------------------------
 # Networks
 # ----------------------------------------------------------------------------------------------
-def mlp(in_dim: int, out_dim: int, hidden_dim: int, num_layers: int, activation: type[nn.Module]) -> nn.Sequential:
+def mlp(in_dim: int, out_dim: int, hidden_dim: int, num_layers: int, activation) -> nn.Sequential:
     """`num_layers` hidden layers of `hidden_dim` units, then a linear output."""
     layers, dim = [], in_dim
     for _ in range(num_layers):
@@ -198,7 +198,7 @@ class VectorizedLinear(nn.Module):
 class TwinCritic(nn.Module):
     """Q_theta1 and Q_theta2 (eq. 1) as one ensemble of two MLPs, evaluated in a single call."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, num_layers: int, num_critics: int = 2):
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, num_layers: int, num_critics=2):
         super().__init__()
         dims = [obs_dim + act_dim] + [hidden_dim] * num_layers
         layers = []
@@ -230,7 +230,8 @@ class SinusoidalEmbedding(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         half = dim // 2
-        self.register_buffer("freqs", torch.exp(torch.arange(half) * -(math.log(10000.0) / (half - 1))))
+        freqs = torch.exp(torch.arange(half) * -(math.log(10000.0) / (half - 1)))
+        self.register_buffer("freqs", freqs)
 
     def forward(self, k: torch.Tensor) -> torch.Tensor:
         x = k.float().unsqueeze(-1) * self.freqs
@@ -240,10 +241,10 @@ class SinusoidalEmbedding(nn.Module):
 class NoiseNet(nn.Module):
     """eps_omega(a_k, k, s): predicts the noise in a noised action (Diffusion-QL's MLP)."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, num_layers: int, t_dim: int = 16):
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, num_layers: int, t_dim=16):
         super().__init__()
-        self.time_mlp = nn.Sequential(SinusoidalEmbedding(t_dim), nn.Linear(t_dim, 2 * t_dim), nn.Mish(),
-                                      nn.Linear(2 * t_dim, t_dim))
+        layers = [nn.Linear(t_dim, 2 * t_dim), nn.Mish(), nn.Linear(2 * t_dim, t_dim)]
+        self.time_mlp = nn.Sequential(SinusoidalEmbedding(t_dim), *layers)
         self.net = mlp(act_dim + t_dim + obs_dim, act_dim, hidden_dim, num_layers, nn.Mish)
 
     def forward(self, a_k: torch.Tensor, k: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -256,7 +257,8 @@ class NoiseNet(nn.Module):
 def vp_beta_schedule(num_steps: int, beta_min: float, beta_max: float) -> torch.Tensor:
     """Variance-preserving betas beta_1..beta_K (Diffusion-QL's discretisation), float64."""
     k = torch.arange(1, num_steps + 1, dtype=torch.float64)
-    return 1 - torch.exp(-beta_min / num_steps - (beta_max - beta_min) * (2 * k - 1) / (2 * num_steps**2))
+    exponent = beta_min / num_steps + (beta_max - beta_min) * (2 * k - 1) / (2 * num_steps**2)
+    return 1 - torch.exp(-exponent)
 
 
 class Diffusion(nn.Module):
@@ -267,8 +269,9 @@ class Diffusion(nn.Module):
         super().__init__()
         self.eps_model = NoiseNet(obs_dim, act_dim, hidden_dim, num_layers)
         self.num_steps, self.act_dim = num_steps, act_dim
-        # Every schedule tensor is indexed by k = 0..K, with k = 0 meaning "no noise" (alpha_bar_0 = 1).
-        betas = torch.cat([torch.zeros(1, dtype=torch.float64), vp_beta_schedule(num_steps, beta_min, beta_max)])
+        # Every schedule tensor is indexed by k = 0..K; k = 0 means "no noise" (alpha_bar_0 = 1).
+        betas = vp_beta_schedule(num_steps, beta_min, beta_max)
+        betas = torch.cat([torch.zeros(1, dtype=torch.float64), betas])
         alphas = 1 - betas
         alpha_bar = torch.cumprod(alphas, dim=0)
         alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
@@ -287,23 +290,27 @@ class Diffusion(nn.Module):
             self.register_buffer(name, value.float())
 
     def loss(self, s: torch.Tensor, a: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Weighted denoising loss, eq. (9)-(10): mean_b w_b ||eps_b - eps_omega(a_k, k, s)||^2 / act_dim."""
+        """Weighted denoising loss, eq. (9)-(10): mean_b w_b ||eps - eps_omega(a_k, k, s)||^2."""
         k = torch.randint(1, self.num_steps + 1, (len(a),), device=a.device)  # k ~ U{1..K}
         eps = torch.randn_like(a)
-        a_k = self.sqrt_alpha_bar[k, None] * a + self.sqrt_one_minus_alpha_bar[k, None] * eps  # eq. (3), (5)
+        # eq. (3), (5)
+        a_k = self.sqrt_alpha_bar[k, None] * a + self.sqrt_one_minus_alpha_bar[k, None] * eps
         return (weights[:, None] * (eps - self.eps_model(a_k, k, s)) ** 2).mean()
 
     @torch.no_grad()
     def sample(self, s: torch.Tensor) -> torch.Tensor:
-        """DDPM ancestral sampling a_K -> a_0 (eq. 4, 7, 8), all noise drawn up front; actions in [-1, 1]."""
+        """DDPM ancestral sampling a_K -> a_0 (eq. 4, 7, 8), noise drawn up front; in [-1, 1]."""
         noise = torch.randn(self.num_steps + 1, len(s), self.act_dim, device=s.device)
         a = noise[self.num_steps]  # a_K ~ N(0, I)
         for k in range(self.num_steps, 0, -1):
             k_batch = torch.full((len(s),), k, device=s.device)
             eps = self.eps_model(a, k_batch, s)
-            a0_hat = (self.sqrt_recip_alpha_bar[k] * a - self.sqrt_recipm1_alpha_bar[k] * eps).clamp(-1, 1)  # (7)
+            # eq. (7): the clean action the noise prediction implies, clipped to the action box
+            a0_hat = self.sqrt_recip_alpha_bar[k] * a - self.sqrt_recipm1_alpha_bar[k] * eps
+            a0_hat = a0_hat.clamp(-1, 1)
             mean = self.posterior_coef_a0[k] * a0_hat + self.posterior_coef_ak[k] * a  # eq. (8)
-            a = mean + self.posterior_std[k] * noise[k - 1]  # posterior_std[1] = 0: no noise on the last step
+            # posterior_std[1] = 0: no noise on the last step
+            a = mean + self.posterior_std[k] * noise[k - 1]
         return a.clamp(-1, 1)
 
 
@@ -315,9 +322,8 @@ def expectile_loss(u: torch.Tensor, expectile: float) -> torch.Tensor:
     return (torch.abs(expectile - (u < 0).float()) * u**2).mean()
 
 
-def adpo_target(a: torch.Tensor, adv: torch.Tensor, candidates: torch.Tensor, cand_adv: torch.Tensor,
-                positive_only: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Eq. (12): per state, the action of largest advantage among {a, a_hat_1..N}; ties go to a generated one.
+def adpo_target(a, adv, candidates, cand_adv, positive_only=False):
+    """Eq. (12): per state, the action of largest advantage in {a, a_hat_1..N}; ties go to a_hat.
 
     a: (B, A) dataset actions, adv: (B,) their advantages; candidates: (N, B, A), cand_adv: (N, B).
     `positive_only` (a variant) lets a generated action win only where its own advantage is > 0.
@@ -337,8 +343,13 @@ def rms(x: torch.Tensor) -> torch.Tensor:
     return x.pow(2).mean().sqrt()
 
 
+def adam(module: nn.Module, lr: float, capturable: bool) -> torch.optim.Adam:
+    """Adam; `capturable` (--cudagraphs) keeps its step counts on the device, for CUDA graphs."""
+    return torch.optim.Adam(module.parameters(), lr=lr, capturable=capturable)
+
+
 class DIVO:
-    """DIVO's networks and optimisers, and one training iteration: critic -> value -> PAD -> ADPO + actor."""
+    """DIVO's networks and optimisers, and one iteration: critic -> value -> PAD -> ADPO + actor."""
 
     def __init__(self, obs_dim: int, act_dim: int, args: Args, device: torch.device):
         h, n = args.hidden_dim, args.num_layers
@@ -347,20 +358,18 @@ class DIVO:
         self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
         self.critic = TwinCritic(obs_dim, act_dim, h, n).to(device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
-        # --cudagraphs keeps Adam's step counts on the device (capturable), where a CUDA graph can update them
-        capturable = args.cudagraphs
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr, capturable=capturable)
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, capturable=capturable)
-        if args.adpo:  # with --no-adpo V_psi and the diffusion model could not reach the actor: not built
+        self.actor_optimizer = adam(self.actor, args.actor_lr, args.cudagraphs)
+        self.critic_optimizer = adam(self.critic, args.critic_lr, args.cudagraphs)
+        # With --no-adpo, V_psi and the diffusion model could not reach the actor: not built.
+        if args.adpo:
             self.value = ValueNet(obs_dim, h, n).to(device)
-            self.diffusion = Diffusion(obs_dim, act_dim, args.diffusion_steps, args.beta_min, args.beta_max, h, n)
-            self.diffusion = self.diffusion.to(device)
+            K, b_min, b_max = args.diffusion_steps, args.beta_min, args.beta_max
+            self.diffusion = Diffusion(obs_dim, act_dim, K, b_min, b_max, h, n).to(device)
             self.diffusion.requires_grad_(not args.freeze_pad)
-            self.value_optimizer = torch.optim.Adam(self.value.parameters(), lr=args.value_lr, capturable=capturable)
-            self.diffusion_optimizer = torch.optim.Adam(self.diffusion.parameters(), lr=args.diffusion_lr,
-                                                        capturable=capturable)
-        self.online_params = list(self.actor.parameters()) + list(self.critic.parameters())
-        self.target_params = list(self.actor_target.parameters()) + list(self.critic_target.parameters())
+            self.value_optimizer = adam(self.value, args.value_lr, args.cudagraphs)
+            self.diffusion_optimizer = adam(self.diffusion, args.diffusion_lr, args.cudagraphs)
+        self.online_params = [*self.actor.parameters(), *self.critic.parameters()]
+        self.target_params = [*self.actor_target.parameters(), *self.critic_target.parameters()]
 
     def target_q(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """min_i Q_theta'_i(s, a): the pessimistic value of eq. (1), (2) and (12)."""
@@ -370,18 +379,19 @@ class DIVO:
         """TD3 critic step, eq. (1), with target policy smoothing."""
         args = self.args
         with torch.no_grad():
-            noise = (torch.randn_like(a) * args.policy_noise).clamp(-args.noise_clip, args.noise_clip)
+            noise = torch.randn_like(a) * args.policy_noise
+            noise = noise.clamp(-args.noise_clip, args.noise_clip)
             a_next = (self.actor_target(s_next) + noise).clamp(-1, 1)
             y = r + args.gamma * not_done * self.target_q(s_next, a_next)
         q = self.critic(s, a)
-        qf_loss = ((q - y) ** 2).mean(dim=1).sum()  # sum over the two critics of the mean squared TD error
+        qf_loss = ((q - y) ** 2).mean(dim=1).sum()  # both critics' mean squared TD errors, summed
         self.critic_optimizer.zero_grad(set_to_none=True)
         qf_loss.backward()
         self.critic_optimizer.step()
         return {"losses/qf_loss": qf_loss.detach(), "losses/qf1_values": q[0].mean().detach()}
 
     def update_value(self, s, a) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Expectile value step, eq. (2); returns V(s) and the advantage A(s, a) = min_i Q'_i(s, a) - V(s)."""
+        """Expectile value step, eq. (2); returns V(s) and A(s, a) = min_i Q'_i(s, a) - V(s)."""
         with torch.no_grad():
             q = self.target_q(s, a)
         v = self.value(s)
@@ -395,7 +405,8 @@ class DIVO:
     def update_pad(self, s, a, adv) -> dict[str, torch.Tensor]:
         """PAD step, eq. (9)-(10): diffusion loss weighted by w = zeta * 1[A(s, a) > 0]."""
         positive = (adv > 0).float()
-        weights = positive if self.args.pad else torch.ones_like(positive)  # --no-pad: plain diffusion BC
+        # --no-pad: plain diffusion behaviour cloning, every action weighted alike
+        weights = positive if self.args.pad else torch.ones_like(positive)
         pad_loss = self.diffusion.loss(s, a, self.args.pad_strength * weights)
         self.diffusion_optimizer.zero_grad(set_to_none=True)
         pad_loss.backward()
@@ -403,7 +414,7 @@ class DIVO:
         return {"losses/pad_loss": pad_loss.detach(), "pad/positive_fraction": positive.mean()}
 
     def candidate_q(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """The Q that ranks ADPO's candidates: min_i Q_theta'_i (eq. 12), or a variant's online critics."""
+        """The Q that ranks ADPO's candidates: min_i Q_theta'_i (eq. 12), or a variant's."""
         if self.args.adpo_critic == "online-q1":  # A2PR's choice
             return self.critic(s, a)[0]
         if self.args.adpo_critic == "online-min":
@@ -411,8 +422,8 @@ class DIVO:
         return self.target_q(s, a)
 
     @torch.no_grad()
-    def score_candidates(self, s, a, v, adv) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Eq. (12)'s contest: N diffusion samples per state (N, B, A), their advantages (N, B), and a's (B,)."""
+    def score_candidates(self, s, a, v, adv):
+        """Eq. (12)'s contest: N samples per state (N, B, A), their advantages (N, B), a's (B,)."""
         args = self.args
         n, (b, act_dim) = args.num_candidates, a.shape
         s_rep = s.repeat(n, 1)
@@ -423,29 +434,32 @@ class DIVO:
         return candidates.view(n, b, act_dim), cand_adv, adv
 
     @torch.no_grad()
-    def select_target(self, s, a, v, adv) -> tuple[torch.Tensor, Optional[torch.Tensor], dict[str, torch.Tensor]]:
-        """ADPO, eq. (12): the BC target a_bar, the BC weight of each state (None: 1, as in eq. 13), a metric."""
+    def select_target(self, s, a, v, adv):
+        """ADPO, eq. (12): the BC target a_bar, each state's BC weight (None: 1), a metric."""
         candidates, cand_adv, adv = self.score_candidates(s, a, v, adv)
-        target, generated, target_adv = adpo_target(a, adv, candidates, cand_adv, self.args.adpo_positive_only)
+        positive_only = self.args.adpo_positive_only
+        target, generated, target_adv = adpo_target(a, adv, candidates, cand_adv, positive_only)
         weight = (target_adv >= 0).float() if self.args.bc_weight == "a2pr" else None
         return target, weight, {"adpo/generated_fraction": generated.float().mean()}
 
     def update_actor(self, s, a_bar, bc_weight=None) -> dict[str, torch.Tensor]:
-        """Actor step, eq. (13): -lambda Q_theta1(s, pi(s)) + ||pi(s) - a_bar||^2, then Polyak updates."""
+        """Actor step, eq. (13): -lambda Q_theta1(s, pi(s)) + ||pi(s) - a_bar||^2; then Polyak."""
         pi = self.actor(s)
         q = self.critic(s, pi)[0]
         lmbda = self.args.alpha / q.abs().mean().detach()
         squared = (pi - a_bar) ** 2
-        bc_loss = (squared if bc_weight is None else bc_weight[:, None] * squared).mean()  # a variant's weight
+        if bc_weight is not None:  # a variant's weight; 1 in eq. (13)
+            squared = bc_weight[:, None] * squared
+        bc_loss = squared.mean()
         actor_loss = -lmbda * q.mean() + bc_loss
         self.actor_optimizer.zero_grad(set_to_none=True)
         actor_loss.backward()
         self.actor_optimizer.step()
-        with torch.no_grad():  # theta' <- tau theta + (1 - tau) theta', for the critics and the actor
+        with torch.no_grad():  # theta' <- tau theta + (1 - tau) theta', critics and actor
             torch._foreach_lerp_(self.target_params, self.online_params, self.args.tau)
         return {"losses/actor_loss": actor_loss.detach(), "losses/bc_loss": bc_loss.detach()}
 
-    def update(self, batch: tuple[torch.Tensor, ...], update_actor: bool, use_adpo: bool = True) -> dict[str, torch.Tensor]:
+    def update(self, batch: tuple, update_actor: bool, use_adpo: bool = True) -> dict:
         """One iteration on one batch; returns the metrics as device tensors (no host sync)."""
         s, a, r, s_next, not_done = batch
         metrics = self.update_critic(s, a, r, s_next, not_done)
@@ -474,11 +488,12 @@ class DIVO:
         return {name: getattr(self, name) for name in names if hasattr(self, name)}
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {f"{name}_optimizer": getattr(self, f"{name}_optimizer") for name in ("actor", "critic", "value", "diffusion")
-                if hasattr(self, f"{name}_optimizer")}
+        names = [f"{name}_optimizer" for name in ("actor", "critic", "value", "diffusion")]
+        return {name: getattr(self, name) for name in names if hasattr(self, name)}
 
     def state_dict(self) -> dict:
-        return {name: part.state_dict() for name, part in {**self.modules(), **self.optimizers()}.items()}
+        parts = {**self.modules(), **self.optimizers()}
+        return {name: part.state_dict() for name, part in parts.items()}
 
     def load_state_dict(self, state: dict) -> None:
         for name, part in {**self.modules(), **self.optimizers()}.items():
@@ -501,27 +516,28 @@ def qlearning_dataset(data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def normalize_states(states: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    """The dataset's per-dimension standardisation, for training data and evaluation alike [TD3+BC]."""
+    """The dataset's per-dimension standardisation, for training and evaluation [TD3+BC]."""
     return (states - mean) / std
 
 
-def to_device(transitions: dict[str, np.ndarray], rows: np.ndarray, mean: np.ndarray, std: np.ndarray,
-              device: torch.device) -> dict[str, torch.Tensor]:
-    """The transitions `rows` as tensors on the device (states normalised), where batches are drawn."""
-    return {
-        "observations": torch.tensor(normalize_states(transitions["observations"][rows], mean, std), device=device),
-        "actions": torch.tensor(transitions["actions"][rows], device=device),
-        "rewards": torch.tensor(transitions["rewards"][rows], device=device),
-        "next_observations": torch.tensor(normalize_states(transitions["next_observations"][rows], mean, std),
-                                          device=device),
-        "not_done": torch.tensor(1.0 - transitions["terminals"][rows], dtype=torch.float32, device=device),
+def to_device(transitions: dict, rows: np.ndarray, mean, std, device) -> dict[str, torch.Tensor]:
+    """The transitions `rows` on the device, states normalised: batches are drawn there."""
+    t = {key: value[rows] for key, value in transitions.items()}
+    arrays = {
+        "observations": normalize_states(t["observations"], mean, std),
+        "actions": t["actions"],
+        "rewards": t["rewards"],
+        "next_observations": normalize_states(t["next_observations"], mean, std),
+        "not_done": (1.0 - t["terminals"]).astype(np.float32),
     }
+    return {key: torch.tensor(value, device=device) for key, value in arrays.items()}
 
 
 def sample_batch(data: dict[str, torch.Tensor], batch_size: int) -> tuple[torch.Tensor, ...]:
     """Uniform batch of (s, a, r, s', 1 - d), sampled on the data's device."""
     idx = torch.randint(len(data["rewards"]), (batch_size,), device=data["rewards"].device)
-    return tuple(data[key][idx] for key in ("observations", "actions", "rewards", "next_observations", "not_done"))
+    keys = ("observations", "actions", "rewards", "next_observations", "not_done")
+    return tuple(data[key][idx] for key in keys)
 
 
 def normalized_score(robot: str, returns: np.ndarray) -> np.ndarray:
@@ -530,7 +546,7 @@ def normalized_score(robot: str, returns: np.ndarray) -> np.ndarray:
     return 100.0 * (np.asarray(returns) - low) / (high - low)
 
 
-def dataset_summary(path: str, data: dict[str, np.ndarray], transitions: dict[str, np.ndarray], robot: str) -> str:
+def dataset_summary(path: str, data: dict, transitions: dict, robot: str) -> str:
     """A few lines about the data: size, episodes and their returns, rewards, terminals, actions."""
     n = len(data["rewards"])
     ends = np.flatnonzero(data["terminals"] | data["timeouts"])
@@ -541,10 +557,12 @@ def dataset_summary(path: str, data: dict[str, np.ndarray], transitions: dict[st
     r, outside = transitions["rewards"], (np.abs(data["actions"]) > 1).any(axis=1).mean()
     return "\n".join([
         f"dataset    {path}: {n:,} rows -> {len(r):,} transitions (D4RL's qlearning_dataset)",
-        f"episodes   {len(scores):,}, mean length {np.mean(ends - starts + 1):.0f}, normalised return "
-        f"min {scores.min():.1f}  mean {scores.mean():.1f}  max {scores.max():.1f}",
+        f"episodes   {len(scores):,}, mean length {np.mean(ends - starts + 1):.0f}, "
+        f"normalised return min {scores.min():.1f}  mean {scores.mean():.1f}  "
+        f"max {scores.max():.1f}",
         f"rewards    min {r.min():.3f}  mean {r.mean():.3f}  max {r.max():.3f}; terminals "
-        f"{transitions['terminals'].mean():.4%} of transitions; |a| max {np.abs(data['actions']).max():.4f}"
+        f"{transitions['terminals'].mean():.4%} of transitions",
+        f"actions    |a| max {np.abs(data['actions']).max():.4f}"
         + (f" ({outside:.2%} of rows outside [-1, 1], clipped)" if outside else ""),
     ])
 
@@ -553,14 +571,15 @@ def dataset_summary(path: str, data: dict[str, np.ndarray], transitions: dict[st
 # Evaluation
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(actor: nn.Module, envs: list[gym.Env], obs_mean: np.ndarray, obs_std: np.ndarray, seed: int) -> np.ndarray:
-    """Run one episode per env side by side with the deterministic actor; return the episode returns."""
+def evaluate(actor: nn.Module, envs: list, obs_mean, obs_std, seed: int) -> np.ndarray:
+    """One episode per env, side by side, with the deterministic actor; the episode returns."""
     device = next(actor.parameters()).device
     obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(envs)])
     returns, alive = np.zeros(len(envs)), np.ones(len(envs), dtype=bool)
     while alive.any():
         idx = np.flatnonzero(alive)
-        states = torch.as_tensor(normalize_states(obs[idx], obs_mean, obs_std), dtype=torch.float32, device=device)
+        states = normalize_states(obs[idx], obs_mean, obs_std)
+        states = torch.as_tensor(states, dtype=torch.float32, device=device)
         actions = actor(states).cpu().numpy()
         for i, action in zip(idx, actions):
             obs[i], reward, terminated, truncated, _ = envs[i].step(action)
@@ -570,7 +589,7 @@ def evaluate(actor: nn.Module, envs: list[gym.Env], obs_mean: np.ndarray, obs_st
 
 
 # ----------------------------------------------------------------------------------------------
-# Diagnostics: does ADPO help? Computed at the logging sync, on fixed data, without touching training's RNG
+# Diagnostics: does ADPO help? At the logging sync, on fixed data, with training's RNG untouched
 # ----------------------------------------------------------------------------------------------
 def wasserstein_per_dim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """1-D Wasserstein-1 distance of each column between two equally sized samples."""
@@ -585,12 +604,12 @@ def mmd_rbf(x: torch.Tensor, y: torch.Tensor, bandwidth: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_distances(diffusion: Diffusion, s: torch.Tensor, a: torch.Tensor, bandwidth: float) -> dict[str, float]:
+def sample_distances(diffusion: Diffusion, s, a, bandwidth: float) -> dict[str, float]:
     """One model sample per held-out state against that state's dataset action.
 
-    `wasserstein`: mean over action dimensions of the per-dimension W1 between sampled and dataset actions;
-    `mmd`: MMD^2 between the joint (s, a_sampled) and (s, a_data) sets, which also sees whether the sample
-    fits its own state.
+    `wasserstein`: mean over action dimensions of the per-dimension W1 between sampled and
+    dataset actions; `mmd`: MMD^2 between the joint (s, a_sampled) and (s, a_data) sets, which
+    also sees whether a sample fits its own state.
     """
     sampled = diffusion.sample(s)
     return {"wasserstein": wasserstein_per_dim(sampled, a).mean().item(),
@@ -598,43 +617,45 @@ def sample_distances(diffusion: Diffusion, s: torch.Tensor, a: torch.Tensor, ban
 
 
 @torch.no_grad()
-def nearby_data_check(agent: DIVO, s: torch.Tensor, actions: torch.Tensor, s_ref: torch.Tensor, a_ref: torch.Tensor,
-                      q_ref: torch.Tensor, neighbours: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per state: Q'(s, action) minus the best Q' of the dataset actions at the `neighbours` nearest dataset states,
-    and the RMS distance from the action to the closest of those dataset actions.
+def nearby_data_check(agent: DIVO, s, actions, s_ref, a_ref, q_ref, neighbours: int):
+    """Per state: Q'(s, action) minus the best Q' of the dataset actions at the `neighbours`
+    nearest dataset states, and the RMS distance from the action to the closest of those actions.
 
-    A generated action that the critic rates far above everything the data did nearby, while lying far from
-    those actions, is a sign that ADPO's choice exploits the critic's extrapolation off the data.
+    A generated action that the critic rates far above everything the data did nearby, while
+    lying far from those actions, is a sign that ADPO exploits the critic's extrapolation.
     """
-    nearest = torch.cdist(s, s_ref).topk(neighbours, largest=False).indices  # (B, neighbours), Euclidean in states
+    # (B, neighbours): the nearest reference states, Euclidean in normalised state space
+    nearest = torch.cdist(s, s_ref).topk(neighbours, largest=False).indices
     q_margin = agent.target_q(s, actions) - q_ref[nearest].max(dim=1).values
     action_gap = (a_ref[nearest] - actions[:, None]).pow(2).mean(dim=-1).sqrt().min(dim=1).values
     return q_margin, action_gap
 
 
 class Diagnostics:
-    """Whether ADPO's targets exploit critic errors, and how well PAD's model fits the positive-advantage data."""
+    """Whether ADPO's targets exploit critic errors; how well PAD's model fits the positive data."""
 
-    def __init__(self, data: dict[str, torch.Tensor], heldout: dict[str, torch.Tensor], seed: int, probe: int = 256,
-                 reference: int = 10_000, neighbours: int = 10):
+    def __init__(self, data: dict, heldout: dict, seed: int, probe=256, reference=10_000, k=10):
         rows = torch.randperm(len(data["rewards"]), generator=torch.Generator().manual_seed(seed))
         rows, probe = rows.to(data["rewards"].device), min(probe, len(rows) // 2)
-        self.probe = data["observations"][rows[:probe]], data["actions"][rows[:probe]]
-        self.reference = data["observations"][rows[probe:probe + reference]], data["actions"][rows[probe:probe + reference]]
-        self.neighbours = min(neighbours, len(rows) - probe)
+        probe_rows, reference_rows = rows[:probe], rows[probe:probe + reference]
+        self.probe = data["observations"][probe_rows], data["actions"][probe_rows]
+        self.reference = data["observations"][reference_rows], data["actions"][reference_rows]
+        self.neighbours = min(k, len(reference_rows))
         self.heldout = heldout["observations"], heldout["actions"]
         joint = torch.cat(self.heldout, 1)
-        self.bandwidth = torch.cdist(joint, joint).median().clamp(min=1e-6).item()  # of the MMD kernel
+        # the MMD kernel's bandwidth: the median distance between held-out pairs
+        self.bandwidth = torch.cdist(joint, joint).median().clamp(min=1e-6).item()
 
     @torch.no_grad()
     def adpo(self, agent: DIVO) -> dict[str, float]:
-        """ADPO's contest (eq. 12) on the probe states: what the targets gain, how far they and the actor are from
-        the data, and whether the generated winners are rated above what the data did at nearby states."""
+        """ADPO's contest (eq. 12) on the probe states: what the targets gain, how far they and the
+        actor are from the data, and how the winners compare with the data at nearby states."""
         (s, a), (s_ref, a_ref) = self.probe, self.reference
         with torch.random.fork_rng(devices=[s.device] if s.device.type == "cuda" else []):
             v = agent.value(s)
             candidates, cand_adv, adv = agent.score_candidates(s, a, v, agent.target_q(s, a) - v)
-        target, generated, target_adv = adpo_target(a, adv, candidates, cand_adv, agent.args.adpo_positive_only)
+        positive_only = agent.args.adpo_positive_only
+        target, generated, target_adv = adpo_target(a, adv, candidates, cand_adv, positive_only)
         pi = agent.actor(s)
         row = {
             "adpo/advantage_gain": (target_adv - adv).mean(),  # A(s, a_bar) - A(s, a), >= 0
@@ -643,17 +664,18 @@ class Diagnostics:
             "adpo/actor_target_distance": rms(pi - target),
             "adpo/actor_data_distance": rms(pi - a),
         }
-        q_ref = agent.target_q(s_ref, a_ref)
-        row["adpo/data_q_margin"], row["adpo/data_action_gap"] = (x.mean() for x in nearby_data_check(
-            agent, s, a, s_ref, a_ref, q_ref, self.neighbours))
+        q_ref, k = agent.target_q(s_ref, a_ref), self.neighbours
+        margin, gap = nearby_data_check(agent, s, a, s_ref, a_ref, q_ref, k)
+        row["adpo/data_q_margin"], row["adpo/data_action_gap"] = margin.mean(), gap.mean()
         if generated.any():  # the generated actions that won eq. (12), against the same nearby data
-            row["adpo/winner_q_margin"], row["adpo/winner_action_gap"] = (x.mean() for x in nearby_data_check(
-                agent, s[generated], target[generated], s_ref, a_ref, q_ref, self.neighbours))
+            s_won, a_won = s[generated], target[generated]
+            margin, gap = nearby_data_check(agent, s_won, a_won, s_ref, a_ref, q_ref, k)
+            row["adpo/winner_q_margin"], row["adpo/winner_action_gap"] = margin.mean(), gap.mean()
         return {name: value.item() for name, value in row.items()}
 
     @torch.no_grad()
     def pad(self, agent: DIVO) -> dict[str, float]:
-        """Distance between the diffusion model's samples and the held-out positive-advantage actions."""
+        """Distance between the diffusion model's samples and the held-out positive actions."""
         s, a = self.heldout
         positive = agent.target_q(s, a) - agent.value(s) > 0
         s_pos, a_pos = (s[positive], a[positive]) if positive.sum() >= 10 else (s, a)
@@ -664,7 +686,7 @@ class Diagnostics:
 
 
 # ==============================================================================================
-# Plumbing: everything from here to the main block is infrastructure; a reader learning DIVO may skip it.
+# Plumbing: from here to the main block, infrastructure that a reader learning DIVO may skip.
 # Argument checks, downloads and file checks, fingerprints, checkpoints and resume, MuJoCo fixes, CUDA graphs.
 # ==============================================================================================
 class InputError(SystemExit):

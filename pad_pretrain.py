@@ -87,7 +87,7 @@ class Args:
     expectile: Optional[float] = None
     """expectile tau of the value loss, eq. (2) (default: 0.7 locomotion, 0.9 AntMaze)"""
     reward_transform: Optional[Literal["none", "minus-one"]] = None
-    """reward used for learning: `none` (r) or `minus-one` (r - 1) (default: none locomotion, minus-one AntMaze)"""
+    """the reward learned from: `none` (r) or `minus-one` (r - 1); default: by domain"""
     diffusion_steps: int = 5
     """number of DDPM steps K"""
     beta_min: float = 0.1
@@ -103,21 +103,21 @@ class Args:
 
     # Run management
     run_name: Optional[str] = None
-    """the run's folder under runs/ (default {env_id}__{exp_name}__{seed}__{unix time}); it must not exist yet"""
+    """the run's new folder under runs/ (default {env_id}__{exp_name}__{seed}__{unix time})"""
     holdout: int = 2000
-    """transitions held out of training for the diagnostics (0: measure them on 2,000 training transitions)"""
+    """transitions held out for the diagnostics (0: use 2,000 training transitions)"""
     diag_freq: int = 50_000
-    """compute the sample-to-data distances every this many gradient steps (0: only before and after)"""
+    """compute the sample-to-data distances every this many steps (0: only before and after)"""
     log_freq: int = 1000
     """log losses and print a progress line every this many gradient steps"""
     checkpoint_freq: int = 50_000
-    """write `runs/{run_name}/pad_checkpoint.pt` every this many gradient steps (0: only at the end)"""
+    """write `runs/{run_name}/pad_checkpoint.pt` every this many steps (0: only at the end)"""
     resume: Optional[str] = None
     """continue the run of this checkpoint (arguments not given on the command line come from it)"""
     compile: bool = False
     """compile the update function with torch.compile"""
     cudagraphs: bool = False
-    """capture each training iteration as a CUDA graph and replay it (needs a GPU; see the README's Speed section)"""
+    """replay each training iteration as a captured CUDA graph (needs a GPU; README: Speed)"""
 
     def __post_init__(self):
         if self.env_id in ENV_IDS:  # the domain's defaults for what was not given
@@ -131,7 +131,7 @@ class Args:
 # ----------------------------------------------------------------------------------------------
 # Networks (the same as in divo_continuous.py / divo_antmaze.py, so their checkpoints load there)
 # ----------------------------------------------------------------------------------------------
-def mlp(in_dim: int, out_dim: int, hidden_dim: int, num_layers: int, activation: type[nn.Module]) -> nn.Sequential:
+def mlp(in_dim: int, out_dim: int, hidden_dim: int, num_layers: int, activation) -> nn.Sequential:
     """`num_layers` hidden layers of `hidden_dim` units, then a linear output."""
     layers, dim = [], in_dim
     for _ in range(num_layers):
@@ -157,7 +157,7 @@ class VectorizedLinear(nn.Module):
 class TwinCritic(nn.Module):
     """Q_theta1 and Q_theta2 (eq. 1) as one ensemble of two MLPs, evaluated in a single call."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, num_layers: int, num_critics: int = 2):
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, num_layers: int, num_critics=2):
         super().__init__()
         dims = [obs_dim + act_dim] + [hidden_dim] * num_layers
         layers = []
@@ -187,7 +187,8 @@ class SinusoidalEmbedding(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         half = dim // 2
-        self.register_buffer("freqs", torch.exp(torch.arange(half) * -(math.log(10000.0) / (half - 1))))
+        freqs = torch.exp(torch.arange(half) * -(math.log(10000.0) / (half - 1)))
+        self.register_buffer("freqs", freqs)
 
     def forward(self, k: torch.Tensor) -> torch.Tensor:
         x = k.float().unsqueeze(-1) * self.freqs
@@ -196,10 +197,10 @@ class SinusoidalEmbedding(nn.Module):
 class NoiseNet(nn.Module):
     """eps_omega(a_k, k, s): predicts the noise in a noised action (Diffusion-QL's MLP)."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, num_layers: int, t_dim: int = 16):
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, num_layers: int, t_dim=16):
         super().__init__()
-        self.time_mlp = nn.Sequential(SinusoidalEmbedding(t_dim), nn.Linear(t_dim, 2 * t_dim), nn.Mish(),
-                                      nn.Linear(2 * t_dim, t_dim))
+        layers = [nn.Linear(t_dim, 2 * t_dim), nn.Mish(), nn.Linear(2 * t_dim, t_dim)]
+        self.time_mlp = nn.Sequential(SinusoidalEmbedding(t_dim), *layers)
         self.net = mlp(act_dim + t_dim + obs_dim, act_dim, hidden_dim, num_layers, nn.Mish)
 
     def forward(self, a_k: torch.Tensor, k: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -212,7 +213,8 @@ class NoiseNet(nn.Module):
 def vp_beta_schedule(num_steps: int, beta_min: float, beta_max: float) -> torch.Tensor:
     """Variance-preserving betas beta_1..beta_K (Diffusion-QL's discretisation), float64."""
     k = torch.arange(1, num_steps + 1, dtype=torch.float64)
-    return 1 - torch.exp(-beta_min / num_steps - (beta_max - beta_min) * (2 * k - 1) / (2 * num_steps**2))
+    exponent = beta_min / num_steps + (beta_max - beta_min) * (2 * k - 1) / (2 * num_steps**2)
+    return 1 - torch.exp(-exponent)
 
 class Diffusion(nn.Module):
     """The PAD behaviour model pi_omega(a|s): a conditional DDPM over actions (eq. 3-10)."""
@@ -222,8 +224,9 @@ class Diffusion(nn.Module):
         super().__init__()
         self.eps_model = NoiseNet(obs_dim, act_dim, hidden_dim, num_layers)
         self.num_steps, self.act_dim = num_steps, act_dim
-        # Every schedule tensor is indexed by k = 0..K, with k = 0 meaning "no noise" (alpha_bar_0 = 1).
-        betas = torch.cat([torch.zeros(1, dtype=torch.float64), vp_beta_schedule(num_steps, beta_min, beta_max)])
+        # Every schedule tensor is indexed by k = 0..K; k = 0 means "no noise" (alpha_bar_0 = 1).
+        betas = vp_beta_schedule(num_steps, beta_min, beta_max)
+        betas = torch.cat([torch.zeros(1, dtype=torch.float64), betas])
         alphas = 1 - betas
         alpha_bar = torch.cumprod(alphas, dim=0)
         alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
@@ -242,23 +245,27 @@ class Diffusion(nn.Module):
             self.register_buffer(name, value.float())
 
     def loss(self, s: torch.Tensor, a: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Weighted denoising loss, eq. (9)-(10): mean_b w_b ||eps_b - eps_omega(a_k, k, s)||^2 / act_dim."""
+        """Weighted denoising loss, eq. (9)-(10): mean_b w_b ||eps - eps_omega(a_k, k, s)||^2."""
         k = torch.randint(1, self.num_steps + 1, (len(a),), device=a.device)  # k ~ U{1..K}
         eps = torch.randn_like(a)
-        a_k = self.sqrt_alpha_bar[k, None] * a + self.sqrt_one_minus_alpha_bar[k, None] * eps  # eq. (3), (5)
+        # eq. (3), (5)
+        a_k = self.sqrt_alpha_bar[k, None] * a + self.sqrt_one_minus_alpha_bar[k, None] * eps
         return (weights[:, None] * (eps - self.eps_model(a_k, k, s)) ** 2).mean()
 
     @torch.no_grad()
     def sample(self, s: torch.Tensor) -> torch.Tensor:
-        """DDPM ancestral sampling a_K -> a_0 (eq. 4, 7, 8), all noise drawn up front; actions in [-1, 1]."""
+        """DDPM ancestral sampling a_K -> a_0 (eq. 4, 7, 8), noise drawn up front; in [-1, 1]."""
         noise = torch.randn(self.num_steps + 1, len(s), self.act_dim, device=s.device)
         a = noise[self.num_steps]  # a_K ~ N(0, I)
         for k in range(self.num_steps, 0, -1):
             k_batch = torch.full((len(s),), k, device=s.device)
             eps = self.eps_model(a, k_batch, s)
-            a0_hat = (self.sqrt_recip_alpha_bar[k] * a - self.sqrt_recipm1_alpha_bar[k] * eps).clamp(-1, 1)  # (7)
+            # eq. (7): the clean action the noise prediction implies, clipped to the action box
+            a0_hat = self.sqrt_recip_alpha_bar[k] * a - self.sqrt_recipm1_alpha_bar[k] * eps
+            a0_hat = a0_hat.clamp(-1, 1)
             mean = self.posterior_coef_a0[k] * a0_hat + self.posterior_coef_ak[k] * a  # eq. (8)
-            a = mean + self.posterior_std[k] * noise[k - 1]  # posterior_std[1] = 0: no noise on the last step
+            # posterior_std[1] = 0: no noise on the last step
+            a = mean + self.posterior_std[k] * noise[k - 1]
         return a.clamp(-1, 1)
 
 
@@ -270,8 +277,13 @@ def expectile_loss(u: torch.Tensor, expectile: float) -> torch.Tensor:
     return (torch.abs(expectile - (u < 0).float()) * u**2).mean()
 
 
+def adam(module: nn.Module, lr: float, capturable: bool) -> torch.optim.Adam:
+    """Adam; `capturable` (--cudagraphs) keeps its step counts on the device, for CUDA graphs."""
+    return torch.optim.Adam(module.parameters(), lr=lr, capturable=capturable)
+
+
 class PADPretrainer:
-    """Critics, value net and diffusion model with their optimisers; one in-sample iteration per update."""
+    """Critics, value net and diffusion model with their optimisers; one in-sample iteration."""
 
     def __init__(self, obs_dim: int, act_dim: int, args: Args, device: torch.device):
         h, n = args.hidden_dim, args.num_layers
@@ -279,13 +291,11 @@ class PADPretrainer:
         self.critic = TwinCritic(obs_dim, act_dim, h, n).to(device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.value = ValueNet(obs_dim, h, n).to(device)
-        self.diffusion = Diffusion(obs_dim, act_dim, args.diffusion_steps, args.beta_min, args.beta_max, h, n).to(device)
-        # --cudagraphs keeps Adam's step counts on the device (capturable), where a CUDA graph can update them
-        capturable = args.cudagraphs
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, capturable=capturable)
-        self.value_optimizer = torch.optim.Adam(self.value.parameters(), lr=args.value_lr, capturable=capturable)
-        self.diffusion_optimizer = torch.optim.Adam(self.diffusion.parameters(), lr=args.diffusion_lr,
-                                                    capturable=capturable)
+        K, b_min, b_max = args.diffusion_steps, args.beta_min, args.beta_max
+        self.diffusion = Diffusion(obs_dim, act_dim, K, b_min, b_max, h, n).to(device)
+        self.critic_optimizer = adam(self.critic, args.critic_lr, args.cudagraphs)
+        self.value_optimizer = adam(self.value, args.value_lr, args.cudagraphs)
+        self.diffusion_optimizer = adam(self.diffusion, args.diffusion_lr, args.cudagraphs)
 
     def target_q(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """min_i Q_theta'_i(s, a): the pessimistic value of eq. (2), as in DIVO."""
@@ -316,14 +326,15 @@ class PADPretrainer:
         self.critic_optimizer.zero_grad(set_to_none=True)
         qf_loss.backward()
         self.critic_optimizer.step()
-        # PAD, eq. (9)-(10): w = zeta * 1[A(s, a) > 0], A(s, a) = min_i Q'_i(s, a) - V(s) before V's step
+        # PAD, eq. (9)-(10): w = zeta * 1[A(s, a) > 0], A = min_i Q'_i(s, a) - V(s) before V's step
         positive = (u.detach() > 0).float()
         pad_loss = self.diffusion.loss(s, a, args.pad_strength * positive)
         self.diffusion_optimizer.zero_grad(set_to_none=True)
         pad_loss.backward()
         self.diffusion_optimizer.step()
         with torch.no_grad():  # theta' <- tau theta + (1 - tau) theta'
-            torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), args.tau)
+            targets, online = list(self.critic_target.parameters()), list(self.critic.parameters())
+            torch._foreach_lerp_(targets, online, args.tau)
         return {"losses/qf_loss": qf_loss.detach(), "losses/qf1_values": q[0].mean().detach(),
                 "losses/value_loss": value_loss.detach(), "losses/pad_loss": pad_loss.detach(),
                 "pad/positive_fraction": positive.mean()}
@@ -333,7 +344,8 @@ class PADPretrainer:
         self.update = torch.compile(self.update, backend=backend)
 
     def modules(self) -> dict[str, nn.Module]:
-        return {"critic": self.critic, "critic_target": self.critic_target, "value": self.value, "diffusion": self.diffusion}
+        names = ("critic", "critic_target", "value", "diffusion")
+        return {name: getattr(self, name) for name in names}
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"critic_optimizer": self.critic_optimizer, "value_optimizer": self.value_optimizer,
@@ -355,33 +367,34 @@ def qlearning_dataset(data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 def normalize_states(states: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    """The dataset's per-dimension standardisation, for training data and evaluation alike [TD3+BC]."""
+    """The dataset's per-dimension standardisation, for training and evaluation [TD3+BC]."""
     return (states - mean) / std
 
-def to_device(transitions: dict[str, np.ndarray], rows: np.ndarray, mean: np.ndarray, std: np.ndarray,
-              device: torch.device) -> dict[str, torch.Tensor]:
-    """The transitions `rows` as tensors on the device (states normalised), where batches are drawn."""
-    return {
-        "observations": torch.tensor(normalize_states(transitions["observations"][rows], mean, std), device=device),
-        "actions": torch.tensor(transitions["actions"][rows], device=device),
-        "rewards": torch.tensor(transitions["rewards"][rows], device=device),
-        "next_observations": torch.tensor(normalize_states(transitions["next_observations"][rows], mean, std),
-                                          device=device),
-        "not_done": torch.tensor(1.0 - transitions["terminals"][rows], dtype=torch.float32, device=device),
+def to_device(transitions: dict, rows: np.ndarray, mean, std, device) -> dict[str, torch.Tensor]:
+    """The transitions `rows` on the device, states normalised: batches are drawn there."""
+    t = {key: value[rows] for key, value in transitions.items()}
+    arrays = {
+        "observations": normalize_states(t["observations"], mean, std),
+        "actions": t["actions"],
+        "rewards": t["rewards"],
+        "next_observations": normalize_states(t["next_observations"], mean, std),
+        "not_done": (1.0 - t["terminals"]).astype(np.float32),
     }
+    return {key: torch.tensor(value, device=device) for key, value in arrays.items()}
 
 def sample_batch(data: dict[str, torch.Tensor], batch_size: int) -> tuple[torch.Tensor, ...]:
     """Uniform batch of (s, a, r, s', 1 - d), sampled on the data's device."""
     idx = torch.randint(len(data["rewards"]), (batch_size,), device=data["rewards"].device)
-    return tuple(data[key][idx] for key in ("observations", "actions", "rewards", "next_observations", "not_done"))
+    keys = ("observations", "actions", "rewards", "next_observations", "not_done")
+    return tuple(data[key][idx] for key in keys)
 
 
 def transform_rewards(rewards: np.ndarray, transform: str) -> np.ndarray:
-    """The rewards the agent learns from: r, or r - 1 (0 at the goal, -1 elsewhere) for AntMaze [IQL]."""
+    """The rewards learned from: r, or r - 1 (0 at the goal, -1 elsewhere) for AntMaze [IQL]."""
     return rewards - 1.0 if transform == "minus-one" else rewards
 
 
-def dataset_summary(path: str, data: dict[str, np.ndarray], transitions: dict[str, np.ndarray]) -> str:
+def dataset_summary(path: str, data: dict, transitions: dict) -> str:
     """A few lines about the data: size, episodes and their returns, rewards, terminals."""
     n = len(data["rewards"])
     ends = np.flatnonzero(data["terminals"] | data["timeouts"])
@@ -393,8 +406,9 @@ def dataset_summary(path: str, data: dict[str, np.ndarray], transitions: dict[st
         f"dataset    {path}: {n:,} rows -> {len(r):,} transitions (D4RL's qlearning_dataset)",
         f"episodes   {len(returns):,}, mean length {np.mean(ends - starts + 1):.0f}, return "
         f"min {returns.min():.1f}  mean {returns.mean():.1f}  max {returns.max():.1f}",
-        f"rewards    min {r.min():.3f}  mean {r.mean():.3f}  max {r.max():.3f} (before --reward-transform); terminals "
-        f"{transitions['terminals'].mean():.4%} of transitions",
+        f"rewards    min {r.min():.3f}  mean {r.mean():.3f}  max {r.max():.3f} "
+        f"(before --reward-transform); "
+        f"terminals {transitions['terminals'].mean():.4%} of transitions",
     ])
 
 
@@ -412,12 +426,12 @@ def mmd_rbf(x: torch.Tensor, y: torch.Tensor, bandwidth: float) -> torch.Tensor:
     return kernel(x, x) + kernel(y, y) - 2 * kernel(x, y)
 
 @torch.no_grad()
-def sample_distances(diffusion: Diffusion, s: torch.Tensor, a: torch.Tensor, bandwidth: float) -> dict[str, float]:
+def sample_distances(diffusion: Diffusion, s, a, bandwidth: float) -> dict[str, float]:
     """One model sample per held-out state against that state's dataset action.
 
-    `wasserstein`: mean over action dimensions of the per-dimension W1 between sampled and dataset actions;
-    `mmd`: MMD^2 between the joint (s, a_sampled) and (s, a_data) sets, which also sees whether the sample
-    fits its own state.
+    `wasserstein`: mean over action dimensions of the per-dimension W1 between sampled and
+    dataset actions; `mmd`: MMD^2 between the joint (s, a_sampled) and (s, a_data) sets, which
+    also sees whether a sample fits its own state.
     """
     sampled = diffusion.sample(s)
     return {"wasserstein": wasserstein_per_dim(sampled, a).mean().item(),
@@ -425,29 +439,30 @@ def sample_distances(diffusion: Diffusion, s: torch.Tensor, a: torch.Tensor, ban
 
 
 @torch.no_grad()
-def diagnose(pretrainer: PADPretrainer, models: dict[str, Diffusion], s: torch.Tensor, a: torch.Tensor,
-             bandwidth: float) -> dict[str, float]:
-    """Each model's sample-to-data distances on the held-out transitions whose advantage is positive now."""
+def diagnose(pretrainer: PADPretrainer, models: dict, s, a, bandwidth: float) -> dict[str, float]:
+    """Each model's sample-to-data distances on the held-out transitions with A > 0 now."""
     positive = pretrainer.advantage(s, a) > 0
     row = {"positive_fraction": positive.float().mean().item()}
     s_pos, a_pos = (s[positive], a[positive]) if positive.sum() >= 10 else (s, a)
-    with torch.random.fork_rng(devices=[s.device] if s.device.type == "cuda" else []):  # training's RNG untouched
+    # samples draw random numbers: fork the RNG so that training's stream is untouched
+    with torch.random.fork_rng(devices=[s.device] if s.device.type == "cuda" else []):
         for label, model in models.items():
-            row.update({f"{label}_{name}": value for name, value in sample_distances(model, s_pos, a_pos, bandwidth).items()})
+            distances = sample_distances(model, s_pos, a_pos, bandwidth)
+            row.update({f"{label}_{name}": value for name, value in distances.items()})
     return row
 
 
 @torch.no_grad()
-def plot_samples(models: dict[str, Diffusion], states: torch.Tensor, actions: torch.Tensor,
-                 train_states: torch.Tensor, train_actions: torch.Tensor, path: str, neighbours: int = 50,
-                 num_samples: int = 300) -> None:
-    """PNG: for a few held-out states, model samples against the dataset actions of the nearest states."""
+def plot_samples(models: dict, states, actions, train_states, train_actions, path: str,
+                 neighbours=50, num_samples=300) -> None:
+    """PNG: for a few held-out states, samples against the dataset actions of the nearest states."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(models), len(states), figsize=(3.2 * len(states), 3.2 * len(models)), squeeze=False)
+    size = (3.2 * len(states), 3.2 * len(models))
+    fig, axes = plt.subplots(len(models), len(states), figsize=size, squeeze=False)
     nearest = torch.cdist(states, train_states).topk(neighbours, largest=False).indices
     for row, (label, model) in enumerate(models.items()):
         for col in range(len(states)):
@@ -455,8 +470,10 @@ def plot_samples(models: dict[str, Diffusion], states: torch.Tensor, actions: to
             sampled = model.sample(states[col].expand(num_samples, -1)).cpu()
             near = train_actions[nearest[col]].cpu()
             ax.scatter(sampled[:, 0], sampled[:, 1], s=6, alpha=0.5, label="model samples")
-            ax.scatter(near[:, 0], near[:, 1], s=10, alpha=0.7, label=f"data, {neighbours} nearest states")
-            ax.scatter(actions[col, 0].cpu(), actions[col, 1].cpu(), marker="*", s=150, c="k", label="data, this state")
+            label = f"data, {neighbours} nearest states"
+            ax.scatter(near[:, 0], near[:, 1], s=10, alpha=0.7, label=label)
+            here = actions[col].cpu()
+            ax.scatter(here[0], here[1], marker="*", s=150, c="k", label="data, this state")
             ax.set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), title=f"{label}: state {col}")
             ax.set_xlabel("action[0]")
             ax.set_ylabel("action[1]")
@@ -467,7 +484,7 @@ def plot_samples(models: dict[str, Diffusion], states: torch.Tensor, actions: to
 
 
 # ==============================================================================================
-# Plumbing: everything from here to the main block is infrastructure; a reader learning PAD may skip it.
+# Plumbing: from here to the main block, infrastructure that a reader learning PAD may skip.
 # Argument checks, downloads and file checks, fingerprints, checkpoints and resume, CUDA graphs.
 # ==============================================================================================
 class InputError(SystemExit):

@@ -16,7 +16,7 @@ SHARED = {
     ALL: (
         # networks and the diffusion model
         "mlp", "VectorizedLinear", "TwinCritic", "ValueNet", "SinusoidalEmbedding", "NoiseNet", "vp_beta_schedule",
-        "Diffusion", "expectile_loss",
+        "Diffusion", "expectile_loss", "adam",
         # data semantics and the sample-quality diagnostics
         "qlearning_dataset", "normalize_states", "to_device", "sample_batch", "wasserstein_per_dim", "mmd_rbf",
         "sample_distances",
@@ -92,3 +92,13 @@ def test_a_part_missing_from_one_script_is_caught():
     sources = read_scripts()
     edited = sources["pad_pretrain.py"].replace("def split_holdout(", "def split_heldout(")
     assert drift({**sources, "pad_pretrain.py": edited}) == ["split_holdout: missing from pad_pretrain.py"]
+
+
+def test_the_algorithm_sections_fit_on_a_projector():
+    """From `class Args` to the plumbing banner, no line is longer than 100 columns."""
+    for name, text in read_scripts().items():
+        lines = text.splitlines()
+        start = next(i for i, line in enumerate(lines) if line.startswith("class Args"))
+        end = next(i for i, line in enumerate(lines) if line.startswith("# Plumbing"))
+        long = [f"{name}:{i + 1} ({len(line)} columns)" for i, line in enumerate(lines[start:end], start) if len(line) > 100]
+        assert not long, "lines over 100 columns in the algorithm sections: " + ", ".join(long)
