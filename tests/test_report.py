@@ -152,7 +152,7 @@ def test_unfinished_runs_listed_not_used(result):
     text = (result["out"] / "table.md").read_text()
     assert "- hopper-medium-v2__divo__7: hopper-medium-v2, divo [divo], step 30 / 100" in text
     assert "- hopper-medium-v2__divo__8: hopper-medium-v2, divo [divo], no checkpoint" in text
-    assert "Unfinished runs (no scores.json; not in the table): 3" in text
+    assert "Runs not in the table (unfinished: no scores.json; or as noted): 3" in text
 
 
 def test_aggregates_match_hand_computation(result):
@@ -253,3 +253,20 @@ def test_cli_writes_report(tmp_path):
     for name in ("table.md", "aggregate.json", "aggregate.png", "profiles.png", "curves.png"):
         assert f"wrote {out / name}" in proc.stdout
         assert (out / name).stat().st_size > 0
+
+
+def test_at_step_scores_runs_of_different_lengths_at_the_same_step(tmp_path):
+    """--at-step: the evaluation at that step replaces the final score; a run without one is listed, not used."""
+    long = {"seed": 0, "normalized_score_mean": 90.0, "evaluations": evaluations(90.0, steps=(50, 100, 150))}
+    short = {"seed": 1, "normalized_score_mean": 40.0, "evaluations": evaluations(40.0, steps=(50, 100))}
+    odd = {"seed": 2, "normalized_score_mean": 10.0, "evaluations": evaluations(10.0, steps=(70,))}
+    for seed, scores in enumerate((long, short, odd)):
+        write_run(tmp_path / "runs", f"hopper-medium-v2__divo__{seed}", run_args("hopper-medium-v2", seed), scores)
+    runs = report.score_at_step(report.collect_runs([str(tmp_path / "runs")]), 100)
+    assert {r.seed: r.score for r in runs if r.finished} == {0: 60.0, 1: 40.0}  # 90 * 100 / 150, and 40's final
+    (left_out,) = [r for r in runs if not r.finished]
+    assert left_out.seed == 2 and left_out.progress == "finished, but no evaluation at step 100"
+    report.make_report(runs, str(tmp_path / "out"), reps=REPS, profile_reps=20, at_step=100)
+    text = (tmp_path / "out" / "table.md").read_text()
+    assert "| hopper-medium-v2 | 50.0 ± 10.0 (2) |" in text and "score at step 100 (its evaluation there" in text
+    assert "finished, but no evaluation at step 100" in text

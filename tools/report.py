@@ -50,6 +50,8 @@ class Args:
     """bootstrap replications for the confidence intervals of the aggregate metrics (about 0.4 s per 1000 and label)"""
     profile_reps: int = 1000
     """bootstrap replications for the confidence bands of the performance profiles (slower per replication)"""
+    at_step: Optional[int] = None
+    """score each run by its evaluation at this gradient step (from its history) instead of its last policy"""
 
 
 # The rows of the paper's Table I, in the order of the standard D4RL tables.
@@ -225,6 +227,21 @@ def read_run(folder: str, label_key: str) -> Optional[Run]:
     return run
 
 
+def score_at_step(runs: list[Run], step: int) -> list[Run]:
+    """Score each finished run by its evaluation at `step` (its history) instead of its last policy's score.
+
+    Training up to a step does not depend on the total length, so this compares runs of different lengths at
+    the same point. A run with no evaluation at `step` leaves the table, with the reason listed under it."""
+    for run in runs:
+        if run.finished:
+            found = [e["score"] for e in run.evaluations if e["step"] == step]
+            if found:
+                run.score = float(found[0])
+            else:
+                run.finished, run.progress = False, f"finished, but no evaluation at step {step:,}"
+    return runs
+
+
 def split_labels_by_mode(runs: list[Run]) -> None:
     """Runs that share a label but are different algorithms get the mode appended: `divo [td3bc]`."""
     modes: dict[str, set[str]] = {}
@@ -346,7 +363,7 @@ def format_cell(cell: Optional[Cell], average: bool) -> str:
     return f"{cell.mean:.1f}"
 
 
-def format_table(table: Table, runs: list[Run]) -> str:
+def format_table(table: Table, runs: list[Run], at_step: Optional[int] = None) -> str:
     """table.md: the markdown table, what its numbers are, and the runs it leaves out."""
     lines = ["| Task | " + " | ".join(table.labels) + " |", "|:--|" + "--:|" * len(table.labels)]
     for row in table.rows:
@@ -357,8 +374,10 @@ def format_table(table: Table, runs: list[Run]) -> str:
     unfinished = [r for r in runs if not r.finished]
     lines += [
         "",
-        "Cells: mean ± standard deviation over seeds of each run's final D4RL normalised score (the last policy's mean "
-        "over its evaluation episodes; AntMaze: 100 x success rate); the std is the population std (ddof=0); "
+        "Cells: mean ± standard deviation over seeds of each run's "
+        + (f"D4RL normalised score at step {at_step:,} (its evaluation there, from its history" if at_step else
+           "final D4RL normalised score (the last policy's")
+        + " mean over its evaluation episodes; AntMaze: 100 x success rate); the std is the population std (ddof=0); "
         "(n) is the number of seeds.",
         "Average rows: the mean of a label's per-task means over the block's tasks in this table that it has; "
         "\"(k of m tasks)\" marks a label that lacks some of them. Total: all Table-I tasks present. "
@@ -367,7 +386,7 @@ def format_table(table: Table, runs: list[Run]) -> str:
         f"The table uses {len(finished)} finished run{'s' * (len(finished) != 1)}.",
     ]
     if unfinished:
-        lines += ["", f"Unfinished runs (no scores.json; not in the table): {len(unfinished)}", ""]
+        lines += ["", f"Runs not in the table (unfinished: no scores.json; or as noted): {len(unfinished)}", ""]
         lines += [f"- {r.run_name}: {r.task}, {r.label}, {r.progress}" for r in unfinished]
     return "\n".join(lines) + "\n"
 
@@ -490,7 +509,8 @@ def plot_curves(runs: list[Run], colors: dict[str, str], path: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # The report
 # ----------------------------------------------------------------------------------------------
-def make_report(runs: list[Run], out_dir: str, reps: int = 2000, profile_reps: int = 1000) -> dict[str, str]:
+def make_report(runs: list[Run], out_dir: str, reps: int = 2000, profile_reps: int = 1000,
+                at_step: Optional[int] = None) -> dict[str, str]:
     """Write table.md, aggregate.json, aggregate.png, profiles.png and curves.png into `out_dir`; print the table.
 
     Returns {file name: path} of what it wrote. Raises ReportError when no run is finished."""
@@ -502,7 +522,7 @@ def make_report(runs: list[Run], out_dir: str, reps: int = 2000, profile_reps: i
 
     table = build_table(runs)
     colors = {label: f"C{i % 10}" for i, label in enumerate(table.labels)}
-    text = format_table(table, runs)
+    text = format_table(table, runs, at_step)
     written["table.md"] = os.path.join(out_dir, "table.md")
     with open(written["table.md"], "w") as f:
         f.write(text)
@@ -552,10 +572,12 @@ def main() -> None:
     args = tyro.cli(Args)
     try:
         runs = collect_runs(args.runs_dirs, args.label_key)
+        if args.at_step is not None:
+            runs = score_at_step(runs, args.at_step)
         if not any(run.finished for run in runs):
             raise ReportError(f"no finished run (scores.json) under {', '.join(args.runs_dirs)}: train first, "
                               "or pass the folder that holds your runs")
-        make_report(runs, args.out, reps=args.reps, profile_reps=args.profile_reps)
+        make_report(runs, args.out, reps=args.reps, profile_reps=args.profile_reps, at_step=args.at_step)
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1)
