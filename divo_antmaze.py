@@ -1245,7 +1245,8 @@ class GraphedTrainStep:
     def capture(self, flags: tuple) -> tuple[Callable[[], None], dict[str, torch.Tensor]]:
         cuda = self.device.type == "cuda"
         tensors = self.state()
-        saved = [t.clone() for t in tensors]
+        # detached copies: an autograd graph of the copy would tie the weights to this (the default) stream
+        saved = [t.detach().clone() for t in tensors]
         rng = torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if cuda else None
         stream = torch.cuda.Stream(self.device) if cuda else None
         if cuda:

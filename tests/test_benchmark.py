@@ -8,14 +8,15 @@ from conftest import run_script
 def test_benchmark_prints_steps_per_second_per_mode_and_the_parts(tmp_path):
     env = {"D4RL_DATASET_DIR": str(tmp_path / "empty-cache")}
     out = run_script("tools/benchmark.py", "--env-id", "walker2d-medium-v2", "--hidden-dim", "16", "--num-layers", "1",
-                     "--steps", "10", "--warmup", "2", "--modes", "eager", "cudagraphs", "--no-cuda", cwd=tmp_path,
-                     env=env).stdout
+                     "--steps", "10", "--warmup", "2", "--modes", "eager", "cudagraphs", "compile+cudagraphs",
+                     "--no-cuda", cwd=tmp_path, env=env).stdout
     assert "divo_continuous, walker2d-medium-v2 shapes (observation 17, action 6)" in out
     assert "1,000,000 random transitions (no dataset at" in out
-    eager = re.search(r"eager\s+([\d,]+)\s+([\d,]+)\s+([\d.]+)x", out)
+    eager = re.search(r"eager\s+([\d,]+)\s+([\d.]+)\s+([\d,]+)\s+([\d.]+)\s+([\d.]+)x", out)
     assert eager and float(eager[1].replace(",", "")) > 0
-    assert float(eager[3]) > 1.0  # DIVO costs more than its backbone
-    assert re.search(r"cudagraphs\s+needs a CUDA GPU", out)
+    assert float(eager[2]) >= 0 and float(eager[5]) > 1.0  # DIVO costs more than its backbone
+    assert re.search(r"\n  cudagraphs\s+needs a CUDA GPU", out)
+    assert re.search(r"compile\+cudagraphs\s+needs a CUDA GPU", out)
     for part in ("critic, eq. (1)", "value, eq. (2)", "PAD, eq. (9)-(10)", "ADPO sampling, eq. (12)",
                  "actor + targets, eq. (13)"):
         assert re.search(re.escape(part) + r"\s+\d+\.\d{3} ms", out), part
@@ -27,4 +28,4 @@ def test_benchmark_of_pad_pretraining_on_antmaze_shapes(tmp_path):
                      "--num-layers", "1", "--steps", "5", "--warmup", "1", "--modes", "eager", "--no-cuda", cwd=tmp_path,
                      env={"D4RL_DATASET_DIR": str(tmp_path / "none")}).stdout
     assert "pad_pretrain, antmaze-umaze-v2 shapes (observation 29, action 8)" in out
-    assert re.search(r"eager\s+[\d,]+\n", out) and "backbone" not in out
+    assert re.search(r"eager\s+[\d,]+\s+[\d.]+\n", out) and "backbone" not in out

@@ -24,7 +24,7 @@ import torch
 import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-Mode = Literal["eager", "compile", "cudagraphs"]
+Mode = Literal["eager", "compile", "cudagraphs", "compile+cudagraphs"]
 
 
 @dataclass
@@ -36,7 +36,8 @@ class Args:
     dataset_path: Optional[str] = None
     """a D4RL-format file to draw batches from (default: the cached D4RL file, else random transitions)"""
     modes: list[Mode] = field(default_factory=lambda: ["eager", "compile", "cudagraphs"])
-    """how to run the iteration: plain PyTorch, torch.compile, CUDA graphs (needs a GPU)"""
+    """how to run the iteration: plain PyTorch, torch.compile, CUDA graphs (needs a GPU), or compiled code captured
+    as CUDA graphs (the scripts' `--compile --cudagraphs`)"""
     steps: int = 2000
     """timed gradient steps per mode, after the warm-up"""
     warmup: int = 200
@@ -104,12 +105,18 @@ def build(module, args: Args, obs_dim: int, act_dim: int, device: torch.device, 
     return module.DIVO(obs_dim, act_dim, module.Args(**sizes), device)
 
 
-def steps_per_second(step: Callable[[int], object], steps: int, warmup: int, device: torch.device) -> float:
-    """Run `step(i)` for warm-up then timed steps; gradient steps per second of the timed ones."""
+def steps_per_second(step: Callable[[int], object], steps: int, warmup: int, device: torch.device,
+                     timings: Optional[dict] = None) -> float:
+    """Run `step(i)` for warm-up then timed steps; gradient steps per second of the timed ones (and, into
+    `timings`, the warm-up's seconds: compilation and graph capture happen there)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
     for i in range(warmup):
         step(i)
     sync()
+    if timings is not None:
+        timings["warmup_s"] = time.perf_counter() - start
     start = time.perf_counter()
     for i in range(warmup, warmup + steps):
         step(i)
@@ -118,16 +125,17 @@ def steps_per_second(step: Callable[[int], object], steps: int, warmup: int, dev
 
 
 def time_mode(module, args: Args, data: dict, mode: Mode, device: torch.device, obs_dim: int, act_dim: int,
-              **overrides) -> float:
+              timings: Optional[dict] = None, **overrides) -> float:
     """Steps per second of the whole iteration (batch sampling included) in one mode."""
-    agent = build(module, args, obs_dim, act_dim, device, cudagraphs=mode == "cudagraphs", **overrides)
-    if mode == "compile":
+    graphs = "cudagraphs" in mode
+    agent = build(module, args, obs_dim, act_dim, device, cudagraphs=graphs, **overrides)
+    if "compile" in mode:
         agent.compile()
-    train_step = module.make_train_step(agent, data, args.batch_size, mode == "cudagraphs")
+    train_step = module.make_train_step(agent, data, args.batch_size, graphs)
     if hasattr(module, "PADPretrainer"):
-        return steps_per_second(lambda i: train_step(), args.steps, args.warmup, device)
+        return steps_per_second(lambda i: train_step(), args.steps, args.warmup, device, timings)
     policy_freq = agent.args.policy_freq
-    return steps_per_second(lambda i: train_step(i % policy_freq == 0, True), args.steps, args.warmup, device)
+    return steps_per_second(lambda i: train_step(i % policy_freq == 0, True), args.steps, args.warmup, device, timings)
 
 
 def time_parts(module, args: Args, data: dict, device: torch.device, obs_dim: int, act_dim: int) -> dict[str, float]:
@@ -156,16 +164,18 @@ def main(args: Args) -> None:
           f"{args.batch_size}, {args.num_layers} x {args.hidden_dim} hidden, K {args.diffusion_steps}, N "
           f"{args.num_candidates}\n  device {name}, torch {torch.__version__}; data: {source}")
     divo = not hasattr(module, "PADPretrainer")
-    print(f"  {'mode':<12}{'steps/s':>12}" + (f"{'TD3+BC backbone':>18}{'DIVO / backbone':>18}" if divo else ""))
+    print(f"  {'mode':<20}{'steps/s':>10}{'warm-up s':>11}"
+          + (f"{'TD3+BC backbone':>17}{'warm-up s':>11}{'DIVO / backbone':>17}" if divo else ""))
     for mode in args.modes:
-        if mode == "cudagraphs" and device.type != "cuda":
-            print(f"  {mode:<12}{'needs a CUDA GPU':>12}")
+        if "cudagraphs" in mode and device.type != "cuda":
+            print(f"  {mode:<20}{'needs a CUDA GPU':>10}")
             continue
-        sps = time_mode(module, args, data, mode, device, obs_dim, act_dim)
-        line = f"  {mode:<12}{sps:>12,.0f}"
+        timings = {}
+        sps = time_mode(module, args, data, mode, device, obs_dim, act_dim, timings)
+        line = f"  {mode:<20}{sps:>10,.0f}{timings['warmup_s']:>11.1f}"
         if divo:
-            backbone = time_mode(module, args, data, mode, device, obs_dim, act_dim, adpo=False)
-            line += f"{backbone:>18,.0f}{backbone / sps:>17.2f}x"
+            backbone = time_mode(module, args, data, mode, device, obs_dim, act_dim, timings, adpo=False)
+            line += f"{backbone:>17,.0f}{timings['warmup_s']:>11.1f}{backbone / sps:>16.2f}x"
         print(line, flush=True)
     if args.parts and divo:
         print("  per gradient step, eager, each part timed alone (ADPO and actor parts divided by policy_freq):")
