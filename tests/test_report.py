@@ -262,11 +262,25 @@ def test_at_step_scores_runs_of_different_lengths_at_the_same_step(tmp_path):
     odd = {"seed": 2, "normalized_score_mean": 10.0, "evaluations": evaluations(10.0, steps=(70,))}
     for seed, scores in enumerate((long, short, odd)):
         write_run(tmp_path / "runs", f"hopper-medium-v2__divo__{seed}", run_args("hopper-medium-v2", seed), scores)
-    runs = report.score_at_step(report.collect_runs([str(tmp_path / "runs")]), 100)
+    runs = report.score_at_step(report.collect_runs([str(tmp_path / "runs")]), [100])
     assert {r.seed: r.score for r in runs if r.finished} == {0: 60.0, 1: 40.0}  # 90 * 100 / 150, and 40's final
     (left_out,) = [r for r in runs if not r.finished]
     assert left_out.seed == 2 and left_out.progress == "finished, but no evaluation at step 100"
-    report.make_report(runs, str(tmp_path / "out"), reps=REPS, profile_reps=20, at_step=100)
+    report.make_report(runs, str(tmp_path / "out"), reps=REPS, profile_reps=20, at_step=[100])
     text = (tmp_path / "out" / "table.md").read_text()
     assert "| hopper-medium-v2 | 50.0 ± 10.0 (2) |" in text and "score at step 100 (its evaluation there" in text
     assert "finished, but no evaluation at step 100" in text
+
+
+def test_at_several_steps_scores_runs_by_the_mean_of_those_evaluations(tmp_path):
+    """--at-step 50 100: the mean of the two evaluations; a run that lacks one of them is listed, not used."""
+    two = {"seed": 0, "normalized_score_mean": 90.0, "evaluations": evaluations(90.0, steps=(50, 100, 150))}
+    one = {"seed": 1, "normalized_score_mean": 40.0, "evaluations": evaluations(40.0, steps=(100,))}
+    for seed, scores in enumerate((two, one)):
+        write_run(tmp_path / "runs", f"hopper-medium-v2__divo__{seed}", run_args("hopper-medium-v2", seed), scores)
+    runs = report.score_at_step(report.collect_runs([str(tmp_path / "runs")]), [50, 100])
+    assert {r.seed: r.score for r in runs if r.finished} == {0: 45.0}  # (30 + 60) / 2
+    assert [r.progress for r in runs if not r.finished] == ["finished, but no evaluation at step 50"]
+    report.make_report(runs, str(tmp_path / "out"), reps=REPS, profile_reps=20, at_step=[50, 100])
+    text = (tmp_path / "out" / "table.md").read_text()
+    assert "| hopper-medium-v2 | 45.0 ± 0.0 (1) |" in text and "averaged over its evaluations at steps 50, 100" in text

@@ -50,8 +50,9 @@ class Args:
     """bootstrap replications for the confidence intervals of the aggregate metrics (about 0.4 s per 1000 and label)"""
     profile_reps: int = 1000
     """bootstrap replications for the confidence bands of the performance profiles (slower per replication)"""
-    at_step: Optional[int] = None
-    """score each run by its evaluation at this gradient step (from its history) instead of its last policy"""
+    at_step: Optional[list[int]] = None
+    """score each run by its evaluation at this gradient step (from its history) instead of its last policy; with
+    several steps, by the mean of its evaluations at them (an early-training window, less noisy than one)"""
 
 
 # The rows of the paper's Table I, in the order of the standard D4RL tables.
@@ -227,18 +228,19 @@ def read_run(folder: str, label_key: str) -> Optional[Run]:
     return run
 
 
-def score_at_step(runs: list[Run], step: int) -> list[Run]:
-    """Score each finished run by its evaluation at `step` (its history) instead of its last policy's score.
+def score_at_step(runs: list[Run], steps: list[int]) -> list[Run]:
+    """Score each finished run by the mean of its evaluations at `steps` (its history), not its last policy's.
 
     Training up to a step does not depend on the total length, so this compares runs of different lengths at
-    the same point. A run with no evaluation at `step` leaves the table, with the reason listed under it."""
+    the same point. A run that lacks an evaluation at one of `steps` leaves the table, with the reason listed."""
     for run in runs:
         if run.finished:
-            found = [e["score"] for e in run.evaluations if e["step"] == step]
-            if found:
-                run.score = float(found[0])
+            found = {e["step"]: e["score"] for e in run.evaluations}
+            missing = [step for step in steps if step not in found]
+            if missing:
+                run.finished, run.progress = False, f"finished, but no evaluation at step {missing[0]:,}"
             else:
-                run.finished, run.progress = False, f"finished, but no evaluation at step {step:,}"
+                run.score = float(np.mean([found[step] for step in steps]))
     return runs
 
 
@@ -363,7 +365,15 @@ def format_cell(cell: Optional[Cell], average: bool) -> str:
     return f"{cell.mean:.1f}"
 
 
-def format_table(table: Table, runs: list[Run], at_step: Optional[int] = None) -> str:
+def scored_at(steps: list[int]) -> str:
+    """What a cell's score is, in words, for --at-step."""
+    if len(steps) == 1:
+        return f"D4RL normalised score at step {steps[0]:,} (its evaluation there, from its history"
+    return (f"D4RL normalised score averaged over its evaluations at steps {', '.join(f'{s:,}' for s in steps)} "
+            "(from its history; each evaluation the")
+
+
+def format_table(table: Table, runs: list[Run], at_step: Optional[list[int]] = None) -> str:
     """table.md: the markdown table, what its numbers are, and the runs it leaves out."""
     lines = ["| Task | " + " | ".join(table.labels) + " |", "|:--|" + "--:|" * len(table.labels)]
     for row in table.rows:
@@ -375,7 +385,7 @@ def format_table(table: Table, runs: list[Run], at_step: Optional[int] = None) -
     lines += [
         "",
         "Cells: mean ± standard deviation over seeds of each run's "
-        + (f"D4RL normalised score at step {at_step:,} (its evaluation there, from its history" if at_step else
+        + (scored_at(at_step) if at_step else
            "final D4RL normalised score (the last policy's")
         + " mean over its evaluation episodes; AntMaze: 100 x success rate); the std is the population std (ddof=0); "
         "(n) is the number of seeds.",
@@ -510,7 +520,7 @@ def plot_curves(runs: list[Run], colors: dict[str, str], path: str) -> None:
 # The report
 # ----------------------------------------------------------------------------------------------
 def make_report(runs: list[Run], out_dir: str, reps: int = 2000, profile_reps: int = 1000,
-                at_step: Optional[int] = None) -> dict[str, str]:
+                at_step: Optional[list[int]] = None) -> dict[str, str]:
     """Write table.md, aggregate.json, aggregate.png, profiles.png and curves.png into `out_dir`; print the table.
 
     Returns {file name: path} of what it wrote. Raises ReportError when no run is finished."""
