@@ -82,8 +82,8 @@ def test_expectile_loss():
     assert dc.expectile_loss(u, 0.5).item() == pytest.approx(0.5 * (4 + 1) / 2)
 
 
-def test_pad_weights_are_binary_advantage_times_strength():
-    agent = small_agent(pad_strength=2.5)
+def pad_weights(agent) -> tuple[list[float], dict]:
+    """The weights one PAD step gives the diffusion loss for advantages (0.3, 0, -1, 2), and its metrics."""
     seen = {}
 
     def recording_loss(s, a, w):
@@ -93,7 +93,12 @@ def test_pad_weights_are_binary_advantage_times_strength():
     agent.diffusion.loss = recording_loss
     s, a, *_ = batch(n=4)
     metrics = agent.update_pad(s, a, adv=torch.tensor([0.3, 0.0, -1.0, 2.0]))
-    assert seen["w"].tolist() == [2.5, 0.0, 0.0, 2.5]  # A = 0 is not positive
+    return seen["w"].tolist(), metrics
+
+
+def test_pad_weights_are_binary_advantage_times_strength():
+    weights, metrics = pad_weights(small_agent(pad_strength=2.5))
+    assert weights == [2.5, 0.0, 0.0, 2.5]  # A = 0 is not positive
     assert metrics["pad/positive_fraction"].item() == pytest.approx(0.5)
 
 
@@ -493,17 +498,8 @@ def test_no_adpo_is_the_td3bc_backbone():
 
 def test_no_pad_trains_the_diffusion_model_on_every_action():
     """--no-pad: uniform weights zeta in the diffusion loss, whatever the advantage; ADPO still runs."""
-    agent = small_agent(pad=False, pad_strength=2.0)
-    seen = {}
-
-    def recording_loss(s, a, w):
-        seen["w"] = w
-        return agent.diffusion.eps_model.net[0].weight.sum()
-
-    agent.diffusion.loss = recording_loss
-    s, a, *_ = batch(n=4)
-    metrics = agent.update_pad(s, a, adv=torch.tensor([0.3, 0.0, -1.0, 2.0]))
-    assert seen["w"].tolist() == [2.0, 2.0, 2.0, 2.0]
+    weights, metrics = pad_weights(small_agent(pad=False, pad_strength=2.0))
+    assert weights == [2.0, 2.0, 2.0, 2.0]
     assert metrics["pad/positive_fraction"].item() == pytest.approx(0.5)  # still logged: the share PAD would keep
     assert "adpo/generated_fraction" in small_agent(pad=False).update(batch(), update_actor=True)
 
