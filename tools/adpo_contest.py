@@ -1,0 +1,96 @@
+"""How decisive is ADPO's contest (eq. 12) in a trained DIVO run? Reads a run's checkpoint, draws one generated
+action for each of many dataset states, and compares it with the dataset action under the target critics.
+
+Eq. 12 keeps the generated action where min_i Q'_i(s, a_gen) - V(s) >= min_i Q'_i(s, a) - V(s); V cancels, so the
+contest is decided by the gap of the twin minimum. The twin critics are trained alike, so where they disagree
+on the winner the gap is below what the critic resolves; |Q'_1 - Q'_2| on dataset actions is a yardstick of it.
+
+Run (on finished or running DIVO runs of either script; N = 1 candidate, as the default):
+    python tools/adpo_contest.py runs/hopper-medium-v2__divo__1 [more run folders] [--samples 20000]
+"""
+
+import importlib
+import os
+import sys
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import torch
+import tyro
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class Args:
+    runs: tyro.conf.Positional[list[str]] = field(default_factory=list)
+    """run folders (each holding checkpoint.pt) of divo_continuous.py or divo_antmaze.py"""
+    samples: int = 20_000
+    """dataset states to hold the contest on (drawn once, without replacement)"""
+    seed: int = 0
+    """seed of the states drawn and of the diffusion model's noise"""
+
+
+def contest_stats(q_data: torch.Tensor, q_gen: torch.Tensor) -> dict[str, float]:
+    """The contest of eq. 12 from the twin target critics' values (2, B) of the dataset and generated actions."""
+    gap = q_gen.min(dim=0).values - q_data.min(dim=0).values  # A(s, a_gen) - A(s, a): V(s) cancels
+    per_critic = q_gen - q_data  # (2, B): each critic's own verdict
+    return {
+        "generated_wins": (gap >= 0).float().mean().item(),
+        "gap_median": gap.abs().median().item(),
+        "q_mean": q_data.min(dim=0).values.mean().item(),
+        "twin_agree": ((per_critic[0] >= 0) == (per_critic[1] >= 0)).float().mean().item(),
+        "twin_gap_mean": (q_data[0] - q_data[1]).abs().mean().item(),
+        "both_prefer_generated": (per_critic >= 0).all(dim=0).float().mean().item(),
+    }
+
+
+def load_run(folder: str):
+    """The script module, its restored agent, the checkpoint and the run's arguments."""
+    sys.path.insert(0, ROOT)
+    path = os.path.join(folder, "checkpoint.pt")
+    payload = torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else {}
+    kind = payload.get("kind") if isinstance(payload, dict) else None
+    if kind not in ("divo_continuous", "divo_antmaze"):
+        raise SystemExit(f"error: {path} is not a checkpoint of divo_continuous.py or divo_antmaze.py")
+    module = importlib.import_module(kind)
+    names = {f.name for f in fields(module.Args)}
+    args = module.Args(**{k: v for k, v in payload["args"].items() if k in names and k not in ("cuda", "resume")},
+                       cuda=False)
+    if not args.adpo:
+        raise SystemExit(f"error: {folder} is a --no-adpo run: it has no diffusion model and no contest")
+    obs_dim = len(payload["obs_mean"])
+    act_dim = [v for k, v in payload["agent"]["actor"].items() if k.endswith("weight")][-1].shape[0]
+    agent = module.DIVO(obs_dim, act_dim, args, torch.device("cpu"))
+    agent.load_state_dict(payload["agent"])
+    return module, agent, payload, args, obs_dim, act_dim
+
+
+def main(args: Args) -> None:
+    if not args.runs:
+        raise SystemExit("error: give one or more run folders, e.g. runs/hopper-medium-v2__divo__1")
+    for folder in args.runs:
+        module, agent, payload, run_args, obs_dim, act_dim = load_run(folder)
+        path = run_args.dataset_path or module.default_dataset_path(run_args.env_id)
+        transitions = module.qlearning_dataset(module.load_d4rl_file(path, obs_dim, act_dim))
+        n = len(transitions["rewards"])
+        rows = np.random.default_rng(args.seed).choice(n, min(args.samples, n), replace=False)
+        mean, std = payload["obs_mean"].numpy(), payload["obs_std"].numpy()
+        data = module.to_device(transitions, rows, mean, std, torch.device("cpu"))
+        s, a = data["observations"], data["actions"].clamp(-1.0, 1.0)
+        torch.manual_seed(args.seed)
+        with torch.no_grad():
+            generated = agent.diffusion.sample(s)
+            stats = contest_stats(agent.critic_target(s, a), agent.critic_target(s, generated))
+        distance = (generated - a).pow(2).mean().sqrt().item()
+        print(f"{folder} (step {payload['step']:,}, {len(rows):,} states):\n"
+              f"  generated action wins eq. 12        {stats['generated_wins']:.3f}\n"
+              f"  |A(gen) - A(data)|, median          {stats['gap_median']:.3f}   (mean Q' {stats['q_mean']:.1f})\n"
+              f"  twin critics agree on the winner    {stats['twin_agree']:.3f}\n"
+              f"  |Q'_1 - Q'_2| on dataset actions    {stats['twin_gap_mean']:.3f}\n"
+              f"  both critics prefer the generated   {stats['both_prefer_generated']:.3f}\n"
+              f"  RMS distance generated - dataset    {distance:.3f}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
