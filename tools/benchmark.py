@@ -35,7 +35,7 @@ class Args:
     """time DIVO's iteration (and its TD3+BC backbone), or pad_pretrain.py's"""
     dataset_path: Optional[str] = None
     """a D4RL-format file to draw batches from (default: the cached D4RL file, else random transitions)"""
-    modes: list[Mode] = field(default_factory=lambda: ["eager", "compile", "cudagraphs"])
+    modes: list[Mode] = field(default_factory=lambda: ["eager", "compile", "cudagraphs", "compile+cudagraphs"])
     """how to run the iteration: plain PyTorch, torch.compile, CUDA graphs (needs a GPU), or compiled code captured
     as CUDA graphs (the scripts' `--compile --cudagraphs`)"""
     steps: int = 2000
