@@ -67,6 +67,9 @@ class Args:
     """the tasks: `locomotion` (9 Gym-MuJoCo), `antmaze` (6) or `paper` (all 15 of Table I); or give --env-ids"""
     env_ids: list[str] = field(default_factory=list)
     """D4RL ids to run instead of a suite, e.g. hopper-medium-v2 antmaze-umaze-v2"""
+    datasets: list[str] = field(default_factory=list)
+    """instead of a suite or ids: local files as ENV_ID=FILE, e.g. hopper-medium-v2=data/my-hopper.hdf5; each task is
+    named after its file, and ENV_ID names its evaluation env and score"""
     script: Optional[str] = None
     """the training script of every task (default: divo_antmaze.py for antmaze-* ids, else divo_continuous.py)"""
     seeds: list[int] = field(default_factory=list)
@@ -144,8 +147,16 @@ def find_dataset(dataset_dir: str, env_id: str) -> tuple[Optional[str], list[str
 
 def check_args(args: Args, extra: list[str]) -> None:
     """Stop with one message for input that cannot make a sweep."""
-    if (args.suite is None) == (not args.env_ids):
-        raise SweepError("give either --suite (locomotion, antmaze or paper) or --env-ids, not both or neither")
+    if (args.suite is not None) + bool(args.env_ids) + bool(args.datasets) != 1:
+        raise SweepError("give one of --suite (locomotion, antmaze or paper), --env-ids or --datasets")
+    if args.datasets and args.dataset_dir is not None:
+        raise SweepError("--datasets names each file itself: leave out --dataset-dir")
+    for entry in args.datasets:
+        env_id, _, path = entry.partition("=")
+        if not path:
+            raise SweepError(f"--datasets {entry!r}: write ENV_ID=FILE, e.g. hopper-medium-v2=data/my-hopper.hdf5")
+        if not os.path.isfile(path):
+            raise SweepError(f"--datasets {entry!r}: no file at {path}")
     if args.suite is not None and args.suite not in SUITES:
         raise SweepError(f"unknown --suite {args.suite!r}: choose {', '.join(SUITES)}")
     if not args.seeds:
@@ -156,7 +167,7 @@ def check_args(args: Args, extra: list[str]) -> None:
             raise SweepError(f"{what} given more than once: {', '.join(twice)}")
     if any(not 0 <= seed < 2**32 for seed in args.seeds):
         raise SweepError(f"seeds must be in [0, 4294967295], got {' '.join(map(str, args.seeds))}")
-    for env_id in args.env_ids:
+    for env_id in args.env_ids + [entry.partition("=")[0] for entry in args.datasets]:
         if env_id not in LOCOMOTION_IDS + ANTMAZE_IDS:
             close = difflib.get_close_matches(env_id, LOCOMOTION_IDS + ANTMAZE_IDS, n=1)
             hint = f"did you mean {close[0]}? " if close else ""
@@ -193,26 +204,27 @@ def resolve_script(script: str) -> str:
 
 def plan_runs(args: Args) -> list[Run]:
     """The grid, task by task and seed by seed, with each run's script, data and name."""
-    env_ids = SUITES[args.suite] if args.suite else args.env_ids
+    if args.datasets:  # (env id, local file) pairs, as given
+        tasks = [(entry.partition("=")[0], os.path.abspath(entry.partition("=")[2])) for entry in args.datasets]
+    else:
+        tasks = [(env_id, None) for env_id in (SUITES[args.suite] if args.suite else args.env_ids)]
     script = resolve_script(args.script) if args.script else None
-    for env_id in env_ids:  # a known script given for the other family of ids would refuse every run
+    for env_id, _ in tasks:  # a known script given for the other family of ids would refuse every run
         if script and os.path.basename(script) in (LOCOMOTION_SCRIPT, ANTMAZE_SCRIPT) \
                 and os.path.basename(script) != script_of(env_id):
             raise SweepError(f"{env_id} is run by {script_of(env_id)}, not by --script {args.script}")
-    datasets: dict[str, Optional[str]] = {env_id: None for env_id in env_ids}
     if args.dataset_dir is not None:
-        missing = []
-        for env_id in env_ids:
-            path, names = find_dataset(args.dataset_dir, env_id)
-            datasets[env_id] = os.path.abspath(path) if path else None
-            if path is None:
-                missing.append(f"{env_id} (looked for {' or '.join(names)})")
+        found = [(env_id, *find_dataset(args.dataset_dir, env_id)) for env_id, _ in tasks]
+        missing = [f"{env_id} (looked for {' or '.join(names)})" for env_id, path, names in found if path is None]
         if missing:
             raise SweepError(f"no dataset file in --dataset-dir {args.dataset_dir} for {'; '.join(missing)}")
+        tasks = [(env_id, os.path.abspath(path)) for env_id, path, _ in found]
+    names = [os.path.splitext(os.path.basename(path))[0] if path else env_id for env_id, path in tasks]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:  # the scripts name a task after its file: two files of one name would share their run folders
+        raise SweepError(f"two tasks named {', '.join(twice)}: give the files different names")
     runs = []
-    for env_id in env_ids:
-        path = datasets[env_id]
-        task = os.path.splitext(os.path.basename(path))[0] if path else env_id  # as the scripts name the task
+    for (env_id, path), task in zip(tasks, names):
         for seed in args.seeds:
             runs.append(Run(env_id, seed, script or os.path.join(ROOT, script_of(env_id)), path,
                             f"{task}__{args.label}__{seed}"))
