@@ -170,7 +170,14 @@ def test_sweep_joins_a_running_cluster(namespace, datasets, tmp_path):
     (["--env-ids", "hopper-medum-v2"], "unknown env id 'hopper-medum-v2'; did you mean hopper-medium-v2?"),
     (["--env-ids", "hopper-medium-v2", "--dataset-dir", "{data}/nowhere"], "is not a folder"),
     (["--suite", "gym"], "unknown --suite 'gym'"),
-    (["--suite", "paper", "--env-ids", "hopper-medium-v2"], "not both or neither"),
+    (["--suite", "paper", "--env-ids", "hopper-medium-v2"], "give one of --suite"),
+    (["--env-ids", "hopper-medium-v2", "--datasets", "hopper-medium-v2={data}/hopper-medium-replay.hdf5"], "give one of --suite"),
+    (["--datasets", "hopper-medium-v2"], "write ENV_ID=FILE"),
+    (["--datasets", "hopper-medium-v2={data}/nothing.hdf5"], "no file at"),
+    (["--datasets", "hoper-medium-v2={data}/hopper-medium-replay.hdf5"], "did you mean hopper-medium-v2?"),
+    (["--datasets", "hopper-medium-v2={data}/hopper-medium-replay.hdf5", "--dataset-dir", "{data}"], "leave out --dataset-dir"),
+    (["--datasets", "hopper-medium-v2={data}/hopper-medium-replay.hdf5", "hopper-medium-replay-v2={data}/hopper-medium-replay.hdf5"],
+     "two tasks named hopper-medium-replay"),
     (["--suite", "paper", "--seeds"], "no seeds"),
     (["--suite", "paper", "--", "--seed", "3"], "--seed after `--`"),
 ])
@@ -198,6 +205,18 @@ def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path):
         "divo_continuous.py" and len(scripts) == 15
     assert any(" --seed 1 --exp-name abl --run-name antmaze-umaze-v2__abl__1 " in " ".join(c) for c in commands)
     assert os.listdir(tmp_path) == []
+
+
+def test_datasets_name_each_task_after_its_file(datasets, tmp_path):
+    """--datasets ENV_ID=FILE: the run is named after the file, trains on it, and is evaluated as ENV_ID."""
+    data = os.path.join(datasets, "hopper-medium-replay.hdf5")
+    proc = subprocess.run([sys.executable, SWEEP, "--datasets", f"hopper-medium-replay-v2={data}", "--seeds", "4",
+                           "--label", "dev", "--dry-run"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, explain(proc)
+    [command] = [line.split() for line in proc.stdout.splitlines() if line.startswith(f"  {sys.executable} ")]
+    assert command[command.index("--env-id") + 1] == "hopper-medium-replay-v2"
+    assert command[command.index("--dataset-path") + 1] == data
+    assert command[command.index("--run-name") + 1] == "hopper-medium-replay__dev__4"
 
 
 def test_env_ids_match_the_scripts():
