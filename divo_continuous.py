@@ -106,6 +106,8 @@ class Args:
     """zeta of eq. (10), the strength of the PAD guidance"""
     num_candidates: int = 1
     """N, the number of diffusion samples per state that compete with the dataset action (eq. 12)"""
+    adpo_margin: float = 0.0
+    """kappa: a sample must win eq. (12) by kappa x the twin critics' disagreement (0: paper)"""
     hidden_dim: int = 256
     """width of every hidden layer"""
     num_layers: int = 3
@@ -114,14 +116,8 @@ class Args:
     """ADPO (eq. 12); --no-adpo: imitate the dataset action, the TD3+BC backbone (no diffusion)"""
     pad: bool = True
     """PAD weights 1[A > 0] (eq. 10); --no-pad: the diffusion model learns every action alike"""
-    adpo_start: int = 0
-    """variant: imitate the dataset action for this many steps before ADPO chooses targets"""
-    adpo_critic: Literal["target-min", "online-min", "online-q1"] = "target-min"
-    """variant: the Q scoring ADPO's contest: target critics' min (eq. 12), online min, online Q1"""
-    adpo_positive_only: bool = False
-    """variant: a generated action can win only where its own advantage is positive"""
-    bc_weight: Literal["none", "a2pr"] = "none"
-    """variant: `a2pr` imitates the target only where its advantage is >= 0; `none`: always"""
+    freeze_pad: bool = False
+    """keep the diffusion model fixed and skip the PAD step (with a pretrained --pad-checkpoint)"""
 
     # Evaluation
     legacy_inertia: bool = True
@@ -131,28 +127,8 @@ class Args:
     eval_episodes: int = 10
     """number of evaluation episodes, run side by side"""
 
-    # Run management
-    run_name: Optional[str] = None
-    """the run's new folder under runs/ (default {env_id}__{exp_name}__{seed}__{unix time})"""
-    log_freq: int = 1000
-    """log losses and diagnostics and print a progress line every this many gradient steps"""
-    checkpoint_freq: int = 50_000
-    """write `runs/{run_name}/checkpoint.pt` every this many steps and at the end (0: never)"""
-    resume: Optional[str] = None
-    """continue the run of this checkpoint (arguments not given on the command line come from it)"""
-    pad_checkpoint: Optional[str] = None
-    """start the diffusion model, critics and value net from a `pad_pretrain.py` checkpoint"""
-    freeze_pad: bool = False
-    """with --pad-checkpoint: keep the pretrained diffusion model fixed and skip the PAD step"""
-    holdout: int = 0
-    """transitions held out for the PAD sample-quality diagnostic (0: use 2,000 training ones)"""
-    compile: bool = False
-    """compile the update functions with torch.compile"""
-    cudagraphs: bool = False
-    """replay each training iteration as a captured CUDA graph (needs a GPU; README: Speed)"""
-
-    def __post_init__(self):
-        check_args(self)  # every range and combination, against ARG_RANGES below
+    # Run management (where a run writes, how it resumes or starts, how fast it runs): RunArgs,
+    # below the plumbing banner. The command line is RunArgs; check_args checks every range.
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,25 +297,19 @@ def expectile_loss(u: torch.Tensor, expectile: float) -> torch.Tensor:
     return (torch.abs(expectile - (u < 0).float()) * u**2).mean()
 
 
-def adpo_target(a, adv, candidates, cand_adv, positive_only=False):
-    """Eq. (12): per state, the action of largest advantage in {a, a_hat_1..N}; ties go to a_hat.
+def adpo_target(a, adv, candidates, cand_adv, penalty):
+    """Eq. (12): per state, the sample of largest advantage minus penalty replaces the dataset
+    action where that is at least the dataset action's advantage (ties go to the sample).
 
-    a: (B, A) dataset actions, adv: (B,) their advantages; candidates: (N, B, A), cand_adv: (N, B).
-    `positive_only` (a variant) lets a generated action win only where its own advantage is > 0.
-    Returns the targets (B, A), where a generated action won (B,) and the targets' advantages (B,).
+    a: (B, A) dataset actions, adv: (B,) their advantages; candidates: (N, B, A), cand_adv and
+    penalty: (N, B) (penalty 0 is the paper's contest; --adpo-margin makes it positive).
+    Returns the targets (B, A), where a sample won (B,) and the targets' advantages (B,).
     """
-    best_adv, best = cand_adv.max(dim=0)
-    best_candidate = candidates.gather(0, best[None, :, None].expand(1, *a.shape))[0]
-    generated = best_adv >= adv
-    if positive_only:
-        generated = generated & (best_adv > 0)
-    target = torch.where(generated[:, None], best_candidate, a)
-    return target, generated, torch.where(generated, best_adv, adv)
-
-
-def rms(x: torch.Tensor) -> torch.Tensor:
-    """Root mean square over all entries: a distance between actions in action units."""
-    return x.pow(2).mean().sqrt()
+    score, best = (cand_adv - penalty).max(dim=0)
+    winner = candidates.gather(0, best[None, :, None].expand(1, *a.shape))[0]
+    generated = score >= adv
+    target = torch.where(generated[:, None], winner, a)
+    return target, generated, torch.where(generated, cand_adv.gather(0, best[None])[0], adv)
 
 
 def adam(module: nn.Module, lr: float, capturable: bool) -> torch.optim.Adam:
@@ -353,26 +323,23 @@ class DIVO:
     def __init__(self, obs_dim: int, act_dim: int, args: Args, device: torch.device):
         h, n = args.hidden_dim, args.num_layers
         self.args = args
+        capturable = device.type == "cuda"  # Adam state on the GPU, so an iteration can be graphed
         self.actor = Actor(obs_dim, act_dim, h, n).to(device)
         self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
         self.critic = TwinCritic(obs_dim, act_dim, h, n).to(device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
-        self.actor_optimizer = adam(self.actor, args.actor_lr, args.cudagraphs)
-        self.critic_optimizer = adam(self.critic, args.critic_lr, args.cudagraphs)
+        self.actor_optimizer = adam(self.actor, args.actor_lr, capturable)
+        self.critic_optimizer = adam(self.critic, args.critic_lr, capturable)
         # With --no-adpo, V_psi and the diffusion model could not reach the actor: not built.
         if args.adpo:
             self.value = ValueNet(obs_dim, h, n).to(device)
             K, b_min, b_max = args.diffusion_steps, args.beta_min, args.beta_max
             self.diffusion = Diffusion(obs_dim, act_dim, K, b_min, b_max, h, n).to(device)
             self.diffusion.requires_grad_(not args.freeze_pad)
-            self.value_optimizer = adam(self.value, args.value_lr, args.cudagraphs)
-            self.diffusion_optimizer = adam(self.diffusion, args.diffusion_lr, args.cudagraphs)
+            self.value_optimizer = adam(self.value, args.value_lr, capturable)
+            self.diffusion_optimizer = adam(self.diffusion, args.diffusion_lr, capturable)
         self.online_params = [*self.actor.parameters(), *self.critic.parameters()]
         self.target_params = [*self.actor_target.parameters(), *self.critic_target.parameters()]
-
-    def target_q(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """min_i Q_theta'_i(s, a): the pessimistic value of eq. (1), (2) and (12)."""
-        return self.critic_target(s, a).min(dim=0).values
 
     def update_critic(self, s, a, r, s_next, not_done) -> dict[str, torch.Tensor]:
         """TD3 critic step, eq. (1), with target policy smoothing."""
@@ -381,7 +348,8 @@ class DIVO:
             noise = torch.randn_like(a) * args.policy_noise
             noise = noise.clamp(-args.noise_clip, args.noise_clip)
             a_next = (self.actor_target(s_next) + noise).clamp(-1, 1)
-            y = r + args.gamma * not_done * self.target_q(s_next, a_next)
+            q_next = self.critic_target(s_next, a_next).min(dim=0).values  # min_i Q_theta'_i
+            y = r + args.gamma * not_done * q_next
         q = self.critic(s, a)
         qf_loss = ((q - y) ** 2).mean(dim=1).sum()  # both critics' mean squared TD errors, summed
         self.critic_optimizer.zero_grad(set_to_none=True)
@@ -389,17 +357,18 @@ class DIVO:
         self.critic_optimizer.step()
         return {"losses/qf_loss": qf_loss.detach(), "losses/qf1_values": q[0].mean().detach()}
 
-    def update_value(self, s, a) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Expectile value step, eq. (2); returns V(s) and A(s, a) = min_i Q'_i(s, a) - V(s)."""
+    def update_value(self, s, a):
+        """Expectile value step, eq. (2). Returns A(s, a) = min_i Q'_i(s, a) - V(s) and V(s), both
+        with V before the step, the twin target values Q'_i(s, a) (2, B) and the loss."""
         with torch.no_grad():
-            q = self.target_q(s, a)
+            q_data = self.critic_target(s, a)
         v = self.value(s)
-        u = q - v
+        u = q_data.min(dim=0).values - v
         value_loss = expectile_loss(u, self.args.expectile)
         self.value_optimizer.zero_grad(set_to_none=True)
         value_loss.backward()
         self.value_optimizer.step()
-        return v.detach(), u.detach(), {"losses/value_loss": value_loss.detach()}
+        return u.detach(), v.detach(), q_data, {"losses/value_loss": value_loss.detach()}
 
     def update_pad(self, s, a, adv) -> dict[str, torch.Tensor]:
         """PAD step, eq. (9)-(10): diffusion loss weighted by w = zeta * 1[A(s, a) > 0]."""
@@ -412,44 +381,25 @@ class DIVO:
         self.diffusion_optimizer.step()
         return {"losses/pad_loss": pad_loss.detach(), "pad/positive_fraction": positive.mean()}
 
-    def candidate_q(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """The Q that ranks ADPO's candidates: min_i Q_theta'_i (eq. 12), or a variant's."""
-        if self.args.adpo_critic == "online-q1":  # A2PR's choice
-            return self.critic(s, a)[0]
-        if self.args.adpo_critic == "online-min":
-            return self.critic(s, a).min(dim=0).values
-        return self.target_q(s, a)
-
     @torch.no_grad()
-    def score_candidates(self, s, a, v, adv):
-        """Eq. (12)'s contest: N samples per state (N, B, A), their advantages (N, B), a's (B,)."""
-        args = self.args
-        n, (b, act_dim) = args.num_candidates, a.shape
-        s_rep = s.repeat(n, 1)
-        candidates = self.diffusion.sample(s_rep)
-        if args.adpo_critic != "target-min":  # a variant's critic scores the dataset action too
-            adv = self.candidate_q(s, a) - v
-        cand_adv = (self.candidate_q(s_rep, candidates) - v.repeat(n)).view(n, b)
-        return candidates.view(n, b, act_dim), cand_adv, adv
+    def adpo_candidates(self, s, v, q_data):
+        """Eq. (12)'s contestants: N samples of pi_omega per state (N, B, A), their advantages
+        (N, B), and their penalties (N, B): kappa x the twin target critics' disagreement
+        |Q'_1 - Q'_2|, averaged over the sample and the dataset action (q_data, (2, B))."""
+        n, b = self.args.num_candidates, len(s)
+        s_n = s.repeat(n, 1)  # the N samples of state i are rows i, B + i, 2B + i, ...
+        candidates = self.diffusion.sample(s_n)
+        q = self.critic_target(s_n, candidates).view(2, n, b)
+        cand_adv = q.min(dim=0).values - v
+        disagreement = ((q[0] - q[1]).abs() + (q_data[0] - q_data[1]).abs()) / 2
+        return candidates.view(n, b, -1), cand_adv, self.args.adpo_margin * disagreement
 
-    @torch.no_grad()
-    def select_target(self, s, a, v, adv):
-        """ADPO, eq. (12): the BC target a_bar, each state's BC weight (None: 1), a metric."""
-        candidates, cand_adv, adv = self.score_candidates(s, a, v, adv)
-        positive_only = self.args.adpo_positive_only
-        target, generated, target_adv = adpo_target(a, adv, candidates, cand_adv, positive_only)
-        weight = (target_adv >= 0).float() if self.args.bc_weight == "a2pr" else None
-        return target, weight, {"adpo/generated_fraction": generated.float().mean()}
-
-    def update_actor(self, s, a_bar, bc_weight=None) -> dict[str, torch.Tensor]:
+    def update_actor(self, s, a_bar) -> dict[str, torch.Tensor]:
         """Actor step, eq. (13): -lambda Q_theta1(s, pi(s)) + ||pi(s) - a_bar||^2; then Polyak."""
         pi = self.actor(s)
         q = self.critic(s, pi)[0]
         lmbda = self.args.alpha / q.abs().mean().detach()
-        squared = (pi - a_bar) ** 2
-        if bc_weight is not None:  # a variant's weight; 1 in eq. (13)
-            squared = bc_weight[:, None] * squared
-        bc_loss = squared.mean()
+        bc_loss = ((pi - a_bar) ** 2).mean()
         actor_loss = -lmbda * q.mean() + bc_loss
         self.actor_optimizer.zero_grad(set_to_none=True)
         actor_loss.backward()
@@ -458,45 +408,22 @@ class DIVO:
             torch._foreach_lerp_(self.target_params, self.online_params, self.args.tau)
         return {"losses/actor_loss": actor_loss.detach(), "losses/bc_loss": bc_loss.detach()}
 
-    def update(self, batch: tuple, update_actor: bool, use_adpo: bool = True) -> dict:
-        """One iteration on one batch; returns the metrics as device tensors (no host sync)."""
+    def update(self, batch: tuple, actor_step: bool) -> dict[str, torch.Tensor]:
+        """One iteration on one batch (the actor too on actor steps); metrics stay on the device."""
         s, a, r, s_next, not_done = batch
         metrics = self.update_critic(s, a, r, s_next, not_done)
         if self.args.adpo:
-            v, adv, value_metrics = self.update_value(s, a)
+            adv, v, q_data, value_metrics = self.update_value(s, a)
             metrics.update(value_metrics)
             if not self.args.freeze_pad:
                 metrics.update(self.update_pad(s, a, adv))
-        if update_actor:
-            if self.args.adpo and use_adpo:
-                a_bar, bc_weight, adpo_metrics = self.select_target(s, a, v, adv)
-                metrics.update(adpo_metrics)
-            else:  # the TD3+BC backbone (--no-adpo), or ADPO not started yet (--adpo-start)
-                a_bar, bc_weight = a, None
-            metrics.update(self.update_actor(s, a_bar, bc_weight))
+        if actor_step:
+            a_bar = a  # the TD3+BC backbone's target (--no-adpo)
+            if self.args.adpo:  # ADPO, eq. (12)
+                a_bar, generated, _ = adpo_target(a, adv, *self.adpo_candidates(s, v, q_data))
+                metrics["adpo/generated_fraction"] = generated.float().mean()
+            metrics.update(self.update_actor(s, a_bar))
         return metrics
-
-    def compile(self, backend: str = "inductor") -> None:
-        """Replace each update function by its torch.compile'd version."""
-        names = ("update_critic", "update_value", "update_pad", "select_target", "update_actor")
-        for name in names if self.args.adpo else ("update_critic", "update_actor"):
-            setattr(self, name, torch.compile(getattr(self, name), backend=backend))
-
-    def modules(self) -> dict[str, nn.Module]:
-        names = ("actor", "actor_target", "critic", "critic_target", "value", "diffusion")
-        return {name: getattr(self, name) for name in names if hasattr(self, name)}
-
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        names = [f"{name}_optimizer" for name in ("actor", "critic", "value", "diffusion")]
-        return {name: getattr(self, name) for name in names if hasattr(self, name)}
-
-    def state_dict(self) -> dict:
-        parts = {**self.modules(), **self.optimizers()}
-        return {name: part.state_dict() for name, part in parts.items()}
-
-    def load_state_dict(self, state: dict) -> None:
-        for name, part in {**self.modules(), **self.optimizers()}.items():
-            part.load_state_dict(state[name])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -545,27 +472,6 @@ def normalized_score(robot: str, returns: np.ndarray) -> np.ndarray:
     return 100.0 * (np.asarray(returns) - low) / (high - low)
 
 
-def dataset_summary(path: str, data: dict, transitions: dict, robot: str) -> str:
-    """A few lines about the data: size, episodes and their returns, rewards, terminals, actions."""
-    n = len(data["rewards"])
-    ends = np.flatnonzero(data["terminals"] | data["timeouts"])
-    if len(ends) == 0 or ends[-1] != n - 1:  # a trailing unfinished episode counts too
-        ends = np.append(ends, n - 1)
-    starts = np.concatenate([[0], ends[:-1] + 1])
-    scores = normalized_score(robot, np.add.reduceat(data["rewards"], starts))
-    r, outside = transitions["rewards"], (np.abs(data["actions"]) > 1).any(axis=1).mean()
-    return "\n".join([
-        f"dataset    {path}: {n:,} rows -> {len(r):,} transitions (D4RL's qlearning_dataset)",
-        f"episodes   {len(scores):,}, mean length {np.mean(ends - starts + 1):.0f}, "
-        f"normalised return min {scores.min():.1f}  mean {scores.mean():.1f}  "
-        f"max {scores.max():.1f}",
-        f"rewards    min {r.min():.3f}  mean {r.mean():.3f}  max {r.max():.3f}; terminals "
-        f"{transitions['terminals'].mean():.4%} of transitions",
-        f"actions    |a| max {np.abs(data['actions']).max():.4f}"
-        + (f" ({outside:.2%} of rows outside [-1, 1], clipped)" if outside else ""),
-    ])
-
-
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------
@@ -587,107 +493,36 @@ def evaluate(actor: nn.Module, envs: list, obs_mean, obs_std, seed: int) -> np.n
     return returns
 
 
-# ----------------------------------------------------------------------------------------------
-# Diagnostics: does ADPO help? At the logging sync, on fixed data, with training's RNG untouched
-# ----------------------------------------------------------------------------------------------
-def wasserstein_per_dim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """1-D Wasserstein-1 distance of each column between two equally sized samples."""
-    return (x.sort(dim=0).values - y.sort(dim=0).values).abs().mean(dim=0)
-
-
-def mmd_rbf(x: torch.Tensor, y: torch.Tensor, bandwidth: float) -> torch.Tensor:
-    """Squared maximum mean discrepancy with a Gaussian kernel (biased estimate)."""
-    def kernel(p, q):
-        return torch.exp(-torch.cdist(p, q) ** 2 / (2 * bandwidth**2)).mean()
-    return kernel(x, x) + kernel(y, y) - 2 * kernel(x, y)
-
-
-@torch.no_grad()
-def sample_distances(diffusion: Diffusion, s, a, bandwidth: float) -> dict[str, float]:
-    """One model sample per held-out state against that state's dataset action.
-
-    `wasserstein`: mean over action dimensions of the per-dimension W1 between sampled and
-    dataset actions; `mmd`: MMD^2 between the joint (s, a_sampled) and (s, a_data) sets, which
-    also sees whether a sample fits its own state.
-    """
-    sampled = diffusion.sample(s)
-    return {"wasserstein": wasserstein_per_dim(sampled, a).mean().item(),
-            "mmd": mmd_rbf(torch.cat([s, sampled], 1), torch.cat([s, a], 1), bandwidth).item()}
-
-
-@torch.no_grad()
-def nearby_data_check(agent: DIVO, s, actions, s_ref, a_ref, q_ref, neighbours: int):
-    """Per state: Q'(s, action) minus the best Q' of the dataset actions at the `neighbours`
-    nearest dataset states, and the RMS distance from the action to the closest of those actions.
-
-    A generated action that the critic rates far above everything the data did nearby, while
-    lying far from those actions, is a sign that ADPO exploits the critic's extrapolation.
-    """
-    # (B, neighbours): the nearest reference states, Euclidean in normalised state space
-    nearest = torch.cdist(s, s_ref).topk(neighbours, largest=False).indices
-    q_margin = agent.target_q(s, actions) - q_ref[nearest].max(dim=1).values
-    action_gap = (a_ref[nearest] - actions[:, None]).pow(2).mean(dim=-1).sqrt().min(dim=1).values
-    return q_margin, action_gap
-
-
-class Diagnostics:
-    """Whether ADPO's targets exploit critic errors; how well PAD's model fits the positive data."""
-
-    def __init__(self, data: dict, heldout: dict, seed: int, probe=256, reference=10_000, k=10):
-        rows = torch.randperm(len(data["rewards"]), generator=torch.Generator().manual_seed(seed))
-        rows, probe = rows.to(data["rewards"].device), min(probe, len(rows) // 2)
-        probe_rows, reference_rows = rows[:probe], rows[probe:probe + reference]
-        self.probe = data["observations"][probe_rows], data["actions"][probe_rows]
-        self.reference = data["observations"][reference_rows], data["actions"][reference_rows]
-        self.neighbours = min(k, len(reference_rows))
-        self.heldout = heldout["observations"], heldout["actions"]
-        joint = torch.cat(self.heldout, 1)
-        # the MMD kernel's bandwidth: the median distance between held-out pairs
-        self.bandwidth = torch.cdist(joint, joint).median().clamp(min=1e-6).item()
-
-    @torch.no_grad()
-    def adpo(self, agent: DIVO) -> dict[str, float]:
-        """ADPO's contest (eq. 12) on the probe states: what the targets gain, how far they and the
-        actor are from the data, and how the winners compare with the data at nearby states."""
-        (s, a), (s_ref, a_ref) = self.probe, self.reference
-        with torch.random.fork_rng(devices=[s.device] if s.device.type == "cuda" else []):
-            v = agent.value(s)
-            candidates, cand_adv, adv = agent.score_candidates(s, a, v, agent.target_q(s, a) - v)
-        positive_only = agent.args.adpo_positive_only
-        target, generated, target_adv = adpo_target(a, adv, candidates, cand_adv, positive_only)
-        pi = agent.actor(s)
-        row = {
-            "adpo/advantage_gain": (target_adv - adv).mean(),  # A(s, a_bar) - A(s, a), >= 0
-            "adpo/candidate_advantage_gain": (cand_adv - adv).mean(),  # A(s, a_hat) - A(s, a)
-            "adpo/candidate_distance": rms(candidates - a),
-            "adpo/actor_target_distance": rms(pi - target),
-            "adpo/actor_data_distance": rms(pi - a),
-        }
-        q_ref, k = agent.target_q(s_ref, a_ref), self.neighbours
-        margin, gap = nearby_data_check(agent, s, a, s_ref, a_ref, q_ref, k)
-        row["adpo/data_q_margin"], row["adpo/data_action_gap"] = margin.mean(), gap.mean()
-        if generated.any():  # the generated actions that won eq. (12), against the same nearby data
-            s_won, a_won = s[generated], target[generated]
-            margin, gap = nearby_data_check(agent, s_won, a_won, s_ref, a_ref, q_ref, k)
-            row["adpo/winner_q_margin"], row["adpo/winner_action_gap"] = margin.mean(), gap.mean()
-        return {name: value.item() for name, value in row.items()}
-
-    @torch.no_grad()
-    def pad(self, agent: DIVO) -> dict[str, float]:
-        """Distance between the diffusion model's samples and the held-out positive actions."""
-        s, a = self.heldout
-        positive = agent.target_q(s, a) - agent.value(s) > 0
-        s_pos, a_pos = (s[positive], a[positive]) if positive.sum() >= 10 else (s, a)
-        with torch.random.fork_rng(devices=[s.device] if s.device.type == "cuda" else []):
-            distances = sample_distances(agent.diffusion, s_pos, a_pos, self.bandwidth)
-        return {"pad/heldout_positive_fraction": positive.float().mean().item(),
-                **{f"pad/sample_{name}": value for name, value in distances.items()}}
-
-
 # ==============================================================================================
 # Plumbing: from here to the main block, infrastructure that a reader learning DIVO may skip.
-# Argument checks, downloads and file checks, fingerprints, checkpoints and resume, MuJoCo fixes, CUDA graphs.
+# Run management and argument checks, downloads and file checks, fingerprints, checkpoints and resume, MuJoCo
+# fixes, CUDA graphs, and the diagnostics of ADPO and PAD.
 # ==============================================================================================
+@dataclass
+class RunArgs(Args):
+    """The command line: DIVO's arguments (Args, above) and those that manage a run."""
+
+    run_name: Optional[str] = None
+    """the run's new folder under runs/ (default {env_id}__{exp_name}__{seed}__{unix time})"""
+    log_freq: int = 1000
+    """log losses and diagnostics and print a progress line every this many gradient steps"""
+    checkpoint_freq: int = 50_000
+    """write `runs/{run_name}/checkpoint.pt` every this many steps and at the end (0: never)"""
+    resume: Optional[str] = None
+    """continue the run of this checkpoint (arguments not given on the command line come from it)"""
+    pad_checkpoint: Optional[str] = None
+    """start the diffusion model, critics and value net from a `pad_pretrain.py` checkpoint"""
+    holdout: int = 0
+    """transitions held out for the PAD sample-quality diagnostic (0: use 2,000 training ones)"""
+    compile: bool = False
+    """compile the update functions with torch.compile"""
+    cudagraphs: bool = False
+    """replay each training iteration as a captured CUDA graph (needs a GPU; README: Speed)"""
+
+    def __post_init__(self):
+        check_args(self)  # every range and combination, against ARG_RANGES below
+
+
 class InputError(SystemExit):
     """Bad input from the user: exits with one message that says what is wrong and what to do."""
 
@@ -702,13 +537,12 @@ ARG_RANGES = {
     "policy_noise": "[0, inf)", "noise_clip": "[0, inf)", "policy_freq": "[1, inf)", "alpha": "[0, inf)",
     "expectile": "(0, 1)", "diffusion_steps": "[1, inf)", "beta_min": "(0, inf)", "beta_max": "(0, inf)",
     "pad_strength": "(0, inf)", "num_candidates": "[1, inf)", "hidden_dim": "[1, inf)", "num_layers": "[1, inf)",
-    "adpo_start": "[0, inf)", "eval_freq": "[0, inf)", "eval_episodes": "[1, inf)", "log_freq": "[1, inf)",
+    "adpo_margin": "[0, inf)", "eval_freq": "[0, inf)", "eval_episodes": "[1, inf)", "log_freq": "[1, inf)",
     "checkpoint_freq": "[0, inf)", "holdout": "[0, inf)",
 }
 # Arguments that only act through the diffusion model or V_psi: --no-adpo refuses them.
 ADPO_ONLY_ARGS = ("value_lr", "diffusion_lr", "expectile", "diffusion_steps", "beta_min", "beta_max", "pad_strength",
-                  "num_candidates", "adpo_start", "adpo_critic", "adpo_positive_only", "bc_weight", "pad_checkpoint",
-                  "freeze_pad", "pad")
+                  "num_candidates", "adpo_margin", "pad_checkpoint", "freeze_pad", "pad")
 
 
 def run_mode(args) -> str:
@@ -767,24 +601,24 @@ def check_args(args) -> None:
             raise InputError(message)
 
 
-def parse_args(kind: str) -> tuple[Args, Optional[dict]]:
+def parse_args(kind: str) -> tuple[RunArgs, Optional[dict]]:
     """The command line; with --resume, the checkpoint's arguments under those given, and the checkpoint."""
     argv = sys.argv[1:]
     for i, arg in enumerate(argv):  # our message for a wrong id (the nearest id, the other script) before tyro's
         name, has_value, value = arg.partition("=")
         if name in ("--env-id", "--env_id") and (has_value or i + 1 < len(argv)):
             check_env_id(value if has_value else argv[i + 1])
-    args = tyro.cli(Args)
+    args = tyro.cli(RunArgs)
     if args.resume is None:
         if args.run_name and os.path.exists(os.path.join("runs", args.run_name)):
             raise InputError(f"runs/{args.run_name} exists: choose another --run-name, or continue that run with "
                              f"--resume runs/{args.run_name}/{CHECKPOINT}")
         return args, None
     checkpoint = load_checkpoint(args.resume, kind)
-    saved = Args(**{f.name: checkpoint["args"][f.name] for f in fields(Args) if f.name in checkpoint["args"]})
+    saved = RunArgs(**{f.name: checkpoint["args"][f.name] for f in fields(RunArgs) if f.name in checkpoint["args"]})
     saved = replace(saved, run_name=saved.run_name or os.path.basename(os.path.dirname(os.path.abspath(args.resume))))
-    args = tyro.cli(Args, default=replace(saved, resume=args.resume))
-    names = [f.name for f in fields(Args) if f.name not in RESUME_FREE_ARGS]
+    args = tyro.cli(RunArgs, default=replace(saved, resume=args.resume))
+    names = [f.name for f in fields(RunArgs) if f.name not in RESUME_FREE_ARGS]
     refuse_mismatch(args.resume, {n: getattr(args, n) for n in names}, {n: getattr(saved, n) for n in names},
                     f"resume with `--resume {args.resume}` and the original arguments, or start a new run without --resume")
     done = checkpoint["step"]
@@ -925,7 +759,7 @@ def load_d4rl_file(path: str, obs_dim: int, act_dim: int) -> dict[str, np.ndarra
     return data
 
 
-def read_dataset(args: Args, obs_dim: int, act_dim: int) -> tuple[dict[str, np.ndarray], str]:
+def read_dataset(args: RunArgs, obs_dim: int, act_dim: int) -> tuple[dict[str, np.ndarray], str]:
     """The dataset's arrays (downloaded into D4RL's cache first if needed, then checked) and its path."""
     path = args.dataset_path or default_dataset_path(args.env_id)
     if not args.dataset_path and not os.path.isfile(path):
@@ -1006,7 +840,7 @@ def load_checkpoint(path: str, kind: str) -> dict:
     return payload
 
 
-def load_pretrained_pad(agent: DIVO, args: Args, fingerprint: str) -> None:
+def load_pretrained_pad(agent: DIVO, args: RunArgs, fingerprint: str) -> None:
     """--pad-checkpoint: start the diffusion model, critics and value net from a pad_pretrain.py checkpoint."""
     pad = load_checkpoint(args.pad_checkpoint, "pad_pretrain")
     names = ("diffusion_steps", "beta_min", "beta_max", "hidden_dim", "num_layers")
@@ -1019,7 +853,7 @@ def load_pretrained_pad(agent: DIVO, args: Args, fingerprint: str) -> None:
           + (" (diffusion model frozen)" if args.freeze_pad else ""))
 
 
-def restore_run(agent: DIVO, args: Args, checkpoint: Optional[dict], fingerprint: str) -> tuple[int, list]:
+def restore_run(agent: DIVO, args: RunArgs, checkpoint: Optional[dict], fingerprint: str) -> tuple[int, list]:
     """The step and evaluation history to start from: a resumed run's (networks, optimisers, RNG), or a new run's."""
     if checkpoint is None:
         if args.pad_checkpoint:
@@ -1027,7 +861,7 @@ def restore_run(agent: DIVO, args: Args, checkpoint: Optional[dict], fingerprint
         return 0, []
     refuse_mismatch(args.resume, {}, {}, "resume on the dataset it was trained on",
                     same_data=checkpoint["dataset_sha1"] == fingerprint)
-    agent.load_state_dict(checkpoint["agent"])
+    load_agent_state(agent, checkpoint["agent"])
     torch.set_rng_state(checkpoint["rng"]["torch"])
     if torch.cuda.is_available() and args.cuda and checkpoint["rng"]["cuda"] is not None:
         torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
@@ -1035,7 +869,7 @@ def restore_run(agent: DIVO, args: Args, checkpoint: Optional[dict], fingerprint
     return checkpoint["step"], checkpoint["evaluations"]
 
 
-def make_run_dir(args: Args) -> tuple[Args, str]:
+def make_run_dir(args: RunArgs) -> tuple[RunArgs, str]:
     """The run's new folder under runs/ (a new run never writes into an existing one), and its name in `args`."""
     base = args.run_name or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     for attempt in range(1000):  # runs started in the same second get -1, -2, ...
@@ -1060,7 +894,7 @@ def write_json(path: str, content: dict) -> None:
 def check_finite(step: int, metrics: dict[str, torch.Tensor], agent, last_checkpoint: str) -> dict[str, float]:
     """The metrics as numbers (the loop's one host sync); stop with a message if a metric or a weight is NaN/inf."""
     weights = {name: torch.stack([p.isfinite().all() for p in module.parameters()]).all().float()
-               for name, module in agent.modules().items()}
+               for name, module in networks(agent).items()}
     values = dict(zip([*metrics, *weights], torch.stack([*metrics.values(), *weights.values()]).tolist()))
     bad = [f"{name} = {values[name]}" for name in metrics if not math.isfinite(values[name])]
     bad += [f"the {name} network's weights" for name in weights if values[name] != 1.0]
@@ -1146,19 +980,10 @@ class GraphedTrainStep:
         return replay, metrics
 
 
-def make_train_step(agent, data: dict[str, torch.Tensor], batch_size: int, cudagraphs: bool) -> Callable:
-    """One training iteration of `agent` on a fresh batch: plain PyTorch, or replayed CUDA graphs (--cudagraphs)."""
-    def train_step(*flags) -> dict[str, torch.Tensor]:
-        return agent.update(sample_batch(data, batch_size), *flags)
-
-    device = data["rewards"].device
-    return GraphedTrainStep(train_step, lambda: training_state(agent), device) if cudagraphs else train_step
-
-
 def training_state(agent) -> list[torch.Tensor]:
     """Every tensor an iteration changes or reads as state: weights, buffers and optimiser states."""
-    tensors = [t for module in agent.modules().values() for t in module.state_dict(keep_vars=True).values()]
-    return tensors + [t for opt in agent.optimizers().values() for state in opt.state.values() for t in state.values()
+    tensors = [t for module in networks(agent).values() for t in module.state_dict(keep_vars=True).values()]
+    return tensors + [t for opt in optimizers(agent).values() for state in opt.state.values() for t in state.values()
                       if torch.is_tensor(t)]
 
 
@@ -1168,6 +993,161 @@ def progress_line(done: int, total: int, sps: float, evaluations: list[dict]) ->
     eta = int((total - done) / sps)
     eta = (f"{eta // 3600}h" if eta >= 3600 else "") + f"{eta % 3600 // 60:02d}m{eta % 60:02d}s"
     return f"[{done / total:6.1%}] step {done:,}/{total:,} | {sps:,.0f} steps/s | score {score} | ETA {eta}"
+
+
+def networks(agent) -> dict[str, nn.Module]:
+    """The agent's networks (online and target), by attribute name."""
+    return {name: part for name, part in vars(agent).items() if isinstance(part, nn.Module)}
+
+
+def optimizers(agent) -> dict[str, torch.optim.Optimizer]:
+    """The agent's optimisers, by attribute name."""
+    return {name: part for name, part in vars(agent).items() if isinstance(part, torch.optim.Optimizer)}
+
+
+def agent_state(agent) -> dict:
+    """What a checkpoint keeps of the agent: every network's and optimiser's state, by name."""
+    return {name: part.state_dict() for name, part in {**networks(agent), **optimizers(agent)}.items()}
+
+
+def load_agent_state(agent, state: dict) -> None:
+    """Restore what agent_state saved."""
+    for name, part in {**networks(agent), **optimizers(agent)}.items():
+        part.load_state_dict(state[name])
+
+
+def compile_updates(agent) -> None:
+    """--compile: replace each update function of the agent by its torch.compile'd version."""
+    names = ("update_critic", "update_value", "update_pad", "adpo_candidates", "update_actor")
+    for name in names if agent.args.adpo else ("update_critic", "update_actor"):
+        setattr(agent, name, torch.compile(getattr(agent, name)))
+
+
+def dataset_summary(path: str, data: dict, transitions: dict, robot: str) -> str:
+    """A few lines about the data: size, episodes and their returns, rewards, terminals, actions."""
+    n = len(data["rewards"])
+    ends = np.flatnonzero(data["terminals"] | data["timeouts"])
+    if len(ends) == 0 or ends[-1] != n - 1:  # a trailing unfinished episode counts too
+        ends = np.append(ends, n - 1)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    scores = normalized_score(robot, np.add.reduceat(data["rewards"], starts))
+    r, outside = transitions["rewards"], (np.abs(data["actions"]) > 1).any(axis=1).mean()
+    return "\n".join([
+        f"dataset    {path}: {n:,} rows -> {len(r):,} transitions (D4RL's qlearning_dataset)",
+        f"episodes   {len(scores):,}, mean length {np.mean(ends - starts + 1):.0f}, "
+        f"normalised return min {scores.min():.1f}  mean {scores.mean():.1f}  "
+        f"max {scores.max():.1f}",
+        f"rewards    min {r.min():.3f}  mean {r.mean():.3f}  max {r.max():.3f}; terminals "
+        f"{transitions['terminals'].mean():.4%} of transitions",
+        f"actions    |a| max {np.abs(data['actions']).max():.4f}"
+        + (f" ({outside:.2%} of rows outside [-1, 1], clipped)" if outside else ""),
+    ])
+
+
+# ----------------------------------------------------------------------------------------------
+# Diagnostics: does ADPO help? At the logging sync, on fixed data, with training's RNG untouched
+# ----------------------------------------------------------------------------------------------
+def rms(x: torch.Tensor) -> torch.Tensor:
+    """Root mean square over all entries: a distance between actions in action units."""
+    return x.pow(2).mean().sqrt()
+
+
+def wasserstein_per_dim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """1-D Wasserstein-1 distance of each column between two equally sized samples."""
+    return (x.sort(dim=0).values - y.sort(dim=0).values).abs().mean(dim=0)
+
+
+def mmd_rbf(x: torch.Tensor, y: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """Squared maximum mean discrepancy with a Gaussian kernel (biased estimate)."""
+    def kernel(p, q):
+        return torch.exp(-torch.cdist(p, q) ** 2 / (2 * bandwidth**2)).mean()
+    return kernel(x, x) + kernel(y, y) - 2 * kernel(x, y)
+
+
+@torch.no_grad()
+def sample_distances(diffusion: Diffusion, s, a, bandwidth: float) -> dict[str, float]:
+    """One model sample per held-out state against that state's dataset action.
+
+    `wasserstein`: mean over action dimensions of the per-dimension W1 between sampled and
+    dataset actions; `mmd`: MMD^2 between the joint (s, a_sampled) and (s, a_data) sets, which
+    also sees whether a sample fits its own state.
+    """
+    sampled = diffusion.sample(s)
+    return {"wasserstein": wasserstein_per_dim(sampled, a).mean().item(),
+            "mmd": mmd_rbf(torch.cat([s, sampled], 1), torch.cat([s, a], 1), bandwidth).item()}
+
+
+@torch.no_grad()
+def nearby_data_check(agent: DIVO, s, actions, s_ref, a_ref, q_ref, neighbours: int):
+    """Per state: Q'(s, action) minus the best Q' of the dataset actions at the `neighbours`
+    nearest dataset states, and the RMS distance from the action to the closest of those actions.
+
+    A generated action that the critic rates far above everything the data did nearby, while
+    lying far from those actions, is a sign that ADPO exploits the critic's extrapolation.
+    """
+    # (B, neighbours): the nearest reference states, Euclidean in normalised state space
+    nearest = torch.cdist(s, s_ref).topk(neighbours, largest=False).indices
+    q_margin = agent.critic_target(s, actions).min(dim=0).values - q_ref[nearest].max(dim=1).values
+    action_gap = (a_ref[nearest] - actions[:, None]).pow(2).mean(dim=-1).sqrt().min(dim=1).values
+    return q_margin, action_gap
+
+
+class Diagnostics:
+    """Whether ADPO's targets exploit critic errors; how well PAD's model fits the positive data."""
+
+    def __init__(self, data: dict, heldout: dict, seed: int, probe=256, reference=10_000, k=10):
+        rows = torch.randperm(len(data["rewards"]), generator=torch.Generator().manual_seed(seed))
+        rows, probe = rows.to(data["rewards"].device), min(probe, len(rows) // 2)
+        probe_rows, reference_rows = rows[:probe], rows[probe:probe + reference]
+        self.probe = data["observations"][probe_rows], data["actions"][probe_rows]
+        self.reference = data["observations"][reference_rows], data["actions"][reference_rows]
+        self.neighbours = min(k, len(reference_rows))
+        self.heldout = heldout["observations"], heldout["actions"]
+        joint = torch.cat(self.heldout, 1)
+        # the MMD kernel's bandwidth: the median distance between held-out pairs
+        self.bandwidth = torch.cdist(joint, joint).median().clamp(min=1e-6).item()
+
+    @torch.no_grad()
+    def contest(self, agent: DIVO) -> dict[str, float]:
+        """ADPO's contest (eq. 12) on the probe states: what the targets gain, how far they and the
+        actor are from the data, whether both twin critics back the winners, and how the winners
+        compare with the data at nearby states."""
+        (s, a), (s_ref, a_ref) = self.probe, self.reference
+        with torch.random.fork_rng(devices=[s.device] if s.device.type == "cuda" else []):
+            v, q_data = agent.value(s), agent.critic_target(s, a)
+            adv = q_data.min(dim=0).values - v
+            candidates, cand_adv, penalty = agent.adpo_candidates(s, v, q_data)
+        target, generated, target_adv = adpo_target(a, adv, candidates, cand_adv, penalty)
+        pi = agent.actor(s)
+        both_back = (agent.critic_target(s, target) >= q_data).all(dim=0)  # Q'_1 and Q'_2 agree
+        row = {
+            "adpo/advantage_gain": (target_adv - adv).mean(),  # A(s, a_bar) - A(s, a), >= 0
+            "adpo/candidate_advantage_gain": (cand_adv - adv).mean(),  # A(s, a_hat) - A(s, a)
+            "adpo/candidate_distance": rms(candidates - a),
+            "adpo/actor_target_distance": rms(pi - target),
+            "adpo/actor_data_distance": rms(pi - a),
+            "adpo/twin_disagreement": (q_data[0] - q_data[1]).abs().mean(),  # on dataset actions
+            "adpo/winners_backed_by_both": (both_back & generated).float().sum() / generated.sum().clamp(min=1),
+        }
+        q_ref, k = agent.critic_target(s_ref, a_ref).min(dim=0).values, self.neighbours
+        margin, gap = nearby_data_check(agent, s, a, s_ref, a_ref, q_ref, k)
+        row["adpo/data_q_margin"], row["adpo/data_action_gap"] = margin.mean(), gap.mean()
+        if generated.any():  # the generated actions that won eq. (12), against the same nearby data
+            s_won, a_won = s[generated], target[generated]
+            margin, gap = nearby_data_check(agent, s_won, a_won, s_ref, a_ref, q_ref, k)
+            row["adpo/winner_q_margin"], row["adpo/winner_action_gap"] = margin.mean(), gap.mean()
+        return {name: value.item() for name, value in row.items()}
+
+    @torch.no_grad()
+    def sample_quality(self, agent: DIVO) -> dict[str, float]:
+        """Distance between the diffusion model's samples and the held-out positive actions."""
+        s, a = self.heldout
+        positive = agent.critic_target(s, a).min(dim=0).values - agent.value(s) > 0
+        s_pos, a_pos = (s[positive], a[positive]) if positive.sum() >= 10 else (s, a)
+        with torch.random.fork_rng(devices=[s.device] if s.device.type == "cuda" else []):
+            distances = sample_distances(agent.diffusion, s_pos, a_pos, self.bandwidth)
+        return {"pad/heldout_positive_fraction": positive.float().mean().item(),
+                **{f"pad/sample_{name}": value for name, value in distances.items()}}
 
 
 if __name__ == "__main__":
@@ -1199,8 +1179,15 @@ if __name__ == "__main__":
     agent = DIVO(obs_dim, act_dim, args, device)
     start_step, evaluations = restore_run(agent, args, resumed, fingerprint)  # a resumed run, or --pad-checkpoint
     if args.compile:
-        agent.compile()
-    train_step = make_train_step(agent, data, args.batch_size, args.cudagraphs)  # sample a batch, update
+        compile_updates(agent)
+
+    def train_step(actor_step: bool) -> dict[str, torch.Tensor]:
+        """One training iteration: a batch drawn on the device, then DIVO's update of eq. (1)-(13)."""
+        batch = sample_batch(data, args.batch_size)
+        return agent.update(batch, actor_step)
+
+    if args.cudagraphs:  # the same step, captured once as a CUDA graph per value of actor_step, then replayed
+        train_step = GraphedTrainStep(train_step, lambda: training_state(agent), device)
     heldout = to_device(transitions, heldout_rows, obs_mean, obs_std, device)
     diagnostics = Diagnostics(data, heldout, args.seed) if args.adpo else None
 
@@ -1224,7 +1211,7 @@ if __name__ == "__main__":
     def checkpoint(step: int) -> str:
         """Everything needed to continue the run exactly: networks, optimisers, step, RNG, statistics."""
         check_finite(step, metrics, agent, last_checkpoint)  # a diverged run never overwrites a good checkpoint
-        save_checkpoint(checkpoint_path, {**run_info, "step": step, "agent": agent.state_dict(), "evaluations": evaluations,
+        save_checkpoint(checkpoint_path, {**run_info, "step": step, "agent": agent_state(agent), "evaluations": evaluations,
                                           "rng": {"torch": torch.get_rng_state(),
                                                   "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}})
         return f"{checkpoint_path} (step {step:,})"
@@ -1239,7 +1226,7 @@ if __name__ == "__main__":
         scores = normalized_score(robot, returns)
         logged = {"charts/d4rl_normalized_score": scores.mean(), "eval/return_mean": returns.mean(),
                   "eval/normalized_score_std": scores.std(), "eval/seconds": time.time() - start}
-        for name, value in {**logged, **(diagnostics.pad(agent) if diagnostics else {})}.items():
+        for name, value in {**logged, **(diagnostics.sample_quality(agent) if diagnostics else {})}.items():
             writer.add_scalar(name, value, step)
         evaluations.append({"step": step, "score": float(scores.mean()), "score_std": float(scores.std())})
         print(f"eval   step {step:,}: normalised score {scores.mean():.1f} +- {scores.std():.1f} "
@@ -1256,14 +1243,14 @@ if __name__ == "__main__":
             print(f"stopped at step {step:,}; resume with: python {os.path.basename(__file__)} --resume {checkpoint_path}")
             raise SystemExit(128 + stop.signum)
         # the latest value of each metric (actor metrics come from the last actor step)
-        metrics.update(train_step(step % args.policy_freq == 0, step >= args.adpo_start))
+        metrics.update(train_step(step % args.policy_freq == 0))  # the actor every policy_freq-th step
         done = step + 1
 
         if done % args.log_freq == 0:
-            logged = check_finite(done, metrics, agent, last_checkpoint)  # the loop's only host sync
+            logged = check_finite(done, metrics, agent, last_checkpoint)  # host sync, with the diagnostics below
             sps = (done - last_step) / (time.time() - last_time)
             last_time, last_step = time.time(), done
-            for name, value in {**logged, "charts/SPS": sps, **(diagnostics.adpo(agent) if diagnostics else {})}.items():
+            for name, value in {**logged, "charts/SPS": sps, **(diagnostics.contest(agent) if diagnostics else {})}.items():
                 writer.add_scalar(name, value, done)
             print(progress_line(done, args.total_timesteps, sps, evaluations), flush=True)
         if args.eval_freq and done % args.eval_freq == 0 and done < args.total_timesteps:

@@ -101,23 +101,9 @@ class Args:
     num_layers: int = 3
     """number of hidden layers of every network"""
 
-    # Run management
-    run_name: Optional[str] = None
-    """the run's new folder under runs/ (default {env_id}__{exp_name}__{seed}__{unix time})"""
-    holdout: int = 2000
-    """transitions held out for the diagnostics (0: use 2,000 training transitions)"""
-    diag_freq: int = 50_000
-    """compute the sample-to-data distances every this many steps (0: only before and after)"""
-    log_freq: int = 1000
-    """log losses and print a progress line every this many gradient steps"""
-    checkpoint_freq: int = 50_000
-    """write `runs/{run_name}/pad_checkpoint.pt` every this many steps (0: only at the end)"""
-    resume: Optional[str] = None
-    """continue the run of this checkpoint (arguments not given on the command line come from it)"""
-    compile: bool = False
-    """compile the update function with torch.compile"""
-    cudagraphs: bool = False
-    """replay each training iteration as a captured CUDA graph (needs a GPU; README: Speed)"""
+
+    # Run management (where a run writes, how it resumes, how fast it runs): RunArgs, below the
+    # plumbing banner. The command line is RunArgs; check_args checks every range.
 
     def __post_init__(self):
         if self.env_id in ENV_IDS:  # the domain's defaults for what was not given
@@ -125,7 +111,6 @@ class Args:
             for name, value in DOMAIN_DEFAULTS[domain].items():
                 if getattr(self, name) is None:
                     setattr(self, name, value)
-        check_args(self)  # every range and combination, against ARG_RANGES below
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,9 +278,10 @@ class PADPretrainer:
         self.value = ValueNet(obs_dim, h, n).to(device)
         K, b_min, b_max = args.diffusion_steps, args.beta_min, args.beta_max
         self.diffusion = Diffusion(obs_dim, act_dim, K, b_min, b_max, h, n).to(device)
-        self.critic_optimizer = adam(self.critic, args.critic_lr, args.cudagraphs)
-        self.value_optimizer = adam(self.value, args.value_lr, args.cudagraphs)
-        self.diffusion_optimizer = adam(self.diffusion, args.diffusion_lr, args.cudagraphs)
+        capturable = device.type == "cuda"  # Adam state on the GPU, so an iteration can be graphed
+        self.critic_optimizer = adam(self.critic, args.critic_lr, capturable)
+        self.value_optimizer = adam(self.value, args.value_lr, capturable)
+        self.diffusion_optimizer = adam(self.diffusion, args.diffusion_lr, capturable)
 
     def target_q(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """min_i Q_theta'_i(s, a): the pessimistic value of eq. (2), as in DIVO."""
@@ -338,18 +324,6 @@ class PADPretrainer:
         return {"losses/qf_loss": qf_loss.detach(), "losses/qf1_values": q[0].mean().detach(),
                 "losses/value_loss": value_loss.detach(), "losses/pad_loss": pad_loss.detach(),
                 "pad/positive_fraction": positive.mean()}
-
-    def compile(self, backend: str = "inductor") -> None:
-        """Replace the update function by its torch.compile'd version."""
-        self.update = torch.compile(self.update, backend=backend)
-
-    def modules(self) -> dict[str, nn.Module]:
-        names = ("critic", "critic_target", "value", "diffusion")
-        return {name: getattr(self, name) for name in names}
-
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"critic_optimizer": self.critic_optimizer, "value_optimizer": self.value_optimizer,
-                "diffusion_optimizer": self.diffusion_optimizer}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -487,6 +461,33 @@ def plot_samples(models: dict, states, actions, train_states, train_actions, pat
 # Plumbing: from here to the main block, infrastructure that a reader learning PAD may skip.
 # Argument checks, downloads and file checks, fingerprints, checkpoints and resume, CUDA graphs.
 # ==============================================================================================
+@dataclass
+class RunArgs(Args):
+    """The command line: the pretraining's arguments (Args, above) and those that manage a run."""
+
+    run_name: Optional[str] = None
+    """the run's new folder under runs/ (default {env_id}__{exp_name}__{seed}__{unix time})"""
+    holdout: int = 2000
+    """transitions held out for the diagnostics (0: use 2,000 training transitions)"""
+    diag_freq: int = 50_000
+    """compute the sample-to-data distances every this many steps (0: only before and after)"""
+    log_freq: int = 1000
+    """log losses and print a progress line every this many gradient steps"""
+    checkpoint_freq: int = 50_000
+    """write `runs/{run_name}/pad_checkpoint.pt` every this many steps (0: only at the end)"""
+    resume: Optional[str] = None
+    """continue the run of this checkpoint (arguments not given on the command line come from it)"""
+    compile: bool = False
+    """compile the update function with torch.compile"""
+    cudagraphs: bool = False
+    """replay each training iteration as a captured CUDA graph (needs a GPU; README: Speed)"""
+
+
+    def __post_init__(self):
+        super().__post_init__()  # the domain's defaults
+        check_args(self)  # every range and combination, against ARG_RANGES below
+
+
 class InputError(SystemExit):
     """Bad input from the user: exits with one message that says what is wrong and what to do."""
 
@@ -545,24 +546,24 @@ def check_args(args) -> None:
             raise InputError(message)
 
 
-def parse_args(kind: str) -> tuple[Args, Optional[dict]]:
+def parse_args(kind: str) -> tuple[RunArgs, Optional[dict]]:
     """The command line; with --resume, the checkpoint's arguments under those given, and the checkpoint."""
     argv = sys.argv[1:]
     for i, arg in enumerate(argv):  # our message for a wrong id (the nearest id, the other script) before tyro's
         name, has_value, value = arg.partition("=")
         if name in ("--env-id", "--env_id") and (has_value or i + 1 < len(argv)):
             check_env_id(value if has_value else argv[i + 1])
-    args = tyro.cli(Args)
+    args = tyro.cli(RunArgs)
     if args.resume is None:
         if args.run_name and os.path.exists(os.path.join("runs", args.run_name)):
             raise InputError(f"runs/{args.run_name} exists: choose another --run-name, or continue that run with "
                              f"--resume runs/{args.run_name}/{CHECKPOINT}")
         return args, None
     checkpoint = load_checkpoint(args.resume, kind)
-    saved = Args(**{f.name: checkpoint["args"][f.name] for f in fields(Args) if f.name in checkpoint["args"]})
+    saved = RunArgs(**{f.name: checkpoint["args"][f.name] for f in fields(RunArgs) if f.name in checkpoint["args"]})
     saved = replace(saved, run_name=saved.run_name or os.path.basename(os.path.dirname(os.path.abspath(args.resume))))
-    args = tyro.cli(Args, default=replace(saved, resume=args.resume))
-    names = [f.name for f in fields(Args) if f.name not in RESUME_FREE_ARGS]
+    args = tyro.cli(RunArgs, default=replace(saved, resume=args.resume))
+    names = [f.name for f in fields(RunArgs) if f.name not in RESUME_FREE_ARGS]
     refuse_mismatch(args.resume, {n: getattr(args, n) for n in names}, {n: getattr(saved, n) for n in names},
                     f"resume with `--resume {args.resume}` and the original arguments, or start a new run without --resume")
     done = checkpoint["step"]
@@ -711,7 +712,7 @@ def load_d4rl_file(path: str, obs_dim: int, act_dim: int) -> dict[str, np.ndarra
     return data
 
 
-def read_dataset(args: Args, obs_dim: int, act_dim: int) -> tuple[dict[str, np.ndarray], str]:
+def read_dataset(args: RunArgs, obs_dim: int, act_dim: int) -> tuple[dict[str, np.ndarray], str]:
     """The dataset's arrays (downloaded into D4RL's cache first if needed, then checked) and its path."""
     path = args.dataset_path or default_dataset_path(args.env_id)
     if not args.dataset_path and not os.path.isfile(path):
@@ -763,15 +764,14 @@ def load_checkpoint(path: str, kind: str) -> dict:
     return payload
 
 
-def restore_run(pretrainer: PADPretrainer, initial: Diffusion, args: Args, checkpoint: Optional[dict],
+def restore_run(pretrainer: PADPretrainer, initial: Diffusion, args: RunArgs, checkpoint: Optional[dict],
                 fingerprint: str) -> tuple[int, list]:
     """The step and diagnostics history to start from: a resumed run's (networks, optimisers, RNG), or a new run's."""
     if checkpoint is None:
         return 0, []
     refuse_mismatch(args.resume, {}, {}, "resume on the dataset it was trained on",
                     same_data=checkpoint["dataset_sha1"] == fingerprint)
-    for name, part in {**pretrainer.modules(), **pretrainer.optimizers()}.items():
-        part.load_state_dict(checkpoint[name])
+    load_agent_state(pretrainer, checkpoint)
     initial.load_state_dict(checkpoint["initial_diffusion"])
     torch.set_rng_state(checkpoint["rng"]["torch"])
     if torch.cuda.is_available() and args.cuda and checkpoint["rng"]["cuda"] is not None:
@@ -780,7 +780,7 @@ def restore_run(pretrainer: PADPretrainer, initial: Diffusion, args: Args, check
     return checkpoint["step"], checkpoint["diagnostics"]
 
 
-def make_run_dir(args: Args) -> tuple[Args, str]:
+def make_run_dir(args: RunArgs) -> tuple[RunArgs, str]:
     """The run's new folder under runs/ (a new run never writes into an existing one), and its name in `args`."""
     base = args.run_name or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     for attempt in range(1000):  # runs started in the same second get -1, -2, ...
@@ -803,7 +803,7 @@ def write_json(path: str, content: dict) -> None:
 def check_finite(step: int, metrics: dict[str, torch.Tensor], agent, last_checkpoint: str) -> dict[str, float]:
     """The metrics as numbers (the loop's one host sync); stop with a message if a metric or a weight is NaN/inf."""
     weights = {name: torch.stack([p.isfinite().all() for p in module.parameters()]).all().float()
-               for name, module in agent.modules().items()}
+               for name, module in networks(agent).items()}
     values = dict(zip([*metrics, *weights], torch.stack([*metrics.values(), *weights.values()]).tolist()))
     bad = [f"{name} = {values[name]}" for name in metrics if not math.isfinite(values[name])]
     bad += [f"the {name} network's weights" for name in weights if values[name] != 1.0]
@@ -886,18 +886,10 @@ class GraphedTrainStep:
             torch.cuda.set_rng_state(rng[1], self.device)
         return replay, metrics
 
-def make_train_step(agent, data: dict[str, torch.Tensor], batch_size: int, cudagraphs: bool) -> Callable:
-    """One training iteration of `agent` on a fresh batch: plain PyTorch, or replayed CUDA graphs (--cudagraphs)."""
-    def train_step(*flags) -> dict[str, torch.Tensor]:
-        return agent.update(sample_batch(data, batch_size), *flags)
-
-    device = data["rewards"].device
-    return GraphedTrainStep(train_step, lambda: training_state(agent), device) if cudagraphs else train_step
-
 def training_state(agent) -> list[torch.Tensor]:
     """Every tensor an iteration changes or reads as state: weights, buffers and optimiser states."""
-    tensors = [t for module in agent.modules().values() for t in module.state_dict(keep_vars=True).values()]
-    return tensors + [t for opt in agent.optimizers().values() for state in opt.state.values() for t in state.values()
+    tensors = [t for module in networks(agent).values() for t in module.state_dict(keep_vars=True).values()]
+    return tensors + [t for opt in optimizers(agent).values() for state in opt.state.values() for t in state.values()
                       if torch.is_tensor(t)]
 
 def progress_line(done: int, total: int, sps: float, evaluations: list[dict]) -> str:
@@ -906,6 +898,32 @@ def progress_line(done: int, total: int, sps: float, evaluations: list[dict]) ->
     eta = int((total - done) / sps)
     eta = (f"{eta // 3600}h" if eta >= 3600 else "") + f"{eta % 3600 // 60:02d}m{eta % 60:02d}s"
     return f"[{done / total:6.1%}] step {done:,}/{total:,} | {sps:,.0f} steps/s | score {score} | ETA {eta}"
+
+
+def networks(agent) -> dict[str, nn.Module]:
+    """The agent's networks (online and target), by attribute name."""
+    return {name: part for name, part in vars(agent).items() if isinstance(part, nn.Module)}
+
+
+def optimizers(agent) -> dict[str, torch.optim.Optimizer]:
+    """The agent's optimisers, by attribute name."""
+    return {name: part for name, part in vars(agent).items() if isinstance(part, torch.optim.Optimizer)}
+
+
+def agent_state(agent) -> dict:
+    """What a checkpoint keeps of the agent: every network's and optimiser's state, by name."""
+    return {name: part.state_dict() for name, part in {**networks(agent), **optimizers(agent)}.items()}
+
+
+def load_agent_state(agent, state: dict) -> None:
+    """Restore what agent_state saved."""
+    for name, part in {**networks(agent), **optimizers(agent)}.items():
+        part.load_state_dict(state[name])
+
+
+def compile_updates(pretrainer) -> None:
+    """--compile: replace the update function by its torch.compile'd version."""
+    pretrainer.update = torch.compile(pretrainer.update)
 
 
 if __name__ == "__main__":
@@ -943,8 +961,14 @@ if __name__ == "__main__":
     initial_diffusion = copy.deepcopy(pretrainer.diffusion)  # the untrained model, for "before" diagnostics
     start_step, diagnostics = restore_run(pretrainer, initial_diffusion, args, resumed, fingerprint)
     if args.compile:
-        pretrainer.compile()
-    train_step = make_train_step(pretrainer, data, args.batch_size, args.cudagraphs)  # sample a batch, update
+        compile_updates(pretrainer)
+
+    def train_step() -> dict[str, torch.Tensor]:
+        """One pretraining iteration: a batch drawn on the device, then the in-sample update."""
+        return pretrainer.update(sample_batch(data, args.batch_size))
+
+    if args.cudagraphs:  # the same step, captured once as a CUDA graph, then replayed
+        train_step = GraphedTrainStep(train_step, lambda: training_state(pretrainer), device)
 
     # tracking
     args, run_dir = (args, os.path.dirname(args.resume)) if resumed else make_run_dir(args)
@@ -965,7 +989,7 @@ if __name__ == "__main__":
     def checkpoint(step: int) -> str:
         """What the DIVO scripts start from, plus what this script needs to continue exactly."""
         check_finite(step, metrics, pretrainer, last_checkpoint)  # a diverged run never overwrites a good checkpoint
-        parts = {name: part.state_dict() for name, part in {**pretrainer.modules(), **pretrainer.optimizers()}.items()}
+        parts = agent_state(pretrainer)
         save_checkpoint(checkpoint_path, {**run_info, "step": step, **parts, "diagnostics": diagnostics,
                                           "initial_diffusion": initial_diffusion.state_dict(),
                                           "rng": {"torch": torch.get_rng_state(),

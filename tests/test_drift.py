@@ -23,12 +23,12 @@ SHARED = {
         # plumbing: checks, data files, checkpoints and resume, the training loop's helpers
         "InputError", "flag", "parse_args", "refuse_mismatch", "HDF5_COLUMNS", "default_dataset_path", "check_writable",
         "download", "load_d4rl_file", "dataset_fingerprint", "split_holdout", "save_checkpoint", "load_checkpoint",
-        "make_run_dir", "write_json", "check_finite", "StopSignal", "GraphedTrainStep", "make_train_step",
-        "training_state", "progress_line",
+        "make_run_dir", "write_json", "check_finite", "StopSignal", "GraphedTrainStep", "training_state",
+        "progress_line", "networks", "optimizers", "agent_state", "load_agent_state",
     ),
     DIVO: (
         "Actor", "adpo_target", "rms", "DIVO", "nearby_data_check", "Diagnostics", "ADPO_ONLY_ARGS", "run_mode",
-        "task_name", "check_args", "restore_legacy_inertia", "restore_run", "CHECKPOINT",
+        "task_name", "check_args", "restore_legacy_inertia", "restore_run", "CHECKPOINT", "compile_updates",
     ),
     ("divo_antmaze.py", "pad_pretrain.py"): ("transform_rewards",),
 }

@@ -5,14 +5,19 @@ Eq. 12 keeps the generated action where min_i Q'_i(s, a_gen) - V(s) >= min_i Q'_
 contest is decided by the gap of the twin minimum. The twin critics are trained alike, so where they disagree
 on the winner the gap is below what the critic resolves; |Q'_1 - Q'_2| on dataset actions is a yardstick of it.
 
+With --margins and --num-candidates it also holds the contest as --adpo-margin kappa and --num-candidates N would
+(the scripts' own adpo_candidates and adpo_target) and prints, per (N, kappa), how often a sample wins, how many winners
+both twin critics back, what the targets gain and how far they lie from the data: a table to choose kappa and N from.
+
 Run (on finished or running DIVO runs of either script; N = 1 candidate, as the default):
     python tools/adpo_contest.py runs/hopper-medium-v2__divo__1 [more run folders] [--samples 20000]
+    python tools/adpo_contest.py runs/hopper-medium-v2__divo__1 --margins 0 0.5 1 2 --num-candidates 1 4
 """
 
 import importlib
 import os
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -29,6 +34,10 @@ class Args:
     """dataset states to hold the contest on (drawn once, without replacement)"""
     seed: int = 0
     """seed of the states drawn and of the diffusion model's noise"""
+    margins: list[float] = field(default_factory=list)
+    """also hold the contest with these --adpo-margin values (kappa), e.g. 0 0.5 1 2"""
+    num_candidates: list[int] = field(default_factory=lambda: [1])
+    """... and with these --num-candidates values (N), e.g. 1 4"""
 
 
 def contest_stats(q_data: torch.Tensor, q_gen: torch.Tensor) -> dict[str, float]:
@@ -43,6 +52,27 @@ def contest_stats(q_data: torch.Tensor, q_gen: torch.Tensor) -> dict[str, float]
         "twin_gap_mean": (q_data[0] - q_data[1]).abs().mean().item(),
         "both_prefer_generated": (per_critic >= 0).all(dim=0).float().mean().item(),
     }
+
+
+@torch.no_grad()
+def margin_table(module, agent, s, a, margins: list[float], counts: list[int], seed: int) -> list[dict]:
+    """Eq. (12) as the run would hold it with each N and kappa: one row per (N, kappa)."""
+    q_data = agent.critic_target(s, a)
+    v = agent.value(s)
+    adv = q_data.min(dim=0).values - v
+    rows = []
+    for n in counts:
+        agent.args = replace(agent.args, num_candidates=n, adpo_margin=1.0)  # penalty = the disagreement itself
+        torch.manual_seed(seed)
+        candidates, cand_adv, disagreement = agent.adpo_candidates(s, v, q_data)
+        for kappa in margins:
+            target, generated, target_adv = module.adpo_target(a, adv, candidates, cand_adv, kappa * disagreement)
+            backed = (agent.critic_target(s, target) >= q_data).all(dim=0) & generated
+            rows.append({"N": n, "kappa": kappa, "generated_wins": generated.float().mean().item(),
+                         "backed_by_both": (backed.sum() / generated.sum().clamp(min=1)).item(),
+                         "advantage_gain": (target_adv - adv).mean().item(),
+                         "target_distance": (target - a).pow(2).mean().sqrt().item()})
+    return rows
 
 
 def load_run(folder: str):
@@ -62,7 +92,7 @@ def load_run(folder: str):
     obs_dim = len(payload["obs_mean"])
     act_dim = [v for k, v in payload["agent"]["actor"].items() if k.endswith("weight")][-1].shape[0]
     agent = module.DIVO(obs_dim, act_dim, args, torch.device("cpu"))
-    agent.load_state_dict(payload["agent"])
+    module.load_agent_state(agent, payload["agent"])
     return module, agent, payload, args, obs_dim, act_dim
 
 
@@ -90,6 +120,11 @@ def main(args: Args) -> None:
               f"  |Q'_1 - Q'_2| on dataset actions    {stats['twin_gap_mean']:.3f}\n"
               f"  both critics prefer the generated   {stats['both_prefer_generated']:.3f}\n"
               f"  RMS distance generated - dataset    {distance:.3f}")
+        if args.margins:
+            print("  N  kappa  sample wins  winners both critics back  A(target) - A(data)  RMS target - data")
+            for row in margin_table(module, agent, s, a, args.margins, args.num_candidates, args.seed):
+                print(f"  {row['N']:<2d} {row['kappa']:<6g} {row['generated_wins']:>11.3f}  {row['backed_by_both']:>25.3f}"
+                      f"  {row['advantage_gain']:>19.3f}  {row['target_distance']:>16.3f}")
 
 
 if __name__ == "__main__":
