@@ -200,7 +200,7 @@ class TwinCritic(nn.Module):
 
     def forward(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """Q-values of every member, shape (num_critics, batch)."""
-        x = torch.cat([s, a], dim=-1).unsqueeze(0).expand(self.num_critics, -1, -1)
+        x = torch.cat([s, a], dim=-1).expand(self.num_critics, -1, -1)
         return self.net(x).squeeze(-1)
 
 
@@ -230,7 +230,10 @@ class SinusoidalEmbedding(nn.Module):
 
 
 class NoiseNet(nn.Module):
-    """eps_omega(a_k, k, s): predicts the noise in a noised action (Diffusion-QL's MLP)."""
+    """eps_omega(a_k, k, s): predicts the noise in a noised action (Diffusion-QL's MLP).
+
+    It takes the step as its embedding time_mlp(k), which a sampler computes once for all K steps.
+    """
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, num_layers: int, t_dim=16):
         super().__init__()
@@ -238,8 +241,8 @@ class NoiseNet(nn.Module):
         self.time_mlp = nn.Sequential(SinusoidalEmbedding(t_dim), *layers)
         self.net = mlp(act_dim + t_dim + obs_dim, act_dim, hidden_dim, num_layers, nn.Mish)
 
-    def forward(self, a_k: torch.Tensor, k: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([a_k, self.time_mlp(k), s], dim=-1))
+    def forward(self, a_k: torch.Tensor, k_emb: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([a_k, k_emb, s], dim=-1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,25 +263,22 @@ class Diffusion(nn.Module):
         super().__init__()
         self.eps_model = NoiseNet(obs_dim, act_dim, hidden_dim, num_layers)
         self.num_steps, self.act_dim = num_steps, act_dim
-        # Every schedule tensor is indexed by k = 0..K; k = 0 means "no noise" (alpha_bar_0 = 1).
+        # Indexed by k = 0..K; k = 0 means "no noise" (alpha_bar_0 = 1). Computed in float64.
         betas = vp_beta_schedule(num_steps, beta_min, beta_max)
         betas = torch.cat([torch.zeros(1, dtype=torch.float64), betas])
         alphas = 1 - betas
         alpha_bar = torch.cumprod(alphas, dim=0)
         alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
         one_minus = (1 - alpha_bar).clamp(min=1e-20)  # only k = 0 is clamped, and it is never used
-        buffers = {
-            "alpha_bar": alpha_bar,
-            "sqrt_alpha_bar": alpha_bar.sqrt(),                              # eq. (3), (5)
-            "sqrt_one_minus_alpha_bar": (1 - alpha_bar).sqrt(),              # eq. (3), (5)
-            "sqrt_recip_alpha_bar": (1 / alpha_bar).sqrt(),                  # eq. (7)
-            "sqrt_recipm1_alpha_bar": (1 / alpha_bar - 1).sqrt(),            # eq. (7)
-            "posterior_coef_a0": betas * alpha_bar_prev.sqrt() / one_minus,  # eq. (8)
-            "posterior_coef_ak": (1 - alpha_bar_prev) * alphas.sqrt() / one_minus,
-            "posterior_std": (betas * (1 - alpha_bar_prev) / one_minus).sqrt(),  # 0 at k = 1
-        }
-        for name, value in buffers.items():
-            self.register_buffer(name, value.float())
+        # eq. (3), (5): the forward process, at a step k drawn per sample: tensors (not saved)
+        self.register_buffer("sqrt_alpha_bar", alpha_bar.sqrt().float(), False)
+        self.register_buffer("sqrt_one_minus_alpha_bar", (1 - alpha_bar).sqrt().float(), False)
+        # eq. (7), (8): the reverse process, step by step: float32 values as plain numbers
+        self.sqrt_recip_alpha_bar = (1 / alpha_bar).sqrt().float().tolist()  # eq. (7)
+        self.sqrt_recipm1_alpha_bar = (1 / alpha_bar - 1).sqrt().float().tolist()  # eq. (7)
+        self.posterior_coef_a0 = (betas * alpha_bar_prev.sqrt() / one_minus).float().tolist()  # (8)
+        self.posterior_coef_ak = ((1 - alpha_bar_prev) * alphas.sqrt() / one_minus).float().tolist()
+        self.posterior_std = (betas * (1 - alpha_bar_prev) / one_minus).sqrt().float().tolist()
 
     def loss(self, s: torch.Tensor, a: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Weighted denoising loss, eq. (9)-(10): mean_b w_b ||eps - eps_omega(a_k, k, s)||^2."""
@@ -286,22 +286,25 @@ class Diffusion(nn.Module):
         eps = torch.randn_like(a)
         # eq. (3), (5)
         a_k = self.sqrt_alpha_bar[k, None] * a + self.sqrt_one_minus_alpha_bar[k, None] * eps
-        return (weights[:, None] * (eps - self.eps_model(a_k, k, s)) ** 2).mean()
+        eps_pred = self.eps_model(a_k, self.eps_model.time_mlp(k), s)
+        return (weights[:, None] * (eps - eps_pred) ** 2).mean()
 
     @torch.no_grad()
     def sample(self, s: torch.Tensor) -> torch.Tensor:
         """DDPM ancestral sampling a_K -> a_0 (eq. 4, 7, 8), noise drawn up front; in [-1, 1]."""
-        noise = torch.randn(self.num_steps + 1, len(s), self.act_dim, device=s.device)
-        a = noise[self.num_steps]  # a_K ~ N(0, I)
-        for k in range(self.num_steps, 0, -1):
-            k_batch = torch.full((len(s),), k, device=s.device)
-            eps = self.eps_model(a, k_batch, s)
+        K, n = self.num_steps, len(s)
+        noise = torch.randn(K + 1, n, self.act_dim, device=s.device).unbind(0)
+        k_emb = self.eps_model.time_mlp(torch.arange(K + 1, device=s.device))  # each step's, once
+        k_emb = k_emb[:, None].expand(-1, n, -1).unbind(0)
+        a = noise[K]  # a_K ~ N(0, I)
+        for k in range(K, 0, -1):
+            eps = self.eps_model(a, k_emb[k], s)
             # eq. (7): the clean action the noise prediction implies, clipped to the action box
             a0_hat = self.sqrt_recip_alpha_bar[k] * a - self.sqrt_recipm1_alpha_bar[k] * eps
             a0_hat = a0_hat.clamp(-1, 1)
-            mean = self.posterior_coef_a0[k] * a0_hat + self.posterior_coef_ak[k] * a  # eq. (8)
-            # posterior_std[1] = 0: no noise on the last step
-            a = mean + self.posterior_std[k] * noise[k - 1]
+            a = self.posterior_coef_a0[k] * a0_hat + self.posterior_coef_ak[k] * a  # eq. (8)
+            if k > 1:  # posterior_std[1] = 0: no noise on the last step
+                a = a + self.posterior_std[k] * noise[k - 1]
         return a.clamp(-1, 1)
 
 
@@ -329,8 +332,8 @@ def adpo_target(a, adv, candidates, cand_adv, penalty):
 
 
 def adam(module: nn.Module, lr: float, capturable: bool) -> torch.optim.Adam:
-    """Adam; `capturable` (--cudagraphs) keeps its step counts on the device, for CUDA graphs."""
-    return torch.optim.Adam(module.parameters(), lr=lr, capturable=capturable)
+    """Adam, fused (one kernel a step); `capturable` keeps its step count on the GPU, for graphs."""
+    return torch.optim.Adam(module.parameters(), lr=lr, fused=True, capturable=capturable)
 
 
 class DIVO:
@@ -406,12 +409,14 @@ class DIVO:
         s_n = s.repeat(n, 1)  # the N samples of state i are rows i, B + i, 2B + i, ...
         candidates = self.diffusion.sample(s_n)
         q = self.critic_target(s_n, candidates).view(2, n, b)
-        cand_adv = q.min(dim=0).values - v
-        disagreement = ((q[0] - q[1]).abs() + (q_data[0] - q_data[1]).abs()) / 2
-        return candidates.view(n, b, -1), cand_adv, self.args.adpo_margin * disagreement
+        q_min = q.min(dim=0).values
+        # |Q'_1 - Q'_2| of the sample plus that of the dataset action, halved
+        twice = q.max(dim=0).values - q_min + q_data.max(dim=0).values - q_data.min(dim=0).values
+        return candidates.view(n, b, -1), q_min - v, self.args.adpo_margin / 2 * twice
 
     def update_actor(self, s, a_bar) -> dict[str, torch.Tensor]:
         """Actor step, eq. (13): -lambda Q_theta1(s, pi(s)) + ||pi(s) - a_bar||^2; then Polyak."""
+        self.critic.requires_grad_(False)  # the actor's loss trains the actor only
         pi = self.actor(s)
         q = self.critic(s, pi)[0]
         lmbda = self.args.alpha / q.abs().mean().detach()
@@ -420,6 +425,7 @@ class DIVO:
         self.actor_optimizer.zero_grad(set_to_none=True)
         actor_loss.backward()
         self.actor_optimizer.step()
+        self.critic.requires_grad_(True)
         with torch.no_grad():  # theta' <- tau theta + (1 - tau) theta', critics and actor
             torch._foreach_lerp_(self.target_params, self.online_params, self.args.tau)
         return {"losses/actor_loss": actor_loss.detach(), "losses/bc_loss": bc_loss.detach()}
@@ -1150,9 +1156,14 @@ def agent_state(agent) -> dict:
 
 
 def load_agent_state(agent, state: dict) -> None:
-    """Restore what agent_state saved."""
+    """Restore what agent_state saved, or stop if it was saved by a version with other networks."""
     for name, part in {**networks(agent), **optimizers(agent)}.items():
-        part.load_state_dict(state[name])
+        try:
+            part.load_state_dict(state[name])
+        except (KeyError, RuntimeError, ValueError) as e:
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise InputError(f"the checkpoint's {name} does not fit this script's ({type(e).__name__}: {first}); "
+                             f"was it written by another version? Use that version, or start a new run") from e
 
 
 def compile_updates(agent) -> None:

@@ -80,8 +80,8 @@ def test_copied_parts_are_identical_in_every_script():
 
 def test_an_edit_to_one_copy_of_the_sampler_is_caught():
     sources = read_scripts()
-    edited = sources["divo_antmaze.py"].replace("a = mean + self.posterior_std[k] * noise[k - 1]",
-                                                "a = mean + self.posterior_std[k] * noise[k]")
+    edited = sources["divo_antmaze.py"].replace("a = a + self.posterior_std[k] * noise[k - 1]",
+                                                "a = a + self.posterior_std[k] * noise[k]")
     assert edited != sources["divo_antmaze.py"]
     problems = drift({**sources, "divo_antmaze.py": edited})
     assert len(problems) == 1 and problems[0].startswith("Diffusion: divo_antmaze.py differs from divo_continuous.py")
