@@ -2,6 +2,8 @@
 
 import re
 
+import pytest
+
 from conftest import run_script
 
 
@@ -29,3 +31,17 @@ def test_benchmark_of_pad_pretraining_on_antmaze_shapes(tmp_path):
                      env={"D4RL_DATASET_DIR": str(tmp_path / "none")}).stdout
     assert "pad_pretrain, antmaze-umaze-v2 shapes (observation 29, action 8)" in out
     assert re.search(r"eager\s+[\d,]+\s+[\d.]+\n", out) and "backbone" not in out
+
+
+def test_packed_copies_report_aggregate_rates_and_the_grid_cost(tmp_path):
+    """--runs-per-gpu: K processes side by side (on the CPU here); the grid's cost follows from the two rates."""
+    out = run_script("tools/benchmark.py", "--env-id", "hopper-medium-v2", "--hidden-dim", "16", "--num-layers", "1",
+                     "--steps", "20", "--warmup", "2", "--modes", "eager", "--no-parts", "--runs-per-gpu", "1", "2",
+                     "--no-cuda", cwd=tmp_path, env={"D4RL_DATASET_DIR": str(tmp_path / "none")}).stdout
+    rows = re.findall(r"\n  eager\s+(\d)\s+([\d,]+)\s+([\d,]+)\s+([\d.]+)", out)
+    assert [int(k) for k, *_ in rows] == [1, 2], out
+    for _, divo, backbone, hours in rows:
+        divo, backbone = float(divo.replace(",", "")), float(backbone.replace(",", ""))
+        assert divo > 0 and backbone > 0
+        # 75 runs of each algorithm x 1M steps at the printed (rounded) rates
+        assert float(hours) == pytest.approx(75e6 * (1 / divo + 1 / backbone) / 3600, rel=0.05)

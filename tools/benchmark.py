@@ -5,14 +5,20 @@ It imports the training scripts and times their own update functions (the script
 `charts/SPS`). Data: the dataset file given, else the cached D4RL file if there is one, else a million random
 transitions of the task's shapes (speed does not depend on the values).
 
+With --runs-per-gpu K [K ...] it also runs K copies of the iteration side by side on one device (K processes, as
+tools/sweep.py --runs-per-gpu packs runs), DIVO and backbone, and prints their aggregate steps per second and what the
+paper's grid (15 tasks x 5 seeds x 1M gradient steps, DIVO and its backbone, evaluation not included) costs at that rate.
+
 Run:
     python tools/benchmark.py --env-id hopper-medium-v2 --cuda
+    python tools/benchmark.py --env-id hopper-medium-v2 --cuda --modes cudagraphs --runs-per-gpu 1 2 4 8
     python tools/benchmark.py --env-id halfcheetah-medium-expert-v2 --cuda --steps 5000
     python tools/benchmark.py --env-id antmaze-medium-play-v2 --cuda
     python tools/benchmark.py --env-id hopper-medium-v2 --script pad_pretrain --modes eager compile --no-cuda
 """
 
 import importlib
+import multiprocessing
 import os
 import sys
 import time
@@ -56,6 +62,8 @@ class Args:
     """number of DDPM steps K"""
     num_candidates: int = 1
     """N of eq. (12)"""
+    runs_per_gpu: list[int] = field(default_factory=list)
+    """also time K copies side by side on the device, for each K given (e.g. 1 2 4 8): aggregate steps per second"""
 
 
 def load_script(args: Args):
@@ -124,31 +132,71 @@ def steps_per_second(step: Callable[[int], object], steps: int, warmup: int, dev
     return steps / (time.perf_counter() - start)
 
 
+def train_step_of(module, args: Args, data: dict, mode: Mode, device: torch.device, obs_dim: int, act_dim: int,
+                  **overrides) -> Callable[[int], object]:
+    """Step i of the script's training loop in `mode`, as its __main__ builds it: a batch, then the update."""
+    agent = build(module, args, obs_dim, act_dim, device, **overrides)
+    if "compile" in mode:
+        module.compile_updates(agent)
+    if hasattr(module, "PADPretrainer"):
+        def train_step():
+            return agent.update(module.sample_batch(data, args.batch_size))
+    else:
+        def train_step(actor_step):
+            return agent.update(module.sample_batch(data, args.batch_size), actor_step)
+    if "cudagraphs" in mode:
+        train_step = module.GraphedTrainStep(train_step, lambda: module.training_state(agent), device)
+    if hasattr(module, "PADPretrainer"):
+        return lambda i: train_step()
+    return lambda i: train_step(i % agent.args.policy_freq == 0)
+
+
 def time_mode(module, args: Args, data: dict, mode: Mode, device: torch.device, obs_dim: int, act_dim: int,
               timings: Optional[dict] = None, **overrides) -> float:
     """Steps per second of the whole iteration (batch sampling included) in one mode."""
-    graphs = "cudagraphs" in mode
-    agent = build(module, args, obs_dim, act_dim, device, cudagraphs=graphs, **overrides)
-    if "compile" in mode:
-        agent.compile()
-    train_step = module.make_train_step(agent, data, args.batch_size, graphs)
-    if hasattr(module, "PADPretrainer"):
-        return steps_per_second(lambda i: train_step(), args.steps, args.warmup, device, timings)
-    policy_freq = agent.args.policy_freq
-    return steps_per_second(lambda i: train_step(i % policy_freq == 0, True), args.steps, args.warmup, device, timings)
+    step = train_step_of(module, args, data, mode, device, obs_dim, act_dim, **overrides)
+    return steps_per_second(step, args.steps, args.warmup, device, timings)
+
+
+def packed_worker(args: Args, mode: Mode, overrides: dict, barrier, results) -> None:
+    """One of K copies: build, warm up, wait for the others, then time the same steps as they do."""
+    module = load_script(args)
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":  # K copies share the cores
+        torch.set_num_threads(1)
+    obs_dim, act_dim = shapes(module, args.env_id)
+    data, _ = load_data(module, args, obs_dim, act_dim, device)
+    step = train_step_of(module, args, data, mode, device, obs_dim, act_dim, **overrides)
+    steps_per_second(step, 0, args.warmup, device)  # the warm-up only (compilation, graph capture)
+    barrier.wait()
+    results.put(steps_per_second(step, args.steps, 0, device))
+
+
+def time_packed(args: Args, mode: Mode, copies: int, **overrides) -> float:
+    """Aggregate steps per second of `copies` processes running the iteration side by side."""
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    barrier, results = context.Barrier(copies), context.Queue()
+    workers = [context.Process(target=packed_worker, args=(args, mode, overrides, barrier, results))
+               for _ in range(copies)]
+    for worker in workers:
+        worker.start()
+    rates = [results.get() for _ in workers]
+    for worker in workers:
+        worker.join()
+    return copies / max(1 / rate for rate in rates) if all(rates) else 0.0  # the slowest copy sets the pace
 
 
 def time_parts(module, args: Args, data: dict, device: torch.device, obs_dim: int, act_dim: int) -> dict[str, float]:
     """Milliseconds per gradient step of each part of DIVO's iteration, each timed alone (eager)."""
     agent = build(module, args, obs_dim, act_dim, device)
     s, a, r, s_next, not_done = module.sample_batch(data, args.batch_size)
-    v, adv, _ = agent.update_value(s, a)
-    a_bar, *_ = agent.select_target(s, a, v, adv)
+    adv, v, q_data, _ = agent.update_value(s, a)
+    a_bar, *_ = module.adpo_target(a, adv, *agent.adpo_candidates(s, v, q_data))
     share = 1 / agent.args.policy_freq  # ADPO and the actor run on every policy_freq-th step
     parts = {"critic, eq. (1)": (1.0, lambda i: agent.update_critic(s, a, r, s_next, not_done)),
              "value, eq. (2)": (1.0, lambda i: agent.update_value(s, a)),
              "PAD, eq. (9)-(10)": (1.0, lambda i: agent.update_pad(s, a, adv)),
-             "ADPO sampling, eq. (12)": (share, lambda i: agent.select_target(s, a, v, adv)),
+             "ADPO sampling, eq. (12)": (share, lambda i: module.adpo_target(a, adv, *agent.adpo_candidates(s, v, q_data))),
              "actor + targets, eq. (13)": (share, lambda i: agent.update_actor(s, a_bar))}
     repeats = max(20, args.steps // 10)
     return {name: weight * 1e3 / steps_per_second(part, repeats, 10, device) for name, (weight, part) in parts.items()}
@@ -181,6 +229,23 @@ def main(args: Args) -> None:
         print("  per gradient step, eager, each part timed alone (ADPO and actor parts divided by policy_freq):")
         for part, ms in time_parts(module, args, data, device, obs_dim, act_dim).items():
             print(f"    {part:<28}{ms:8.3f} ms")
+    if args.runs_per_gpu and divo:
+        print_packed(args, device)
+
+
+def print_packed(args: Args, device: torch.device) -> None:
+    """K copies side by side per mode: aggregate steps per second, and the paper's grid in device-hours."""
+    grid_runs, grid_steps = 75, 1_000_000  # 15 tasks x 5 seeds, per algorithm
+    print(f"  packed: K copies side by side on {'the GPU' if device.type == 'cuda' else 'the CPU (one thread each)'}, "
+          f"aggregate steps/s; the paper's grid = {grid_runs} DIVO + {grid_runs} backbone runs of {grid_steps:,} steps")
+    print(f"  {'mode':<20}{'K':>3}{'DIVO':>10}{'backbone':>10}{'grid, device-hours':>20}")
+    for mode in args.modes:
+        if "cudagraphs" in mode and device.type != "cuda":
+            continue
+        for copies in args.runs_per_gpu:
+            divo, backbone = time_packed(args, mode, copies), time_packed(args, mode, copies, adpo=False)
+            hours = grid_runs * grid_steps * (1 / divo + 1 / backbone) / 3600
+            print(f"  {mode:<20}{copies:>3}{divo:>10,.0f}{backbone:>10,.0f}{hours:>20.1f}", flush=True)
 
 
 if __name__ == "__main__":
