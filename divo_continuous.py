@@ -1027,10 +1027,10 @@ def load_minari_dataset(env_id: str):
             if not existed:
                 shutil.rmtree(folder, ignore_errors=True)
             raise InputError(
-                f"the Minari dataset {env_id} is not in Minari's local store ({folder.parent}) and Minari could not "
+                f"the Minari dataset {env_id} is not in Minari's local store {get_dataset_path()} and Minari could not "
                 f"download it ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}); nothing was written. "
-                f"Where there is a network, run `pip install \"minari[hf]\" && minari download {env_id}` and copy "
-                f"{folder} here, or set MINARI_DATASETS_PATH to a store that holds it") from e
+                f"Where there is a network, run `pip install \"minari[hf]\" && minari download {env_id}` and copy the "
+                f"dataset's folder to {folder}, or point MINARI_DATASETS_PATH at a store that holds it") from e
     try:
         return minari.load_dataset(env_id)
     except Exception as e:  # a partial copy, another Minari version's format, ...
