@@ -39,8 +39,10 @@ def rollout(env: gym.Env, seed: int, options=None) -> EpisodeBuffer:
         obs, reward, terminated, truncated, _ = env.step(actions[-1])
         for values, value in zip((observations, rewards, terminations, truncations), (obs, reward, terminated, truncated)):
             values.append(value)
-    stacked = {key: np.stack([o[key] for o in observations]) for key in obs} if isinstance(obs, dict) else np.stack(observations)
-    return episode(stacked, actions, rewards, terminations, truncations)
+    if isinstance(obs, dict):  # Minari stores a Dict space's observations as one array per key
+        return episode({key: np.stack([o[key] for o in observations]) for key in obs}, actions, rewards, terminations,
+                       truncations)
+    return episode(np.stack(observations), actions, rewards, terminations, truncations)
 
 
 @pytest.fixture(scope="module")
