@@ -1185,8 +1185,8 @@ def minari_rows(dataset, obs_dim: int, act_dim: int) -> dict[str, np.ndarray]:
     from gymnasium import spaces
 
     where, space = f"the Minari dataset {dataset.spec.dataset_id}", dataset.observation_space
-    parts = list(space.spaces.values()) if isinstance(space, spaces.Dict) else [space]
-    if not all(isinstance(part, spaces.Box) for part in [*parts, dataset.action_space]):
+    boxes = list(space.spaces.values()) if isinstance(space, spaces.Dict) else [space]
+    if not all(isinstance(box, spaces.Box) for box in [*boxes, dataset.action_space]):
         raise InputError(f"{where} has observations {space} and actions {dataset.action_space}; DIVO needs "
                          "continuous ones (Box spaces, or for observations a Dict of them)")
     rows = {key: [] for key in HDF5_COLUMNS}
