@@ -73,8 +73,8 @@ class Args:
     """whether to save the final actor (with its observation normalisation) to `runs/{run_name}`"""
 
     # Algorithm specific arguments
-    env_id: Literal[ENV_IDS] = "antmaze-medium-play-v2"
-    """the D4RL AntMaze dataset id; it also names the evaluation maze"""
+    env_id: str = "antmaze-medium-play-v2"
+    """a D4RL AntMaze id, or a Minari one (D4RL/antmaze/umaze-v1); it also names the eval maze"""
     dataset_path: Optional[str] = None
     """a local D4RL-format AntMaze HDF5 file to train on instead of the downloaded dataset"""
     reward_transform: Literal["minus-one", "none"] = "minus-one"
@@ -143,8 +143,8 @@ class Args:
     # below the plumbing banner. The command line is RunArgs; check_args checks every range.
 
     def __post_init__(self):
-        if self.alpha is None and self.env_id in ENV_IDS:  # the maze's alpha
-            self.alpha = ALPHAS[self.env_id.split("-")[1]]
+        if self.alpha is None:  # the maze's alpha
+            self.alpha = ALPHAS[check_env_id(self.env_id)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -598,13 +598,22 @@ def task_name(args) -> str:
 
 
 def check_env_id(env_id: str) -> str:
-    """Return the maze ("umaze", "medium" or "large") of a D4RL AntMaze id, or stop with the valid ids."""
+    """Return the maze ("umaze", "medium" or "large") of a D4RL or Minari AntMaze id, or stop with the valid ids."""
+    if is_minari_id(env_id):
+        domain, name = parse_minari_id(env_id)
+        if domain != "antmaze":
+            raise InputError(f"{env_id} is not an AntMaze dataset: run divo_continuous.py --env-id {env_id}")
+        if name.split("-")[0] not in ALPHAS:
+            raise InputError(f"the Minari AntMaze id {env_id} must name its maze first (umaze, medium or large), as "
+                             "D4RL/antmaze/medium-play-v1 does: it picks --alpha")
+        return name.split("-")[0]
     if env_id.split("-")[0] in ("halfcheetah", "hopper", "walker2d"):
         raise InputError(f"{env_id} is a locomotion dataset: run divo_continuous.py --env-id {env_id}")
     if env_id not in ENV_IDS:
         close = difflib.get_close_matches(env_id, ENV_IDS, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
-        raise InputError(f"unknown --env-id {env_id!r}; {hint}valid ids: {', '.join(ENV_IDS)}")
+        raise InputError(f"unknown --env-id {env_id!r}; {hint}valid ids: {', '.join(ENV_IDS)}, or a Minari "
+                         "dataset id such as D4RL/antmaze/umaze-v1")
     return env_id.split("-")[1]
 
 
@@ -637,6 +646,8 @@ def check_args(args) -> None:
         "--cudagraphs needs a CUDA GPU (and --cuda)": args.cudagraphs and not (args.cuda and torch.cuda.is_available()),
         f"--run-name {args.run_name!r} must be a plain folder name": args.run_name is not None
         and (os.path.basename(args.run_name) != args.run_name or args.run_name in ("", ".", "..")),
+        "--dataset-path reads a D4RL-format file; a Minari id reads Minari's store: give one of them": bool(
+            args.dataset_path) and is_minari_id(args.env_id),
     }
     for message, refused in problems.items():
         if refused:
@@ -809,12 +820,16 @@ def load_d4rl_file(path: str, obs_dim: int, act_dim: int) -> dict[str, np.ndarra
     return data
 
 
-def read_dataset(args: RunArgs, obs_dim: int, act_dim: int) -> tuple[dict[str, np.ndarray], str]:
-    """The dataset's arrays (downloaded into D4RL's cache first if needed, then checked) and its path."""
-    path = args.dataset_path or default_dataset_path(args.env_id)
-    if not args.dataset_path and not os.path.isfile(path):
-        download(dataset_url(args.env_id), path)
-    data = load_d4rl_file(path, obs_dim, act_dim)
+def read_dataset(args: RunArgs, obs_dim: int, act_dim: int, minari_dataset=None) -> tuple[dict[str, np.ndarray], str]:
+    """The dataset's arrays (downloaded into D4RL's cache first if needed, then checked) and its path; those of a Minari
+    dataset as D4RL-format rows."""
+    if minari_dataset is not None:
+        path, data = minari_dataset.spec.data_path, minari_rows(minari_dataset, obs_dim, act_dim)
+    else:
+        path = args.dataset_path or default_dataset_path(args.env_id)
+        if not args.dataset_path and not os.path.isfile(path):
+            download(dataset_url(args.env_id), path)
+        data = load_d4rl_file(path, obs_dim, act_dim)
     if not (data["rewards"] > 0).any():
         raise InputError(f"{path} has no goal rewards (no reward > 0): not a sparse AntMaze dataset; check the file")
     return data, path
@@ -907,20 +922,14 @@ class D4RLAntMaze(gym.Env):
         self.offset, self.horizon = np.array(ANTMAZE_OFFSETS[maze]), horizon
         # gymnasium-robotics' row 0 is at the top (largest y), D4RL's row index grows with y: reverse the rows
         maze_map = [[int(c) if c in "01" else c for c in row] for row in reversed(rows)]
-        # gymnasium-robotics writes <tempdir>/ant_maze.xml and never deletes it: build in a private temp dir
-        tmp_dir, saved_tempdir = tempfile.mkdtemp(prefix="d4rl_antmaze_"), tempfile.tempdir
-        try:
+        with private_tempdir("d4rl_antmaze_") as tmp_dir:
             ant_xml = os.path.join(tmp_dir, "d4rl_ant.xml")
             write_d4rl_ant_xml(ant_xml)
-            tempfile.tempdir = tmp_dir
             self.env = AntMazeEnv(maze_map=maze_map, xml_file=ant_xml, reward_type="sparse", continuing_task=True,
                                   reset_target=False, include_cfrc_ext_in_observation=False)
             self.ant = self.env.ant_env  # the MuJoCo env of the maze model; reset and step are driven here
             if legacy_inertia:
                 restore_legacy_inertia(self.ant.model, self.ant.data, self.env.tmp_xml_file_path)
-        finally:
-            tempfile.tempdir = saved_tempdir
-            shutil.rmtree(tmp_dir, ignore_errors=True)
         self.model, self.data = self.ant.model, self.ant.data
         self.goal, self.t = self.goal_cell_xy.copy(), 0
 
@@ -959,6 +968,164 @@ class D4RLAntMaze(gym.Env):
 def antmaze_horizon(maze: str) -> int:
     """D4RL's episode length: 700 steps in umaze, 1000 in medium and large."""
     return 700 if maze == "umaze" else 1000
+
+
+# ----------------------------------------------------------------------------------------------
+# Minari datasets (README: Minari): Farama's maintained successor of D4RL, read with the minari package
+# ----------------------------------------------------------------------------------------------
+def is_minari_id(env_id: str) -> bool:
+    """Whether --env-id names a Minari dataset (namespace/name-vN, e.g. mujoco/hopper/medium-v0), not a D4RL one."""
+    return "/" in env_id
+
+
+def parse_minari_id(env_id: str) -> tuple[str, str]:
+    """The domain ("antmaze" where a part of the namespace is antmaze, else "locomotion") and name of a Minari id."""
+    from minari.dataset.minari_dataset import parse_dataset_id
+
+    try:
+        namespace, name, _ = parse_dataset_id(env_id)
+    except (ValueError, TypeError):  # TypeError: an id without -vN
+        raise InputError(f"--env-id {env_id!r} is not a Minari dataset id: write namespace/name-vN, e.g. "
+                         "mujoco/hopper/medium-v0 or D4RL/antmaze/umaze-v1") from None
+    return ("antmaze" if "antmaze" in (namespace or "").split("/") else "locomotion"), name
+
+
+def load_minari_dataset(env_id: str):
+    """A Minari dataset from Minari's local store ($MINARI_DATASETS_PATH, else ~/.minari/datasets); one not there
+    is downloaded by Minari first, and a failed download leaves nothing behind."""
+    import minari
+    from minari.storage import get_dataset_path
+
+    folder = get_dataset_path(env_id)
+    if not os.path.isdir(os.path.join(folder, "data")):  # minari.load_dataset's test of a local copy
+        existed = os.path.exists(folder)
+        try:
+            minari.download_dataset(env_id)
+        except Exception as e:  # no huggingface_hub, no network, an id the remote lacks, ...: each says why
+            if not existed:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise InputError(
+                f"the Minari dataset {env_id} is not in Minari's local store {get_dataset_path()} and Minari could not "
+                f"download it ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}); nothing was written. "
+                f"Where there is a network, run `pip install \"minari[hf]\" && minari download {env_id}` and copy the "
+                f"dataset's folder to {folder}, or point MINARI_DATASETS_PATH at a store that holds it") from e
+    try:
+        return minari.load_dataset(env_id)
+    except Exception as e:  # a partial copy, another Minari version's format, ...
+        raise InputError(f"cannot read the Minari dataset at {folder} ({type(e).__name__}: {e}); delete that "
+                         "folder to download it anew") from e
+
+
+def flatten_observations(space, observations) -> np.ndarray:
+    """One row per step: a Box space's values, or a Dict space's parts side by side in gymnasium's flatten order (its
+    sorted keys; AntMaze: achieved_goal = x, y; desired_goal = the goal's x, y; observation = qpos[2:15], qvel)."""
+    if isinstance(observations, dict):
+        return np.concatenate([flatten_observations(space[key], observations[key]) for key in space.spaces], axis=1)
+    return np.reshape(observations, (len(observations), -1))
+
+
+def minari_rows(dataset, obs_dim: int, act_dim: int) -> dict[str, np.ndarray]:
+    """A Minari dataset's episodes as checked D4RL-format rows: each episode's steps, then its final observation in a
+    row marked timeout. D4RL's qlearning_dataset then makes every step a transition to its true next state, the last
+    step of each episode included, terminal where Minari's `terminations` says so (README: Minari)."""
+    from gymnasium import spaces
+
+    where, space = f"the Minari dataset {dataset.spec.dataset_id}", dataset.observation_space
+    boxes = list(space.spaces.values()) if isinstance(space, spaces.Dict) else [space]
+    if not all(isinstance(box, spaces.Box) for box in [*boxes, dataset.action_space]):
+        raise InputError(f"{where} has observations {space} and actions {dataset.action_space}; DIVO needs "
+                         "continuous ones (Box spaces, or for observations a Dict of them)")
+    rows = {key: [] for key in HDF5_COLUMNS}
+    for episode in dataset.iterate_episodes():
+        steps = len(episode)  # its observations hold one more: the final one
+        actions = np.reshape(episode.actions, (steps, -1))
+        rows["observations"].append(flatten_observations(space, episode.observations))
+        rows["actions"].append(np.concatenate([actions, np.zeros_like(actions[:1])]))
+        rows["rewards"].append(np.append(episode.rewards, 0.0))
+        rows["terminals"].append(np.append(episode.terminations, False))
+        rows["timeouts"].append(np.arange(steps + 1) == steps)
+    if not rows["rewards"]:
+        raise InputError(f"{where} holds no episodes")
+    data = {key: np.concatenate(parts).astype(HDF5_COLUMNS[key]) for key, parts in rows.items()}
+    for key, size in (("observations", obs_dim), ("actions", act_dim)):
+        if data[key].shape[1] != size:
+            raise InputError(f"{where} has {data[key].shape[1]} numbers in its {key}, its evaluation env {size}: "
+                             "is its metadata's env the one its data come from?")
+    for key in ("observations", "actions", "rewards"):
+        bad = ~np.isfinite(data[key].reshape(len(data[key]), -1)).all(axis=1)
+        if bad.any():
+            episode = int(data["timeouts"][:np.argmax(bad)].sum())
+            raise InputError(f"{where}: {int(bad.sum())} step(s) of {key!r} hold NaN or inf (first in episode "
+                             f"{episode}); the dataset is corrupt: download it anew")
+    return data
+
+
+def minari_summary(dataset, data: dict, transitions: dict, eval_env=None) -> str:
+    """A few lines about a Minari dataset: where it is, its episodes and their returns, rewards, terminals, actions."""
+    ends = np.flatnonzero(data["timeouts"])  # the rows of the episodes' final observations
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    returns, r, a = np.add.reduceat(data["rewards"], starts), transitions["rewards"], transitions["actions"]
+    terminated, outside = int(data["terminals"][ends - 1].sum()), (np.abs(a) > 1).any(axis=1).mean()
+    envs = f"data from {dataset.env_spec.id if dataset.env_spec else 'an env the metadata does not name'}" + (
+        f", evaluation in {eval_env.spec.id} ({eval_env.spec.max_episode_steps} steps)" if eval_env else "")
+    return "\n".join([
+        f"dataset    {dataset.spec.dataset_id} (Minari, {dataset.spec.data_path}): {len(ends):,} episodes, "
+        f"{len(r):,} steps, each a transition (the last step of an episode too)",
+        f"episodes   {terminated:,} terminated, {len(ends) - terminated:,} truncated, mean length "
+        f"{np.mean(ends - starts):.0f}; return min {returns.min():.1f}  mean {returns.mean():.1f}  max {returns.max():.1f}",
+        f"rewards    min {r.min():.3f}  mean {r.mean():.3f}  max {r.max():.3f}; terminals "
+        f"{transitions['terminals'].mean():.4%} of transitions",
+        f"actions    |a| max {np.abs(a).max():.4f}"
+        + (f" ({outside:.2%} of steps outside [-1, 1], clipped)" if outside else ""),
+        f"envs       {envs}",
+    ])
+
+
+def minari_dims(dataset) -> tuple[int, int]:
+    """Observation and action sizes of a Minari dataset, its observations flattened (gymnasium's flatdim)."""
+    from gymnasium.spaces import flatdim
+
+    return flatdim(dataset.observation_space), flatdim(dataset.action_space)
+
+
+def make_minari_env(dataset, **kwargs) -> gym.Env:
+    """The evaluation env a Minari dataset records (its eval env spec, else its data env's), made with `kwargs`, its
+    observations flattened as the dataset's are."""
+    try:
+        env = dataset.recover_environment(eval_env=True, **kwargs)
+    except Exception as e:  # no env spec in the metadata, a package the env needs, ...
+        raise InputError(f"cannot make the evaluation env of the Minari dataset {dataset.spec.dataset_id} "
+                         f"({type(e).__name__}: {e})") from e
+    return gym.wrappers.FlattenObservation(env) if isinstance(env.observation_space, gym.spaces.Dict) else env
+
+
+@contextlib.contextmanager
+def private_tempdir(prefix: str):
+    """Point `tempfile` at a new folder for the block, then remove it: gymnasium-robotics 1.4.2 writes a temporary
+    ant_maze*.xml on every maze construction and never deletes it."""
+    tmp_dir, saved_tempdir = tempfile.mkdtemp(prefix=prefix), tempfile.tempdir
+    tempfile.tempdir = tmp_dir
+    try:
+        yield tmp_dir
+    finally:
+        tempfile.tempdir = saved_tempdir
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def make_minari_mazes(dataset, count: int) -> list[gym.Env]:
+    """`count` copies of the maze a Minari dataset records for evaluation, each episode ending at the goal
+    (continuing_task=False) so that its return is 1 for a success and 0 otherwise, as in D4RL."""
+    import_ant_maze_env()  # gymnasium-robotics, imported without its unrelated notice
+    with private_tempdir("minari_antmaze_"):
+        envs = [make_minari_env(dataset, continuing_task=False) for _ in range(count)]
+    walls = [[[cell == 1 for cell in row] for row in spec.kwargs.get("maze_map", [])]
+             for spec in (dataset.env_spec or envs[0].spec, envs[0].spec)]
+    print(f"evaluation {envs[0].spec.id} as the dataset records it, each episode ending at the goal: the score is "
+          "100 x the success rate")
+    if walls[0] != walls[1]:
+        print("warning: the evaluation maze's walls differ from those of the maze the data come from (a known issue of "
+              "Minari's D4RL/antmaze/umaze datasets, Farama-Foundation/Minari#304): the score measures another maze")
+    return envs
 
 
 CHECKPOINT = "checkpoint.pt"  # the file name of a run's checkpoint in its folder
@@ -1016,7 +1183,7 @@ def restore_run(agent: DIVO, args: RunArgs, checkpoint: Optional[dict], fingerpr
 
 def make_run_dir(args: RunArgs) -> tuple[RunArgs, str]:
     """The run's new folder under runs/ (a new run never writes into an existing one), and its name in `args`."""
-    base = args.run_name or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    base = args.run_name or f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     for attempt in range(1000):  # runs started in the same second get -1, -2, ...
         name = base if attempt == 0 else f"{base}-{attempt}"
         try:
@@ -1310,17 +1477,20 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    # data and env
-    obs_dim, act_dim = OBS_DIM, ACT_DIM
-    raw, path = read_dataset(args, obs_dim, act_dim)
+    # data and env (a Minari id: its dataset, and the evaluation maze it records; README: Minari)
+    dataset = load_minari_dataset(args.env_id) if is_minari_id(args.env_id) else None
+    obs_dim, act_dim = minari_dims(dataset) if dataset else (OBS_DIM, ACT_DIM)
+    raw, path = read_dataset(args, obs_dim, act_dim, dataset)
     fingerprint = dataset_fingerprint(raw)
     transitions = qlearning_dataset(raw)
-    print(dataset_summary(path, raw, transitions))
+    print(minari_summary(dataset, raw, transitions) if dataset else dataset_summary(path, raw, transitions))
     transitions["actions"] = np.clip(transitions["actions"], -1.0, 1.0)  # the actor and the sampler act in [-1, 1]
     transitions["rewards"] = transform_rewards(transitions["rewards"], args.reward_transform)
-    envs = [D4RLAntMaze(maze, antmaze_horizon(maze), args.legacy_inertia) for _ in range(args.eval_episodes)]
+    envs = make_minari_mazes(dataset, args.eval_episodes) if dataset else [
+        D4RLAntMaze(maze, antmaze_horizon(maze), args.legacy_inertia) for _ in range(args.eval_episodes)]
+    horizon = envs[0].spec.max_episode_steps if dataset else antmaze_horizon(maze)
     print(f"reward     {'r - 1' if args.reward_transform == 'minus-one' else 'r'} (--reward-transform "
-          f"{args.reward_transform}); alpha {args.alpha}; {len(envs)} evaluation episodes of {antmaze_horizon(maze)} steps")
+          f"{args.reward_transform}); alpha {args.alpha}; {len(envs)} evaluation episodes of {horizon} steps")
     obs_mean = transitions["observations"].mean(axis=0)
     obs_std = transitions["observations"].std(axis=0) + 1e-3
     train_rows, heldout_rows = split_holdout(len(transitions["rewards"]), args.holdout, args.seed)

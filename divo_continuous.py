@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -29,7 +30,7 @@ import time
 import urllib.request
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Callable, Literal, Optional
+from typing import Callable, Optional
 
 import gymnasium as gym
 import h5py
@@ -66,8 +67,8 @@ class Args:
     """whether to save the final actor (with its observation normalisation) to `runs/{run_name}`"""
 
     # Algorithm specific arguments
-    env_id: Literal[ENV_IDS] = "halfcheetah-medium-expert-v2"
-    """the D4RL dataset id; it also names the evaluation env and the score normalisation"""
+    env_id: str = "halfcheetah-medium-expert-v2"
+    """a D4RL id, or a Minari one (mujoco/hopper/medium-v0); it names the eval env and the score"""
     dataset_path: Optional[str] = None
     """a local D4RL-format HDF5 file to train on instead of the downloaded dataset"""
     total_timesteps: int = 1_000_000
@@ -561,14 +562,19 @@ def task_name(args) -> str:
     return os.path.splitext(os.path.basename(args.dataset_path))[0] if args.dataset_path else args.env_id
 
 
-def check_env_id(env_id: str) -> str:
-    """Return the robot name of a D4RL locomotion id, or stop with the valid ids."""
+def check_env_id(env_id: str) -> Optional[str]:
+    """Return the robot name of a D4RL locomotion id (None for a Minari id), or stop with the valid ids."""
+    if is_minari_id(env_id):
+        if parse_minari_id(env_id)[0] == "antmaze":
+            raise InputError(f"{env_id} is an AntMaze dataset: run divo_antmaze.py --env-id {env_id}")
+        return None
     if env_id.startswith("antmaze-"):
         raise InputError(f"{env_id} is an AntMaze dataset: run divo_antmaze.py --env-id {env_id}")
     if env_id not in ENV_IDS:
         close = difflib.get_close_matches(env_id, ENV_IDS, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
-        raise InputError(f"unknown --env-id {env_id!r}; {hint}valid ids: {', '.join(ENV_IDS)}")
+        raise InputError(f"unknown --env-id {env_id!r}; {hint}valid ids: {', '.join(ENV_IDS)}, or a Minari "
+                         "dataset id such as mujoco/hopper/medium-v0")
     return env_id.split("-")[0]
 
 
@@ -601,6 +607,8 @@ def check_args(args) -> None:
         "--cudagraphs needs a CUDA GPU (and --cuda)": args.cudagraphs and not (args.cuda and torch.cuda.is_available()),
         f"--run-name {args.run_name!r} must be a plain folder name": args.run_name is not None
         and (os.path.basename(args.run_name) != args.run_name or args.run_name in ("", ".", "..")),
+        "--dataset-path reads a D4RL-format file; a Minari id reads Minari's store: give one of them": bool(
+            args.dataset_path) and is_minari_id(args.env_id),
     }
     for message, refused in problems.items():
         if refused:
@@ -765,8 +773,11 @@ def load_d4rl_file(path: str, obs_dim: int, act_dim: int) -> dict[str, np.ndarra
     return data
 
 
-def read_dataset(args: RunArgs, obs_dim: int, act_dim: int) -> tuple[dict[str, np.ndarray], str]:
-    """The dataset's arrays (downloaded into D4RL's cache first if needed, then checked) and its path."""
+def read_dataset(args: RunArgs, obs_dim: int, act_dim: int, minari_dataset=None) -> tuple[dict[str, np.ndarray], str]:
+    """The dataset's arrays (downloaded into D4RL's cache first if needed, then checked) and its path; those of a Minari
+    dataset as D4RL-format rows."""
+    if minari_dataset is not None:
+        return minari_rows(minari_dataset, obs_dim, act_dim), minari_dataset.spec.data_path
     path = args.dataset_path or default_dataset_path(args.env_id)
     if not args.dataset_path and not os.path.isfile(path):
         download(dataset_url(args.env_id), path)
@@ -819,6 +830,155 @@ def make_eval_env(robot: str, legacy_inertia: bool) -> gym.Env:
     if legacy_inertia:
         restore_legacy_inertia(env.unwrapped.model, env.unwrapped.data, env.unwrapped.fullpath)
     return env
+
+
+# ----------------------------------------------------------------------------------------------
+# Minari datasets (README: Minari): Farama's maintained successor of D4RL, read with the minari package
+# ----------------------------------------------------------------------------------------------
+def is_minari_id(env_id: str) -> bool:
+    """Whether --env-id names a Minari dataset (namespace/name-vN, e.g. mujoco/hopper/medium-v0), not a D4RL one."""
+    return "/" in env_id
+
+
+def parse_minari_id(env_id: str) -> tuple[str, str]:
+    """The domain ("antmaze" where a part of the namespace is antmaze, else "locomotion") and name of a Minari id."""
+    from minari.dataset.minari_dataset import parse_dataset_id
+
+    try:
+        namespace, name, _ = parse_dataset_id(env_id)
+    except (ValueError, TypeError):  # TypeError: an id without -vN
+        raise InputError(f"--env-id {env_id!r} is not a Minari dataset id: write namespace/name-vN, e.g. "
+                         "mujoco/hopper/medium-v0 or D4RL/antmaze/umaze-v1") from None
+    return ("antmaze" if "antmaze" in (namespace or "").split("/") else "locomotion"), name
+
+
+def load_minari_dataset(env_id: str):
+    """A Minari dataset from Minari's local store ($MINARI_DATASETS_PATH, else ~/.minari/datasets); one not there
+    is downloaded by Minari first, and a failed download leaves nothing behind."""
+    import minari
+    from minari.storage import get_dataset_path
+
+    folder = get_dataset_path(env_id)
+    if not os.path.isdir(os.path.join(folder, "data")):  # minari.load_dataset's test of a local copy
+        existed = os.path.exists(folder)
+        try:
+            minari.download_dataset(env_id)
+        except Exception as e:  # no huggingface_hub, no network, an id the remote lacks, ...: each says why
+            if not existed:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise InputError(
+                f"the Minari dataset {env_id} is not in Minari's local store {get_dataset_path()} and Minari could not "
+                f"download it ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}); nothing was written. "
+                f"Where there is a network, run `pip install \"minari[hf]\" && minari download {env_id}` and copy the "
+                f"dataset's folder to {folder}, or point MINARI_DATASETS_PATH at a store that holds it") from e
+    try:
+        return minari.load_dataset(env_id)
+    except Exception as e:  # a partial copy, another Minari version's format, ...
+        raise InputError(f"cannot read the Minari dataset at {folder} ({type(e).__name__}: {e}); delete that "
+                         "folder to download it anew") from e
+
+
+def flatten_observations(space, observations) -> np.ndarray:
+    """One row per step: a Box space's values, or a Dict space's parts side by side in gymnasium's flatten order (its
+    sorted keys; AntMaze: achieved_goal = x, y; desired_goal = the goal's x, y; observation = qpos[2:15], qvel)."""
+    if isinstance(observations, dict):
+        return np.concatenate([flatten_observations(space[key], observations[key]) for key in space.spaces], axis=1)
+    return np.reshape(observations, (len(observations), -1))
+
+
+def minari_rows(dataset, obs_dim: int, act_dim: int) -> dict[str, np.ndarray]:
+    """A Minari dataset's episodes as checked D4RL-format rows: each episode's steps, then its final observation in a
+    row marked timeout. D4RL's qlearning_dataset then makes every step a transition to its true next state, the last
+    step of each episode included, terminal where Minari's `terminations` says so (README: Minari)."""
+    from gymnasium import spaces
+
+    where, space = f"the Minari dataset {dataset.spec.dataset_id}", dataset.observation_space
+    boxes = list(space.spaces.values()) if isinstance(space, spaces.Dict) else [space]
+    if not all(isinstance(box, spaces.Box) for box in [*boxes, dataset.action_space]):
+        raise InputError(f"{where} has observations {space} and actions {dataset.action_space}; DIVO needs "
+                         "continuous ones (Box spaces, or for observations a Dict of them)")
+    rows = {key: [] for key in HDF5_COLUMNS}
+    for episode in dataset.iterate_episodes():
+        steps = len(episode)  # its observations hold one more: the final one
+        actions = np.reshape(episode.actions, (steps, -1))
+        rows["observations"].append(flatten_observations(space, episode.observations))
+        rows["actions"].append(np.concatenate([actions, np.zeros_like(actions[:1])]))
+        rows["rewards"].append(np.append(episode.rewards, 0.0))
+        rows["terminals"].append(np.append(episode.terminations, False))
+        rows["timeouts"].append(np.arange(steps + 1) == steps)
+    if not rows["rewards"]:
+        raise InputError(f"{where} holds no episodes")
+    data = {key: np.concatenate(parts).astype(HDF5_COLUMNS[key]) for key, parts in rows.items()}
+    for key, size in (("observations", obs_dim), ("actions", act_dim)):
+        if data[key].shape[1] != size:
+            raise InputError(f"{where} has {data[key].shape[1]} numbers in its {key}, its evaluation env {size}: "
+                             "is its metadata's env the one its data come from?")
+    for key in ("observations", "actions", "rewards"):
+        bad = ~np.isfinite(data[key].reshape(len(data[key]), -1)).all(axis=1)
+        if bad.any():
+            episode = int(data["timeouts"][:np.argmax(bad)].sum())
+            raise InputError(f"{where}: {int(bad.sum())} step(s) of {key!r} hold NaN or inf (first in episode "
+                             f"{episode}); the dataset is corrupt: download it anew")
+    return data
+
+
+def minari_summary(dataset, data: dict, transitions: dict, eval_env=None) -> str:
+    """A few lines about a Minari dataset: where it is, its episodes and their returns, rewards, terminals, actions."""
+    ends = np.flatnonzero(data["timeouts"])  # the rows of the episodes' final observations
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    returns, r, a = np.add.reduceat(data["rewards"], starts), transitions["rewards"], transitions["actions"]
+    terminated, outside = int(data["terminals"][ends - 1].sum()), (np.abs(a) > 1).any(axis=1).mean()
+    envs = f"data from {dataset.env_spec.id if dataset.env_spec else 'an env the metadata does not name'}" + (
+        f", evaluation in {eval_env.spec.id} ({eval_env.spec.max_episode_steps} steps)" if eval_env else "")
+    return "\n".join([
+        f"dataset    {dataset.spec.dataset_id} (Minari, {dataset.spec.data_path}): {len(ends):,} episodes, "
+        f"{len(r):,} steps, each a transition (the last step of an episode too)",
+        f"episodes   {terminated:,} terminated, {len(ends) - terminated:,} truncated, mean length "
+        f"{np.mean(ends - starts):.0f}; return min {returns.min():.1f}  mean {returns.mean():.1f}  max {returns.max():.1f}",
+        f"rewards    min {r.min():.3f}  mean {r.mean():.3f}  max {r.max():.3f}; terminals "
+        f"{transitions['terminals'].mean():.4%} of transitions",
+        f"actions    |a| max {np.abs(a).max():.4f}"
+        + (f" ({outside:.2%} of steps outside [-1, 1], clipped)" if outside else ""),
+        f"envs       {envs}",
+    ])
+
+
+def make_minari_env(dataset, **kwargs) -> gym.Env:
+    """The evaluation env a Minari dataset records (its eval env spec, else its data env's), made with `kwargs`, its
+    observations flattened as the dataset's are."""
+    try:
+        env = dataset.recover_environment(eval_env=True, **kwargs)
+    except Exception as e:  # no env spec in the metadata, a package the env needs, ...
+        raise InputError(f"cannot make the evaluation env of the Minari dataset {dataset.spec.dataset_id} "
+                         f"({type(e).__name__}: {e})") from e
+    return gym.wrappers.FlattenObservation(env) if isinstance(env.observation_space, gym.spaces.Dict) else env
+
+
+def minari_scorer(dataset) -> tuple[str, Callable[[np.ndarray], np.ndarray]]:
+    """A Minari dataset's metric and how returns become it: 100 x Minari's normalised score (D4RL's formula with the
+    dataset's ref_min_score and ref_max_score), or the return itself where its metadata has no reference returns."""
+    import minari
+
+    low, high = (dataset.storage.metadata.get(name) for name in ("ref_min_score", "ref_max_score"))
+    if low is None or high is None:
+        print("score      the return: the dataset's metadata has no ref_min_score / ref_max_score to normalise it")
+        return "return", lambda returns: np.asarray(returns, dtype=np.float64)
+    print(f"score      normalised with the dataset's reference returns {low:.1f} (random) and {high:.1f} (expert)")
+    return "normalized_score", lambda returns: 100.0 * minari.get_normalized_score(dataset, np.asarray(returns))
+
+
+# How a run's metric is logged to TensorBoard and printed.
+METRIC_LABELS = {"normalized_score": ("charts/d4rl_normalized_score", "normalised score"),
+                 "return": ("charts/return", "return")}
+
+
+def score_fields(metric: str, scores: np.ndarray, returns: np.ndarray) -> dict:
+    """scores.json's fields of the last policy: its normalised scores, or where there are none its returns, marked
+    "metric": "return" for tools/report.py."""
+    if metric == "return":
+        return {"metric": "return", "return_mean": returns.mean(), "return_std": returns.std(), "returns": returns.tolist()}
+    return {"normalized_score_mean": scores.mean(), "normalized_score_std": scores.std(),
+            "normalized_scores": scores.tolist(), "returns": returns.tolist()}
 
 
 CHECKPOINT = "checkpoint.pt"  # the file name of a run's checkpoint in its folder
@@ -877,7 +1037,7 @@ def restore_run(agent: DIVO, args: RunArgs, checkpoint: Optional[dict], fingerpr
 
 def make_run_dir(args: RunArgs) -> tuple[RunArgs, str]:
     """The run's new folder under runs/ (a new run never writes into an existing one), and its name in `args`."""
-    base = args.run_name or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    base = args.run_name or f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     for attempt in range(1000):  # runs started in the same second get -1, -2, ...
         name = base if attempt == 0 else f"{base}-{attempt}"
         try:
@@ -1163,7 +1323,7 @@ class Diagnostics:
 
 if __name__ == "__main__":
     args, resumed = parse_args("divo_continuous")  # with --resume: the checkpoint's arguments, and the checkpoint
-    robot = check_env_id(args.env_id)
+    robot = check_env_id(args.env_id)  # None for a Minari dataset id
     check_writable(os.path.dirname(args.resume) if resumed else "runs", "run where the run's folder can be written")
 
     # seeding
@@ -1173,13 +1333,17 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    # data and env
-    envs = [make_eval_env(robot, args.legacy_inertia) for _ in range(args.eval_episodes)]
+    # data and env (a Minari id: its dataset, and the evaluation env and reference returns it records; README: Minari)
+    dataset = None if robot else load_minari_dataset(args.env_id)
+    envs = [make_minari_env(dataset) if dataset else make_eval_env(robot, args.legacy_inertia)
+            for _ in range(args.eval_episodes)]
     obs_dim, act_dim = envs[0].observation_space.shape[0], envs[0].action_space.shape[0]
-    raw, path = read_dataset(args, obs_dim, act_dim)
+    raw, path = read_dataset(args, obs_dim, act_dim, dataset)
     fingerprint = dataset_fingerprint(raw)
     transitions = qlearning_dataset(raw)
-    print(dataset_summary(path, raw, transitions, robot))
+    print(minari_summary(dataset, raw, transitions, envs[0]) if dataset else dataset_summary(path, raw, transitions, robot))
+    metric, score = minari_scorer(dataset) if dataset else ("normalized_score", lambda r: normalized_score(robot, r))
+    chart, metric_words = METRIC_LABELS[metric]
     transitions["actions"] = np.clip(transitions["actions"], -1.0, 1.0)  # the actor and the sampler act in [-1, 1]
     obs_mean = transitions["observations"].mean(axis=0)
     obs_std = transitions["observations"].std(axis=0) + 1e-3
@@ -1234,13 +1398,13 @@ if __name__ == "__main__":
         agent.actor.eval()
         returns = evaluate(agent.actor, envs, obs_mean, obs_std, seed=args.seed + 10_000)
         agent.actor.train()
-        scores = normalized_score(robot, returns)
-        logged = {"charts/d4rl_normalized_score": scores.mean(), "eval/return_mean": returns.mean(),
-                  "eval/normalized_score_std": scores.std(), "eval/seconds": time.time() - start}
+        scores = score(returns)
+        logged = {chart: scores.mean(), "eval/return_mean": returns.mean(),
+                  f"eval/{metric}_std": scores.std(), "eval/seconds": time.time() - start}
         for name, value in {**logged, **(diagnostics.sample_quality(agent) if diagnostics else {})}.items():
             writer.add_scalar(name, value, step)
         evaluations.append({"step": step, "score": float(scores.mean()), "score_std": float(scores.std())})
-        print(f"eval   step {step:,}: normalised score {scores.mean():.1f} +- {scores.std():.1f} "
+        print(f"eval   step {step:,}: {metric_words} {scores.mean():.1f} +- {scores.std():.1f} "
               f"(return {returns.mean():.1f}, {len(returns)} episodes, {time.time() - start:.1f}s)", flush=True)
         return returns
 
@@ -1271,18 +1435,17 @@ if __name__ == "__main__":
 
     # final evaluation of the last policy, scores (their presence marks a finished run), checkpoint
     returns = run_evaluation(args.total_timesteps)
-    scores = normalized_score(robot, returns)
+    scores = score(returns)
     write_json(os.path.join(run_dir, "scores.json"), {
         **labels, "env_id": args.env_id, "run_name": args.run_name, "exp_name": args.exp_name, "seed": args.seed,
-        "step": args.total_timesteps, "normalized_score_mean": scores.mean(), "normalized_score_std": scores.std(),
-        "normalized_scores": scores.tolist(), "returns": returns.tolist(), "evaluations": evaluations})
+        "step": args.total_timesteps, **score_fields(metric, scores, returns), "evaluations": evaluations})
     if args.checkpoint_freq:
         print(f"checkpoint: {checkpoint(args.total_timesteps)}")
     if args.save_model:
         model_path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
         torch.save({**run_info, "actor": agent.actor.state_dict()}, model_path)
         print(f"model saved to {model_path}")
-    print(f"final normalised score of the last policy: {scores.mean():.1f} +- {scores.std():.1f} "
+    print(f"final {metric_words} of the last policy: {scores.mean():.1f} +- {scores.std():.1f} "
           f"({len(scores)} episodes); per-episode scores in {os.path.join(run_dir, 'scores.json')}")
     for env in envs:
         env.close()

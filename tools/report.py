@@ -68,6 +68,7 @@ TABLE_I_BLOCKS: list[tuple[str, list[str]]] = [
     ]),
 ]
 TABLE_I_TASKS: list[str] = [task for _, tasks in TABLE_I_BLOCKS for task in tasks]
+MINARI_BLOCK, RETURN_BLOCK = "Minari", "Minari, return"  # Minari ids hold a "/"; RETURN_BLOCK: no reference returns
 OTHER_BLOCK = "Other tasks"
 METRIC_NAMES = ["Median", "IQM", "Mean", "Optimality Gap"]
 METRIC_KEYS = ["median", "iqm", "mean", "optimality_gap"]
@@ -102,6 +103,8 @@ class Run:
     """the evaluation history [{"step", "score", ...}] of a finished run"""
     progress: str = ""
     """for an unfinished run: "step S / T" of its last checkpoint, "no checkpoint" or "broken checkpoint (...)" """
+    metric: str = "normalized_score"
+    """what `score` is: a normalised score, or ("return") the return of a Minari dataset without reference returns"""
 
 
 def find_run_folders(dirs: list[str]) -> list[str]:
@@ -145,12 +148,18 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def score_key(scores: dict) -> str:
+    """The scores.json key of a run's score: its normalised score, or its return where it says "metric": "return"."""
+    return "return_mean" if scores.get("metric") == "return" else "normalized_score_mean"
+
+
 def check_scores(scores: dict) -> Optional[str]:
     """What is wrong with a scores.json, or None when it is usable."""
-    if "normalized_score_mean" not in scores:
-        return "has no 'normalized_score_mean'"
-    if not is_number(scores["normalized_score_mean"]):
-        return f"'normalized_score_mean' is {scores['normalized_score_mean']!r}, not a finite number"
+    key = score_key(scores)
+    if key not in scores:
+        return f"has no {key!r}"
+    if not is_number(scores[key]):
+        return f"{key!r} is {scores[key]!r}, not a finite number"
     evaluations = scores.get("evaluations", [])
     if not isinstance(evaluations, list) or not all(
             isinstance(e, dict) and is_number(e.get("step")) and is_number(e.get("score")) for e in evaluations):
@@ -221,7 +230,7 @@ def read_run(folder: str, label_key: str) -> Optional[Run]:
               total_timesteps=total_timesteps if isinstance(total_timesteps, int) else None,
               finished=os.path.isfile(scores_path))
     if run.finished:
-        run.score = float(scores["normalized_score_mean"])
+        run.score, run.metric = float(scores[score_key(scores)]), scores.get("metric", run.metric)
         run.evaluations = scores.get("evaluations", [])
     else:
         run.progress = checkpoint_progress(folder, run.total_timesteps)
@@ -349,10 +358,20 @@ def build_table(runs: list[Run]) -> Table:
     if table_i_present:
         rows.append(average_row("Total", table_i_present, task_rows, labels))
     others = sorted(tasks - set(TABLE_I_TASKS))
-    if others:
-        rows += [task_rows[t] for t in others]
-        rows.append(average_row(f"{OTHER_BLOCK} average", others, task_rows, labels))
+    returns = returns_tasks(runs)
+    blocks = {MINARI_BLOCK: [t for t in others if "/" in t and t not in returns], RETURN_BLOCK: sorted(returns),
+              OTHER_BLOCK: [t for t in others if "/" not in t]}
+    for block, block_tasks in blocks.items():
+        if block_tasks:
+            rows += [task_rows[t] for t in block_tasks]
+            if block != RETURN_BLOCK:  # returns of different tasks are on different scales: no average
+                rows.append(average_row(f"{block} average", block_tasks, task_rows, labels))
     return Table(labels, rows)
+
+
+def returns_tasks(runs: list[Run]) -> set[str]:
+    """Tasks scored by the return (Minari datasets without reference returns): not on the 0-100 scale of the others."""
+    return {run.task for run in runs if run.finished and run.metric == "return"}
 
 
 def format_cell(cell: Optional[Cell], average: bool) -> str:
@@ -391,7 +410,9 @@ def format_table(table: Table, runs: list[Run], at_step: Optional[list[int]] = N
         "(n) is the number of seeds.",
         "Average rows: the mean of a label's per-task means over the block's tasks in this table that it has; "
         "\"(k of m tasks)\" marks a label that lacks some of them. Total: all Table-I tasks present. "
-        f"{OTHER_BLOCK}: datasets outside Table I (e.g. your own files), not in Total.",
+        f"{MINARI_BLOCK}: Minari datasets, normalised with each dataset's own reference returns (AntMaze: 100 x success "
+        f"rate); {RETURN_BLOCK}: Minari datasets without reference returns, scored by the return itself (no average, "
+        f"not in the aggregates). {OTHER_BLOCK}: datasets outside Table I (e.g. your own files). Neither is in Total.",
         "",
         f"The table uses {len(finished)} finished run{'s' * (len(finished) != 1)}.",
     ]
@@ -409,7 +430,7 @@ def aggregate_inputs(runs: list[Run]) -> tuple[dict[str, np.ndarray], list[str],
     with the first k seeds of each cell (k: the smallest seed count among them); also the tasks, k and the seeds."""
     groups = group_runs(runs)
     labels = sorted({label for label, _ in groups})
-    common = set.intersection(*({task for lab, task in groups if lab == label} for label in labels))
+    common = set.intersection(*({task for lab, task in groups if lab == label} for label in labels)) - returns_tasks(runs)
     tasks = ordered_tasks(common)
     if not tasks:
         return {}, [], 0, {}
@@ -502,7 +523,7 @@ def plot_curves(runs: list[Run], colors: dict[str, str], path: str) -> None:
             ax.fill_between(steps, mean - std, mean + std, color=colors[label], alpha=0.2)
         ax.set_title(task)
         ax.set_xlabel("gradient step")
-        ax.set_ylabel("normalised score")
+        ax.set_ylabel("return" if task in returns_tasks(runs) else "normalised score")
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize="small")

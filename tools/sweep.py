@@ -14,6 +14,7 @@ One machine (Ray is started for the sweep and stopped after it):
     python tools/sweep.py --suite paper --seeds 0 1 2 3 4                          # the paper's 15 tasks x 5 seeds
     python tools/sweep.py --suite locomotion --seeds 0 1 2 --runs-per-gpu 4 -- --no-adpo --total-timesteps 500000
     python tools/sweep.py --env-ids hopper-medium-v2 walker2d-medium-v2 --seeds 0 1 --dataset-dir ~/d4rl_files
+    python tools/sweep.py --suite minari-locomotion --seeds 0 1 2                  # Minari's datasets (README: Minari)
     python tools/sweep.py --suite paper --seeds 0 1 2 3 4 --dry-run                # print the planned commands only
 
 A cluster (the repository, the Python environment and `--out` at the same paths on every node, e.g. a shared disk):
@@ -54,6 +55,10 @@ SUITES = {
     "antmaze": list(ANTMAZE_IDS),
 }
 SUITES["paper"] = SUITES["locomotion"] + SUITES["antmaze"]
+# Minari ids (namespace/name-vN) are not listed above: the scripts check them. This suite is Minari's re-collection
+# of the locomotion tasks in Gymnasium's v5 envs (README: Minari).
+SUITES["minari-locomotion"] = [f"mujoco/{robot}/{level}-v0" for level in ("medium", "expert")
+                               for robot in ("halfcheetah", "hopper", "walker2d")]
 # Arguments the sweep sets for every run itself; passing them after `--` is refused.
 SWEEP_FLAGS = ("--env-id", "--seed", "--exp-name", "--run-name", "--resume", "--dataset-path")
 ATTEMPT_HEADER = "=== sweep attempt"  # the first words of the line the log gets before every attempt
@@ -64,9 +69,10 @@ KILL_HOOK = "DIVO_SWEEP_TEST_KILL_AFTER_CHECKPOINT"
 @dataclass
 class Args:
     suite: Optional[str] = None
-    """the tasks: `locomotion` (9 Gym-MuJoCo), `antmaze` (6) or `paper` (all 15 of Table I); or give --env-ids"""
+    """the tasks: `locomotion` (9 Gym-MuJoCo), `antmaze` (6), `paper` (all 15 of Table I) or `minari-locomotion` (6
+    Minari datasets); or give --env-ids"""
     env_ids: list[str] = field(default_factory=list)
-    """D4RL ids to run instead of a suite, e.g. hopper-medium-v2 antmaze-umaze-v2"""
+    """D4RL or Minari ids to run instead of a suite, e.g. hopper-medium-v2 antmaze-umaze-v2 mujoco/hopper/medium-v0"""
     datasets: list[str] = field(default_factory=list)
     """instead of a suite or ids: local files as ENV_ID=FILE, e.g. hopper-medium-v2=data/my-hopper.hdf5; each task is
     named after its file, and ENV_ID names its evaluation env and score"""
@@ -132,8 +138,14 @@ def parse_command_line(argv: list[str]) -> tuple[Args, list[str]]:
     return tyro.cli(Args, args=own, description=description), extra
 
 
+def is_minari_id(env_id: str) -> bool:
+    """A Minari dataset id (namespace/name-vN), as the scripts tell them from D4RL's."""
+    return "/" in env_id
+
+
 def script_of(env_id: str) -> str:
-    return ANTMAZE_SCRIPT if env_id.startswith("antmaze-") else LOCOMOTION_SCRIPT
+    antmaze = env_id.startswith("antmaze-") or "antmaze" in env_id.split("/")[:-1]  # D4RL/antmaze/umaze-v1
+    return ANTMAZE_SCRIPT if antmaze else LOCOMOTION_SCRIPT
 
 
 def find_dataset(dataset_dir: str, env_id: str) -> tuple[Optional[str], list[str]]:
@@ -148,7 +160,7 @@ def find_dataset(dataset_dir: str, env_id: str) -> tuple[Optional[str], list[str
 def check_args(args: Args, extra: list[str]) -> None:
     """Stop with one message for input that cannot make a sweep."""
     if (args.suite is not None) + bool(args.env_ids) + bool(args.datasets) != 1:
-        raise SweepError("give one of --suite (locomotion, antmaze or paper), --env-ids or --datasets")
+        raise SweepError(f"give one of --suite ({', '.join(SUITES)}), --env-ids or --datasets")
     if args.datasets and args.dataset_dir is not None:
         raise SweepError("--datasets names each file itself: leave out --dataset-dir")
     for entry in args.datasets:
@@ -167,7 +179,11 @@ def check_args(args: Args, extra: list[str]) -> None:
             raise SweepError(f"{what} given more than once: {', '.join(twice)}")
     if any(not 0 <= seed < 2**32 for seed in args.seeds):
         raise SweepError(f"seeds must be in [0, 4294967295], got {' '.join(map(str, args.seeds))}")
-    for env_id in args.env_ids + [entry.partition("=")[0] for entry in args.datasets]:
+    minari = [env_id for env_id in args.env_ids + SUITES.get(args.suite, []) if is_minari_id(env_id)]
+    if minari and (args.dataset_dir is not None or args.datasets):
+        raise SweepError(f"{minari[0]} is a Minari id, read from Minari's store ($MINARI_DATASETS_PATH): --dataset-dir and "
+                         "--datasets are for D4RL-format files")
+    for env_id in [e for e in args.env_ids if not is_minari_id(e)] + [entry.partition("=")[0] for entry in args.datasets]:
         if env_id not in LOCOMOTION_IDS + ANTMAZE_IDS:
             close = difflib.get_close_matches(env_id, LOCOMOTION_IDS + ANTMAZE_IDS, n=1)
             hint = f"did you mean {close[0]}? " if close else ""
@@ -219,7 +235,8 @@ def plan_runs(args: Args) -> list[Run]:
         if missing:
             raise SweepError(f"no dataset file in --dataset-dir {args.dataset_dir} for {'; '.join(missing)}")
         tasks = [(env_id, os.path.abspath(path)) for env_id, path, _ in found]
-    names = [os.path.splitext(os.path.basename(path))[0] if path else env_id for env_id, path in tasks]
+    # a task's folder-safe name: its file's, or its id's (a Minari id's "/" made "-")
+    names = [os.path.splitext(os.path.basename(path))[0] if path else env_id.replace("/", "-") for env_id, path in tasks]
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:  # the scripts name a task after its file: two files of one name would share their run folders
         raise SweepError(f"two tasks named {', '.join(twice)}: give the files different names")
