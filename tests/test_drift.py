@@ -25,10 +25,13 @@ SHARED = {
         "download", "load_d4rl_file", "dataset_fingerprint", "split_holdout", "save_checkpoint", "load_checkpoint",
         "make_run_dir", "write_json", "check_finite", "StopSignal", "GraphedTrainStep", "make_train_step",
         "training_state", "progress_line",
+        # plumbing: one writer per run folder, files that are final, names and numbers checked where they are made
+        "resume_point", "clear_for_resume", "LOCK", "lock_run", "write_atomically", "log_scalars", "diverged",
+        "MAX_NAME", "MAX_EXP_NAME", "is_folder_name", "schedule_is_finite", "MIN_TRANSITIONS", "check_transitions",
     ),
     DIVO: (
         "Actor", "adpo_target", "rms", "DIVO", "nearby_data_check", "Diagnostics", "ADPO_ONLY_ARGS", "run_mode",
-        "task_name", "check_args", "restore_legacy_inertia", "restore_run", "CHECKPOINT",
+        "task_name", "check_args", "restore_legacy_inertia", "restore_run", "CHECKPOINT", "FINISHED",
     ),
     ("divo_antmaze.py", "pad_pretrain.py"): ("transform_rewards",),
 }

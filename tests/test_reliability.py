@@ -30,9 +30,9 @@ def refused(proc, message):
 
 
 def snapshot(folder):
-    """Every file under `folder` with its bytes."""
+    """Every file under `folder` with its bytes, but the lock file (it names the last process that held the run)."""
     return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
-            for d, _, files in os.walk(folder) for f in files}
+            for d, _, files in os.walk(folder) for f in files if f != "lock"}
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +65,10 @@ def finished_run(tmp_path_factory):
     ("beta_max", 0.05, "--beta-max must be larger than --beta-min"),
     ("holdout", 5, "--holdout must be 0 (diagnostics on training transitions) or at least 10"),
     ("run_name", "../elsewhere", "must be a plain folder name"),
+    ("run_name", "r" * 201, "must be a plain folder name of at most 200 bytes"),
+    ("exp_name", "sub/dir", "--exp-name 'sub/dir' must be a plain folder name of at most 150 bytes"),
+    ("exp_name", "e" * 151, "must be a plain folder name of at most 150 bytes"),
+    ("beta_max", 1000.0, "--beta-max 1000.0 give a noise schedule over 5 steps whose coefficients are not finite"),
 ])
 def test_every_script_refuses_out_of_range_arguments(module, name, value, message):
     env_id = "antmaze-umaze-v2" if module is da else "hopper-medium-v2"
