@@ -883,8 +883,8 @@ def load_checkpoint(path: str, kind: str) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
-        raise InputError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); it is partial or not a "
-                         f"checkpoint of this project") from e
+        raise InputError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]}); it is "
+                         "partial or not a checkpoint of this project") from e
     found = payload.get("kind") if isinstance(payload, dict) else None
     if found != kind:
         raise InputError(f"{path} is a checkpoint of {found or 'something else'}, not of {kind}.py")

@@ -4,6 +4,7 @@ Argument checks run in-process (they happen when the arguments are built); the r
 user would, on tiny settings.
 """
 
+import argparse
 import json
 import os
 import shutil
@@ -335,6 +336,14 @@ def test_check_finite_names_the_loss_or_the_network():
         agent.value.net[0].weight[0, 0] = float("nan")
     with pytest.raises(dc.InputError, match="diverged by step 9: the value network's weights not finite"):
         dc.check_finite(9, ok, agent, "none yet")
+
+
+def test_a_foreign_checkpoint_is_refused_in_one_line(tmp_path):
+    """torch's refusal of a pickle it does not trust spans many lines: only its first is kept."""
+    torch.save({"kind": argparse.Namespace(run="not ours")}, tmp_path / "c.pt")
+    with pytest.raises(pp.InputError) as error:
+        pp.load_checkpoint(str(tmp_path / "c.pt"), "pad_pretrain")
+    assert "cannot read checkpoint" in str(error.value) and len(str(error.value).splitlines()) == 1
 
 
 def test_scores_json_is_strict_json(tmp_path):
