@@ -635,19 +635,23 @@ def resume_point(path: str, kind: str) -> tuple[Optional[dict], dict]:
 
 
 def clear_for_resume(resume: str) -> None:
-    """Before a resumed run writes: remove a partial checkpoint and the results it extends (no longer final), or, when
-    the run stopped before its first checkpoint (it starts again from step 0), that attempt's files."""
+    """Before a resumed run writes: remove a partial checkpoint, or, when the run stopped before its first checkpoint
+    (it starts again from step 0), that attempt's files."""
     folder = os.path.dirname(resume)
     if os.path.exists(resume):  # the atomic rename keeps the checkpoint itself whole
-        stale = {f"{resume}.tmp": "a partial checkpoint left by an interrupted save",
-                 os.path.join(folder, FINISHED): "the results of the shorter run, no longer final: the run trains on"}
+        stale = {f"{resume}.tmp": "a partial checkpoint left by an interrupted save"}
     else:  # TensorBoard events, a partial checkpoint; args.json is written again
         stale = {os.path.join(folder, name): "left by the attempt that stopped before its first checkpoint"
                  for name in sorted(os.listdir(folder)) if name not in (LOCK, "args.json")}
     for path, why in stale.items():
-        if os.path.isfile(path):
-            os.remove(path)
-            print(f"removed {path}, {why}")
+        remove(path, why)
+
+
+def remove(path: str, why: str) -> None:
+    """Remove the file `path` if it is there, and say so."""
+    if os.path.isfile(path):
+        os.remove(path)
+        print(f"removed {path}, {why}")
 
 
 # Arguments that may differ between a checkpoint and the command that resumes it.
@@ -871,7 +875,10 @@ def write_atomically(path: str, data: bytes) -> None:
 
 
 def save_checkpoint(path: str, payload: dict) -> None:
-    """torch.save, atomically (write_atomically)."""
+    """torch.save, atomically (write_atomically). A run's checkpoint first removes the run's finished file: that file
+    describes an earlier checkpoint (a run extended with --resume), and is written again after the last one."""
+    if os.path.basename(path) == CHECKPOINT:
+        remove(os.path.join(os.path.dirname(path), FINISHED), "the results of an earlier step: the run trains on")
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     write_atomically(path, buffer.getvalue())

@@ -26,7 +26,7 @@ SHARED = {
         "make_run_dir", "write_json", "check_finite", "StopSignal", "GraphedTrainStep", "make_train_step",
         "training_state", "progress_line",
         # plumbing: one writer per run folder, files that are final, names and numbers checked where they are made
-        "resume_point", "clear_for_resume", "LOCK", "lock_run", "write_atomically", "log_scalars", "diverged",
+        "resume_point", "clear_for_resume", "remove", "LOCK", "lock_run", "write_atomically", "log_scalars", "diverged",
         "MAX_NAME", "MAX_EXP_NAME", "is_folder_name", "schedule_is_finite", "MIN_TRANSITIONS", "check_transitions",
     ),
     DIVO: (

@@ -63,8 +63,8 @@ def reference(tmp_path_factory):
 
 
 def test_a_second_writer_is_refused_and_a_killed_writer_leaves_no_lock(reference, tmp_path):
-    """A run extended with --resume (its 40-step results go: no longer final) is refused to a second --resume while it
-    trains; SIGKILLed, it leaves an unfinished run that resumes at once."""
+    """A run extended with --resume (its 40-step results go with its first new checkpoint) is refused to a second
+    --resume while it trains; SIGKILLed, it leaves an unfinished run that resumes at once."""
     cwd, ref = reference
     run = tmp_path / "runs" / "r"
     shutil.copytree(ref, run)
@@ -74,9 +74,9 @@ def test_a_second_writer_is_refused_and_a_killed_writer_leaves_no_lock(reference
                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         out, deadline = "", time.time() + 120
-        while "training r" not in out and first.poll() is None and time.time() < deadline:
+        while "removed runs/r/scores.json" not in out and first.poll() is None and time.time() < deadline:
             out += first.stdout.readline()
-        assert "removed runs/r/scores.json, the results of the shorter run, no longer final" in out, out
+        assert "removed runs/r/scores.json, the results of an earlier step: the run trains on" in out, out
         assert not (run / "scores.json").exists()
         second = run_script("divo_continuous.py", "--resume", run / "checkpoint.pt", "--total-timesteps", 2000000,
                             "--no-cuda", cwd=tmp_path, check=False)
