@@ -17,12 +17,14 @@ import copy
 import difflib
 import hashlib
 import http.client
+import io
 import json
 import math
 import os
 import random
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -36,6 +38,12 @@ import torch
 import torch.nn as nn
 import tyro
 from torch.utils.tensorboard import SummaryWriter
+
+try:
+    import fcntl  # POSIX file locks: one writer per run folder (on Windows, run folders are not locked)
+except ImportError:
+    fcntl = None
+
 
 LOCOMOTION_DIMS = {"halfcheetah": (17, 6), "hopper": (11, 3), "walker2d": (17, 6)}
 LEVELS = ("random", "medium", "medium-replay", "medium-expert", "expert", "full-replay")
@@ -544,8 +552,13 @@ def check_args(args) -> None:
         "--beta-max must be larger than --beta-min": args.beta_max <= args.beta_min,
         "--holdout must be 0 (diagnostics on training transitions) or at least 10": 0 < args.holdout < 10,
         "--cudagraphs needs a CUDA GPU (and --cuda)": args.cudagraphs and not (args.cuda and torch.cuda.is_available()),
-        f"--run-name {args.run_name!r} must be a plain folder name": args.run_name is not None
-        and (os.path.basename(args.run_name) != args.run_name or args.run_name in ("", ".", "..")),
+        f"--run-name {args.run_name!r} must be a plain folder name of at most {MAX_NAME} bytes": args.run_name
+        is not None and not is_folder_name(args.run_name, MAX_NAME),
+        f"--exp-name {args.exp_name!r} must be a plain folder name of at most {MAX_EXP_NAME} bytes (the run's folder "
+        "is named after it)": not is_folder_name(args.exp_name, MAX_EXP_NAME),
+        f"--beta-min {args.beta_min} and --beta-max {args.beta_max} give a noise schedule over {args.diffusion_steps} "
+        "steps whose coefficients are not finite in float32 (alpha_bar_K underflows): lower --beta-max":
+        not schedule_is_finite(args.diffusion_steps, args.beta_min, args.beta_max),
         "--dataset-path reads a D4RL-format file; a Minari id reads Minari's store: give one of them": bool(
             args.dataset_path) and is_minari_id(args.env_id),
     }
@@ -554,8 +567,30 @@ def check_args(args) -> None:
             raise InputError(message)
 
 
+MAX_NAME = 200  # bytes of --run-name (a file name has at most 255)
+MAX_EXP_NAME = 150  # bytes of --exp-name: the default run name adds up to ~60
+
+
+def is_folder_name(name: str, limit: int) -> bool:
+    """Whether `name` can name one folder: no path in it, not `.` or `..`, at most `limit` bytes."""
+    return os.path.basename(name) == name and name not in ("", ".", "..") and "\0" not in name \
+        and len(os.fsencode(name)) <= limit
+
+
+def schedule_is_finite(num_steps: int, beta_min: float, beta_max: float) -> bool:
+    """Whether the diffusion model's schedule (eq. 3-8) is finite in float32, with alpha_bar_K > 0."""
+    with torch.random.fork_rng(devices=[]):  # building the model draws its initial weights
+        d = Diffusion(1, 1, num_steps, beta_min, beta_max, 1, 1)
+    sampler = [d.sqrt_recip_alpha_bar, d.sqrt_recipm1_alpha_bar, d.posterior_coef_a0, d.posterior_coef_ak, d.posterior_std]
+    values = torch.cat([d.sqrt_alpha_bar, d.sqrt_one_minus_alpha_bar, torch.tensor(sampler).flatten()])
+    return bool(values.isfinite().all()) and bool(d.sqrt_alpha_bar[-1] > 0)
+
+
 def parse_args(kind: str) -> tuple[RunArgs, Optional[dict]]:
-    """The command line; with --resume, the checkpoint's arguments under those given, and the checkpoint."""
+    """The command line; with --resume, the run's arguments under those given, and its checkpoint (None: restart it).
+
+    A resumed run's folder is locked first, so that nothing is read, kept or removed while another process writes it.
+    """
     argv = sys.argv[1:]
     for i, arg in enumerate(argv):  # our message for a wrong id (the nearest id, the other script) before tyro's
         name, has_value, value = arg.partition("=")
@@ -567,23 +602,67 @@ def parse_args(kind: str) -> tuple[RunArgs, Optional[dict]]:
             raise InputError(f"runs/{args.run_name} exists: choose another --run-name, or continue that run with "
                              f"--resume runs/{args.run_name}/{CHECKPOINT}")
         return args, None
-    checkpoint = load_checkpoint(args.resume, kind)
-    saved = RunArgs(**{f.name: checkpoint["args"][f.name] for f in fields(RunArgs) if f.name in checkpoint["args"]})
-    saved = replace(saved, run_name=saved.run_name or os.path.basename(os.path.dirname(os.path.abspath(args.resume))))
-    args = tyro.cli(RunArgs, default=replace(saved, resume=args.resume))
+    folder = os.path.dirname(args.resume) or "."  # "." when resumed from inside the run's folder
+    resume = os.path.join(folder, os.path.basename(args.resume))
+    if not os.path.isfile(resume) and not os.path.isfile(os.path.join(folder, "args.json")):
+        raise InputError(f"no checkpoint at {resume}, and no args.json beside it (if that folder is of a run that "
+                         "stopped before it began, remove it and start the run again)")
+    lock_run(folder)  # held until this process ends
+    checkpoint, saved = resume_point(resume, kind)
+    values = {f.name: saved[f.name] for f in fields(RunArgs) if f.name in saved}
+    values["run_name"] = values.get("run_name") or os.path.basename(os.path.abspath(folder))
+    # --cudagraphs depends on this machine: it is checked once the command line (e.g. --no-cudagraphs) applies
+    saved = RunArgs(**{**values, "resume": resume, "cudagraphs": False})
+    saved.cudagraphs = values.get("cudagraphs", False)
+    args = replace(tyro.cli(RunArgs, default=saved), resume=resume)
     names = [f.name for f in fields(RunArgs) if f.name not in RESUME_FREE_ARGS]
-    refuse_mismatch(args.resume, {n: getattr(args, n) for n in names}, {n: getattr(saved, n) for n in names},
-                    f"resume with `--resume {args.resume}` and the original arguments, or start a new run without --resume")
-    done = checkpoint["step"]
-    if done >= args.total_timesteps:
+    refuse_mismatch(resume, {n: getattr(args, n) for n in names}, {n: getattr(saved, n) for n in names},
+                    f"resume with `--resume {resume}` and the original arguments, or start a new run without --resume")
+    done = checkpoint["step"] if checkpoint else 0
+    if done > args.total_timesteps or done == args.total_timesteps and os.path.exists(os.path.join(folder, FINISHED)):
         state = "finished" if done == args.total_timesteps else f"at step {done:,}, beyond --total-timesteps"
-        raise InputError(f"{args.resume} is {state} ({done:,} of {args.total_timesteps:,} steps; its results are in "
-                         f"{os.path.dirname(args.resume)}). To train it longer, pass --total-timesteps larger than {done:,}")
-    stale = f"{args.resume}.tmp"  # a save killed half-way leaves it; the checkpoint itself is whole (atomic rename)
-    if os.path.exists(stale):
-        os.remove(stale)
-        print(f"removed {stale}, a partial checkpoint left by an interrupted save")
+        raise InputError(f"{resume} is {state} ({done:,} of {args.total_timesteps:,} steps; its results are in "
+                         f"{folder}). To train it longer, pass --total-timesteps larger than {done:,}")
+    if checkpoint is None:
+        print(f"{folder} has no {CHECKPOINT}: the run stopped before its first one, and starts again from step 0")
     return args, checkpoint
+
+
+def resume_point(path: str, kind: str) -> tuple[Optional[dict], dict]:
+    """--resume PATH: its checkpoint and that checkpoint's arguments; for a run that stopped before its first
+    checkpoint (an args.json, no checkpoint, no results), None and the arguments of its args.json."""
+    folder, args_path = os.path.dirname(path), os.path.join(os.path.dirname(path), "args.json")
+    if os.path.basename(path) != CHECKPOINT or os.path.exists(path) or os.path.exists(os.path.join(folder, FINISHED)):
+        checkpoint = load_checkpoint(path, kind)
+        return checkpoint, checkpoint["args"]
+    try:
+        with open(args_path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise InputError(f"no checkpoint at {path}, and {args_path} is unreadable ({e}): start a new run") from e
+    if not isinstance(saved, dict) or saved.get("script") != kind:
+        raise InputError(f"no checkpoint at {path}, and {args_path} is not of a {kind}.py run")
+    return None, saved
+
+
+def clear_for_resume(resume: str) -> None:
+    """Before a resumed run writes: remove a partial checkpoint, or, when the run stopped before its first checkpoint
+    (it starts again from step 0), that attempt's files."""
+    folder = os.path.dirname(resume)
+    if os.path.exists(resume):  # the atomic rename keeps the checkpoint itself whole
+        stale = {f"{resume}.tmp": "a partial checkpoint left by an interrupted save"}
+    else:  # TensorBoard events, a partial checkpoint; args.json is written again
+        stale = {os.path.join(folder, name): "left by the attempt that stopped before its first checkpoint"
+                 for name in sorted(os.listdir(folder)) if name not in (LOCK, "args.json")}
+    for path, why in stale.items():
+        remove(path, why)
+
+
+def remove(path: str, why: str) -> None:
+    """Remove the file `path` if it is there, and say so."""
+    if os.path.isfile(path):
+        os.remove(path)
+        print(f"removed {path}, {why}")
 
 
 # Arguments that may differ between a checkpoint and the command that resumes it.
@@ -690,6 +769,9 @@ def load_d4rl_file(path: str, obs_dim: int, act_dim: int) -> dict[str, np.ndarra
                     found = "a group" if isinstance(f[key], h5py.Group) else f"of type {f[key].dtype}"
                     raise InputError(f"{path}: {key!r} is {found}, not an array of numbers; is it a D4RL file?")
             data = {key: f[key][()] for key in HDF5_COLUMNS}
+    except BlockingIOError as e:  # HDF5's own file lock
+        raise InputError(f"{path} is open for writing in another process (HDF5 file lock): wait until it is closed, "
+                         "then run again") from e
     except OSError as e:
         raise InputError(f"cannot read {path} as HDF5 ({e}): the file is partial or corrupt; {fix}") from e
     n = len(data["observations"]) if data["observations"].ndim else 0
@@ -741,6 +823,22 @@ def dataset_fingerprint(data: dict[str, np.ndarray]) -> str:
     for key in HDF5_COLUMNS:
         sha.update(np.ascontiguousarray(data[key]).tobytes())
     return sha.hexdigest()
+
+MIN_TRANSITIONS = 20  # the diagnostics compare half of the states with their 10 nearest neighbours in the other half
+
+
+def check_transitions(observations: np.ndarray, path: str) -> None:
+    """Refuse too few transitions, or observations whose float32 mean or std (the normalisation) is not finite."""
+    if len(observations) < MIN_TRANSITIONS:
+        raise InputError(f"{path} yields {len(observations)} transition(s) (D4RL's qlearning_dataset); training needs "
+                         f"at least {MIN_TRANSITIONS}")
+    with np.errstate(over="ignore", invalid="ignore"):  # the run's own float32 statistics, here without warnings
+        bad = np.flatnonzero(~np.isfinite(observations.std(axis=0)))
+    if len(bad):
+        dim, largest = int(bad[0]), np.abs(observations[:, bad[0]]).max()
+        raise InputError(f"{path}: observation dimension {dim} holds values up to {largest:.3g}, too large for its "
+                         f"standard deviation in float32 (the state normalisation); rescale it or drop those rows")
+
 
 def split_holdout(num_transitions: int, holdout: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Rows to train on and rows for the PAD diagnostic: `holdout` held out, or 2,000 training rows if 0."""
@@ -871,13 +969,52 @@ def minari_dims(dataset) -> tuple[int, int]:
 
 
 CHECKPOINT = "pad_checkpoint.pt"  # the file name of a run's checkpoint in its folder
+FINISHED = "pad_diagnostics.json"  # the file a run writes last: its presence means every file of the run is final
+LOCK = "lock"  # the file a run's writer holds locked, naming the process
+
+
+def lock_run(folder: str) -> None:
+    """Lock the run `folder` for this process's whole life (the kernel frees it however the process ends), or stop."""
+    try:
+        fd = os.open(os.path.join(folder, LOCK), os.O_RDWR | os.O_CREAT, 0o644)  # never closed: the lock lasts
+    except OSError as e:
+        raise InputError(f"cannot write to {folder} ({e.strerror}): run where the run's folder can be written") from e
+    if fcntl is None:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise InputError(f"{folder} is in use by {holder}, which holds {os.path.join(folder, LOCK)}: a run has one "
+                         "writer at a time; wait until that process ends, or stop it first") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """Write `data` to `path` by renaming a complete copy: a crash never leaves a broken file in place of a good one,
+    and a write that fails (a full disk) leaves nothing behind and stops with one line."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise InputError(f"could not write {path} ({e.strerror or e}); nothing half-written was left. Free some disk "
+                         f"space, then continue with --resume {os.path.join(os.path.dirname(path), CHECKPOINT)}") from e
 
 
 def save_checkpoint(path: str, payload: dict) -> None:
-    """Write atomically: a crash while saving never leaves a broken file in place of a good one."""
-    tmp = f"{path}.tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    """torch.save, atomically (write_atomically). A run's checkpoint first removes the run's finished file: that file
+    describes an earlier checkpoint (a run extended with --resume), and is written again after the last one."""
+    if os.path.basename(path) == CHECKPOINT:
+        remove(os.path.join(os.path.dirname(path), FINISHED), "the results of an earlier step: the run trains on")
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    write_atomically(path, buffer.getvalue())
 
 def load_checkpoint(path: str, kind: str) -> dict:
     """Read a checkpoint written by `kind` (a script name), or stop with what is wrong."""
@@ -886,8 +1023,8 @@ def load_checkpoint(path: str, kind: str) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
-        raise InputError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); it is partial or not a "
-                         f"checkpoint of this project") from e
+        raise InputError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]}); it is "
+                         "partial or not a checkpoint of this project") from e
     found = payload.get("kind") if isinstance(payload, dict) else None
     if found != kind:
         raise InputError(f"{path} is a checkpoint of {found or 'something else'}, not of {kind}.py")
@@ -907,28 +1044,33 @@ def restore_run(pretrainer: PADPretrainer, initial: Diffusion, args: RunArgs, ch
     if torch.cuda.is_available() and args.cuda and checkpoint["rng"]["cuda"] is not None:
         torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
     print(f"resumed {args.run_name} at step {checkpoint['step']:,}")
-    return checkpoint["step"], checkpoint["diagnostics"]
+    # a run stopped while writing its final files diagnoses its last step again
+    return checkpoint["step"], [row for row in checkpoint["diagnostics"] if row["step"] < args.total_timesteps]
 
 
 def make_run_dir(args: RunArgs) -> tuple[RunArgs, str]:
-    """The run's new folder under runs/ (a new run never writes into an existing one), and its name in `args`."""
+    """The run's folder, locked, and its name in `args`: a new one under runs/ (a new run never writes into an
+    existing folder), or with --resume the run's own (locked by parse_args), cleared of what is no longer valid."""
+    if args.resume:
+        clear_for_resume(args.resume)
+        return args, os.path.dirname(args.resume)
     base = args.run_name or f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     for attempt in range(1000):  # runs started in the same second get -1, -2, ...
         name = base if attempt == 0 else f"{base}-{attempt}"
         try:
             os.makedirs(os.path.join("runs", name))
-            return replace(args, run_name=name), os.path.join("runs", name)
         except FileExistsError:
             if args.run_name:
                 raise InputError(f"runs/{name} exists: choose another --run-name, or continue that run with "
                                  f"--resume runs/{name}/{CHECKPOINT}") from None
+            continue
+        lock_run(os.path.join("runs", name))
+        return replace(args, run_name=name), os.path.join("runs", name)
     raise InputError(f"could not create a new folder runs/{base}-N: remove old runs or pass --run-name")
 
 def write_json(path: str, content: dict) -> None:
     """Strict JSON (NaN and inf refused, so every file parses anywhere), written atomically."""
-    with open(f"{path}.tmp", "w") as f:
-        json.dump(content, f, indent=2, allow_nan=False)
-    os.replace(f"{path}.tmp", path)
+    write_atomically(path, json.dumps(content, indent=2, allow_nan=False).encode())
 
 def check_finite(step: int, metrics: dict[str, torch.Tensor], agent, last_checkpoint: str) -> dict[str, float]:
     """The metrics as numbers (the loop's one host sync); stop with a message if a metric or a weight is NaN/inf."""
@@ -938,10 +1080,24 @@ def check_finite(step: int, metrics: dict[str, torch.Tensor], agent, last_checkp
     bad = [f"{name} = {values[name]}" for name in metrics if not math.isfinite(values[name])]
     bad += [f"the {name} network's weights" for name in weights if values[name] != 1.0]
     if bad:
-        raise InputError(f"training diverged by step {step:,}: {', '.join(bad)} not finite. Nothing after the last "
-                         f"good checkpoint was saved ({last_checkpoint}). Check the rewards' scale, or lower the "
-                         f"learning rates or --alpha")
+        raise diverged(step, bad, last_checkpoint)
     return {name: values[name] for name in metrics}
+
+
+def log_scalars(writer: SummaryWriter, step: int, values: dict[str, float], last_checkpoint: str) -> None:
+    """Write `values` to TensorBoard; stop as check_finite does if one (a diagnostic, a score) is NaN or inf."""
+    bad = [f"{name} = {value}" for name, value in values.items() if not math.isfinite(value)]
+    if bad:
+        raise diverged(step, bad, last_checkpoint)
+    for name, value in values.items():
+        writer.add_scalar(name, value, step)
+
+
+def diverged(step: int, bad: list[str], last_checkpoint: str) -> InputError:
+    """The message that stops a run whose metrics, diagnostics or weights are not finite."""
+    return InputError(f"training diverged by step {step:,}: {', '.join(bad)} not finite. Nothing after the last good "
+                      f"checkpoint was saved ({last_checkpoint}). Check the rewards' scale, or lower the learning "
+                      f"rates or --alpha")
 
 class StopSignal:
     """SIGINT / SIGTERM end the loop after the current iteration, with a checkpoint; a second one stops at once."""
@@ -1081,6 +1237,7 @@ if __name__ == "__main__":
     print(minari_summary(dataset, raw, transitions) if dataset else dataset_summary(path, raw, transitions))
     transitions["actions"] = np.clip(transitions["actions"], -1.0, 1.0)  # the actor and the sampler act in [-1, 1]
     transitions["rewards"] = transform_rewards(transitions["rewards"], args.reward_transform)
+    check_transitions(transitions["observations"], path)  # enough of them, with finite statistics
     obs_mean = transitions["observations"].mean(axis=0)
     obs_std = transitions["observations"].std(axis=0) + 1e-3
     train_rows, heldout_rows = split_holdout(len(transitions["rewards"]), args.holdout, args.seed)
@@ -1107,7 +1264,8 @@ if __name__ == "__main__":
         train_step = GraphedTrainStep(train_step, lambda: training_state(pretrainer), device)
 
     # tracking
-    args, run_dir = (args, os.path.dirname(args.resume)) if resumed else make_run_dir(args)
+    args, run_dir = make_run_dir(args)  # a new folder, or the resumed run's own
+    write_json(os.path.join(run_dir, "args.json"), {**asdict(args), "script": "pad_pretrain"})  # at once: --resume needs it
     if args.track:
         import wandb
 
@@ -1115,7 +1273,6 @@ if __name__ == "__main__":
                    config=vars(args), name=args.run_name, id=args.run_name, resume="allow", save_code=True)
     writer = SummaryWriter(run_dir, purge_step=start_step if resumed else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    write_json(os.path.join(run_dir, "args.json"), {**asdict(args), "script": "pad_pretrain"})
     run_info = {"kind": "pad_pretrain", "args": asdict(args), "env_id": args.env_id, "obs_dim": obs_dim,
                 "act_dim": act_dim, "dataset_sha1": fingerprint, "num_transitions": len(data["rewards"]),
                 "obs_mean": torch.tensor(obs_mean), "obs_std": torch.tensor(obs_std)}
@@ -1135,9 +1292,7 @@ if __name__ == "__main__":
     def log_diagnostics(step: int, models: dict[str, Diffusion]) -> dict[str, float]:
         """Each model's sample-to-data distances on held-out positive-advantage data, logged and remembered."""
         row = {"step": step, **diagnose(pretrainer, models, s_ho, a_ho, bandwidth)}
-        for name, value in row.items():
-            if name != "step":
-                writer.add_scalar(f"diag/{name}", value, step)
+        log_scalars(writer, step, {f"diag/{name}": value for name, value in row.items() if name != "step"}, last_checkpoint)
         diagnostics.append(row)
         print("diag   " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v:,}" for k, v in row.items()))
         return row
@@ -1158,8 +1313,7 @@ if __name__ == "__main__":
             logged = check_finite(done, metrics, pretrainer, last_checkpoint)  # the loop's only host sync
             sps = (done - last_step) / (time.time() - last_time)
             last_time, last_step = time.time(), done
-            for name, value in {**logged, "charts/SPS": sps}.items():
-                writer.add_scalar(name, value, done)
+            log_scalars(writer, done, {**logged, "charts/SPS": sps}, last_checkpoint)
             print(progress_line(done, args.total_timesteps, sps, []) + f" | pad_loss {logged['losses/pad_loss']:.4f} | "
                   f"positive {logged['pad/positive_fraction']:.2f}", flush=True)
         if args.diag_freq and done % args.diag_freq == 0 and done < args.total_timesteps:
@@ -1167,18 +1321,19 @@ if __name__ == "__main__":
         if args.checkpoint_freq and done % args.checkpoint_freq == 0 and done < args.total_timesteps:
             last_checkpoint = checkpoint(done)
 
-    # before / after: the untrained and the trained model against the final advantage labels; then the checkpoint
+    # before / after: the untrained and the trained model against the final advantage labels; the checkpoint, the
+    # figure, then pad_diagnostics.json, written last: it marks a finished run
     final = log_diagnostics(args.total_timesteps, {"model": pretrainer.diffusion, "initial": initial_diffusion})
     path = checkpoint(args.total_timesteps)
-    write_json(os.path.join(run_dir, "pad_diagnostics.json"), {
-        "env_id": args.env_id, "run_name": args.run_name, "heldout_transitions": len(heldout_rows),
-        "heldout": bool(args.holdout), "mmd_bandwidth": bandwidth, "final": final, "history": diagnostics})
-    try:  # the figure is a bonus: the run's results are written already
+    try:  # the figure is a bonus
         show = torch.arange(min(4, len(s_ho))) * max(1, len(s_ho) // 4)
         plot_samples({"before": initial_diffusion, "after": pretrainer.diffusion}, s_ho[show], a_ho[show],
                      data["observations"], data["actions"], os.path.join(run_dir, "pad_samples.png"))
     except Exception as e:  # matplotlib has many ways to fail on odd data
         print(f"warning: could not draw pad_samples.png ({type(e).__name__}: {e})")
+    write_json(os.path.join(run_dir, FINISHED), {
+        "env_id": args.env_id, "run_name": args.run_name, "heldout_transitions": len(heldout_rows),
+        "heldout": bool(args.holdout), "mmd_bandwidth": bandwidth, "final": final, "history": diagnostics})
     print(f"sample-to-data distance on {'held-out' if args.holdout else 'training'} positive-advantage states: "
           f"Wasserstein {final['initial_wasserstein']:.4f} before -> {final['model_wasserstein']:.4f} after, MMD^2 "
           f"{final['initial_mmd']:.4f} -> {final['model_mmd']:.4f}")

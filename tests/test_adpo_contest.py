@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import sys
 
 import pytest
@@ -27,7 +28,7 @@ def test_contest_stats_on_hand_built_critic_values():
     assert stats["q_mean"] == pytest.approx((1.0 + 1.0 + 2.0) / 3)
 
 
-def test_contest_on_a_tiny_run_and_refusals(tmp_path):
+def test_contest_on_a_tiny_run_and_refusals(tmp_path, monkeypatch, capsys):
     write_d4rl_file(tmp_path / "d.hdf5", episode_lengths=(120, 90, 150, 140), terminal_episodes=(1,))
     tiny = ["--env-id", "hopper-medium-v2", "--dataset-path", tmp_path / "d.hdf5", "--hidden-dim", "32", "--num-layers",
             "2", "--batch-size", "64", "--eval-episodes", "1", "--no-legacy-inertia", "--total-timesteps", "40",
@@ -41,5 +42,20 @@ def test_contest_on_a_tiny_run_and_refusals(tmp_path):
     run_script("divo_continuous.py", *tiny, "--run-name", "backbone", "--no-adpo", cwd=tmp_path)
     refused = run_script("tools/adpo_contest.py", "runs/backbone", cwd=tmp_path, check=False)
     assert refused.returncode == 1 and "is a --no-adpo run" in refused.stderr
-    missing = run_script("tools/adpo_contest.py", "runs/nothing", cwd=tmp_path, check=False)
-    assert missing.returncode == 1 and "is not a checkpoint of divo_continuous.py or divo_antmaze.py" in missing.stderr
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tmp_path / "runs" / "divo", tmp_path / "runs" / "graphs")
+    checkpoint = torch.load(tmp_path / "runs" / "graphs" / "checkpoint.pt", weights_only=True)
+    checkpoint["args"]["cudagraphs"] = True  # trained with --cudagraphs on a GPU: the contest runs on the CPU
+    torch.save(checkpoint, tmp_path / "runs" / "graphs" / "checkpoint.pt")
+    adpo_contest.main(adpo_contest.Args(runs=["runs/graphs"], samples=300))
+    assert "runs/graphs (step 40, 300 states)" in capsys.readouterr().out
+    shutil.copytree(tmp_path / "runs" / "divo", tmp_path / "runs" / "cut")
+    with open(tmp_path / "runs" / "cut" / "checkpoint.pt", "r+b") as f:
+        f.truncate(1000)
+    for runs, samples, message in ((["runs/divo", "runs/nothing"], 300, "no checkpoint at runs/nothing/checkpoint.pt"),
+                                   (["runs/cut"], 300, "cannot read runs/cut/checkpoint.pt (RuntimeError"),
+                                   (["runs/divo"], 0, "--samples must be at least 1")):
+        with pytest.raises(SystemExit) as refusal:
+            adpo_contest.main(adpo_contest.Args(runs=runs, samples=samples))
+        assert str(refusal.value.code).startswith("error: ") and message in str(refusal.value.code)
+        assert capsys.readouterr().out == ""  # refused before any contest

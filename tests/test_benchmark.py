@@ -1,10 +1,15 @@
 """tools/benchmark.py as a user runs it: every mode it can run here, the backbone beside DIVO, the parts."""
 
+import os
 import re
+import sys
 
 import pytest
 
-from conftest import run_script
+from conftest import ROOT, run_script
+
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import benchmark  # noqa: E402
 
 
 def test_benchmark_prints_steps_per_second_per_mode_and_the_parts(tmp_path):
@@ -31,6 +36,22 @@ def test_benchmark_of_pad_pretraining_on_antmaze_shapes(tmp_path):
                      env={"D4RL_DATASET_DIR": str(tmp_path / "none")}).stdout
     assert "pad_pretrain, antmaze-umaze-v2 shapes (observation 29, action 8)" in out
     assert re.search(r"eager\s+[\d,]+\s+[\d.]+\n", out) and "backbone" not in out
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"dataset_path": "hoper-medium-v2.hdf5"}, "--dataset-path hoper-medium-v2.hdf5: no such file"),
+    ({"env_id": "Hopper-Medium-v2"}, "unknown --env-id 'Hopper-Medium-v2'; did you mean hopper-medium-v2?"),
+    ({"env_id": "AntMaze-umaze-v2"}, "did you mean antmaze-umaze-v2?"),
+    ({"steps": 0}, "--steps must be at least 1"),
+    ({"hidden_dim": 0}, "--hidden-dim 0 is out of range"),
+])
+def test_bad_arguments_are_one_error_line_before_any_work(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "none"))
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(benchmark.Args(cuda=False, **args))
+    assert str(exit_info.value.code).startswith("error: ") and message in str(exit_info.value.code)
+    assert "benchmark:" not in capsys.readouterr().out and os.listdir(tmp_path) == []
 
 
 def test_packed_copies_report_aggregate_rates_and_the_grid_cost(tmp_path):

@@ -431,14 +431,14 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     dc.save_checkpoint(path, {"kind": "divo_continuous", "step": 1})
 
     def broken_save(obj, f):
-        with open(f, "wb") as fh:
-            fh.write(b"half a checkpoint")
+        f.write(b"half a checkpoint")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError):
         dc.save_checkpoint(path, {"kind": "divo_continuous", "step": 2})
     assert dc.load_checkpoint(path, "divo_continuous")["step"] == 1
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]  # nothing half-written beside it (a real full disk: test_run_folders)
 
 
 def test_foreign_and_corrupt_checkpoints_are_refused(tmp_path):

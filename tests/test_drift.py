@@ -25,12 +25,15 @@ SHARED = {
         "download", "load_d4rl_file", "dataset_fingerprint", "split_holdout", "save_checkpoint", "load_checkpoint",
         "make_run_dir", "write_json", "check_finite", "StopSignal", "GraphedTrainStep", "training_state",
         "progress_line", "networks", "optimizers", "agent_state", "load_agent_state",
+        # plumbing: one writer per run folder, files that are final, names and numbers checked where they are made
+        "resume_point", "clear_for_resume", "remove", "LOCK", "lock_run", "write_atomically", "log_scalars", "diverged",
+        "MAX_NAME", "MAX_EXP_NAME", "is_folder_name", "schedule_is_finite", "MIN_TRANSITIONS", "check_transitions",
         # Minari datasets
         "is_minari_id", "parse_minari_id", "load_minari_dataset", "flatten_observations", "minari_rows", "minari_summary",
     ),
     DIVO: (
         "Actor", "adpo_target", "rms", "DIVO", "nearby_data_check", "Diagnostics", "ADPO_ONLY_ARGS", "run_mode",
-        "task_name", "check_args", "restore_legacy_inertia", "restore_run", "CHECKPOINT", "compile_updates",
+        "task_name", "check_args", "restore_legacy_inertia", "restore_run", "CHECKPOINT", "FINISHED", "compile_updates",
         "make_minari_env",
     ),
     ("divo_antmaze.py", "pad_pretrain.py"): ("transform_rewards", "minari_dims"),

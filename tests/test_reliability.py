@@ -4,15 +4,19 @@ Argument checks run in-process (they happen when the arguments are built); the r
 user would, on tiny settings.
 """
 
+import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 import h5py
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.tensorboard import SummaryWriter
 
 import divo_antmaze as da
 import divo_continuous as dc
@@ -30,9 +34,9 @@ def refused(proc, message):
 
 
 def snapshot(folder):
-    """Every file under `folder` with its bytes."""
+    """Every file under `folder` with its bytes, but the lock file (it names the last process that held the run)."""
     return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
-            for d, _, files in os.walk(folder) for f in files}
+            for d, _, files in os.walk(folder) for f in files if f != "lock"}
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +69,15 @@ def finished_run(tmp_path_factory):
     ("beta_max", 0.05, "--beta-max must be larger than --beta-min"),
     ("holdout", 5, "--holdout must be 0 (diagnostics on training transitions) or at least 10"),
     ("run_name", "../elsewhere", "must be a plain folder name"),
+    ("run_name", "r" * 201, "must be a plain folder name of at most 200 bytes"),
+    ("exp_name", "sub/dir", "--exp-name 'sub/dir' must be a plain folder name of at most 150 bytes"),
+    ("exp_name", "e" * 151, "must be a plain folder name of at most 150 bytes"),
+    ("beta_max", 1000.0, "--beta-max 1000.0 give a noise schedule over 5 steps whose coefficients are not finite"),
 ])
 def test_every_script_refuses_out_of_range_arguments(module, name, value, message):
     env_id = "antmaze-umaze-v2" if module is da else "hopper-medium-v2"
     with pytest.raises(module.InputError) as error:
-        module.Args(env_id=env_id, **{name: value})
+        module.RunArgs(env_id=env_id, **{name: value})
     assert message in str(error.value)
 
 
@@ -80,7 +88,7 @@ def test_every_script_refuses_out_of_range_arguments(module, name, value, messag
     ({"eval_episodes": 0}, "--eval-episodes 0 is out of range: it must lie in [1, inf)"),
     ({"num_candidates": 0}, "--num-candidates 0 is out of range"),
     ({"policy_freq": 0}, "--policy-freq 0 is out of range"),
-    ({"adpo_start": -3}, "--adpo-start -3 is out of range"),
+    ({"adpo_margin": -1.0}, "--adpo-margin -1.0 is out of range"),
     ({"freeze_pad": True}, "--freeze-pad keeps a pretrained diffusion model fixed: pass --pad-checkpoint too"),
     ({"freeze_pad": True, "pad_checkpoint": "p.pt", "pad": False}, "--freeze-pad would not train it"),
     ({"adpo": False, "num_candidates": 4, "pad": False}, "these would have no effect: --num-candidates, --no-pad"),
@@ -89,7 +97,7 @@ def test_every_script_refuses_out_of_range_arguments(module, name, value, messag
 def test_divo_scripts_refuse_nonsense_combinations(module, overrides, message):
     env_id = "antmaze-umaze-v2" if module is da else "hopper-medium-v2"
     with pytest.raises(module.InputError) as error:
-        module.Args(env_id=env_id, **overrides)
+        module.RunArgs(env_id=env_id, **overrides)
     assert message in str(error.value)
 
 
@@ -97,7 +105,7 @@ def test_the_defaults_and_the_modes_pass():
     assert dc.Args().alpha == 2.5 and da.Args().alpha == 7.5 and da.Args(env_id="antmaze-large-play-v2").alpha == 20.0
     assert pp.Args(env_id="antmaze-umaze-v2").gamma == 0.995 and pp.Args().expectile == 0.7
     assert dc.run_mode(dc.Args(adpo=False)) == "td3bc" and dc.run_mode(dc.Args(pad=False)) == "divo-no-pad"
-    assert dc.task_name(dc.Args(dataset_path="/x/hopper-medium-dev.hdf5")) == "hopper-medium-dev"
+    assert dc.task_name(dc.RunArgs(dataset_path="/x/hopper-medium-dev.hdf5")) == "hopper-medium-dev"
 
 
 def test_bad_command_lines_exit_before_any_file(tmp_path):
@@ -107,6 +115,9 @@ def test_bad_command_lines_exit_before_any_file(tmp_path):
         (["--env-id", "walker2d-medium-v2"], "divo_antmaze.py", "is a locomotion dataset: run divo_continuous.py"),
         (["--env-id", "antmaze-umaze-v2", "--eval-episodes", "0"], "divo_antmaze.py", "--eval-episodes 0 is out of range"),
         (["--holdout", "0", "--batch-size", "0"], "pad_pretrain.py", "--batch-size 0 is out of range"),
+        (["--env-id", "hopper-medium-v2", "--exp-name", "a/b"], "divo_continuous.py", "--exp-name 'a/b' must be a plain"),
+        (["--env-id", "hopper-medium-v2", "--run-name", "r" * 300], "pad_pretrain.py", "at most 200 bytes"),
+        (["--env-id", "antmaze-umaze-v2", "--beta-max", "1000"], "divo_antmaze.py", "coefficients are not finite"),
     ]
     for argv, script, message in cases:
         proc = run_script(script, *argv, cwd=tmp_path, check=False)
@@ -168,11 +179,76 @@ def test_unwritable_dataset_cache_and_runs_folder_are_refused_before_any_work(tm
         assert refused(proc, "cannot write to runs (Permission denied)"), proc.stderr
 
 
+def test_a_huge_observation_is_refused_naming_its_dimension_before_any_folder(tmp_path):
+    """1e30 is finite, but its square overflows float32: the state normalisation's std of that dimension is inf."""
+    observations = np.random.default_rng(0).normal(size=(500, 11)).astype(np.float32)
+    observations[7, 4] = 1e30
+    write_d4rl_file(tmp_path / "d.hdf5", episode_lengths=(120, 90, 150, 140), observations=observations)
+    proc = run_script("divo_continuous.py", *TINY, "--dataset-path", tmp_path / "d.hdf5", cwd=tmp_path, check=False)
+    assert refused(proc, "d.hdf5: observation dimension 4 holds values up to 1e+30, too large for its standard "
+                         "deviation in float32"), proc.stderr  # one line: no numpy overflow warning either
+    assert not (tmp_path / "runs").exists()
+
+
+def test_too_few_transitions_for_meaningful_diagnostics_are_refused(tmp_path):
+    write_d4rl_file(tmp_path / "d.hdf5", episode_lengths=(2,))  # two rows: one transition
+    proc = run_script("pad_pretrain.py", "--env-id", "hopper-medium-v2", "--dataset-path", tmp_path / "d.hdf5", "--holdout",
+                      "0", "--no-cuda", cwd=tmp_path, check=False)
+    assert refused(proc, "d.hdf5 yields 1 transition(s) (D4RL's qlearning_dataset); training needs at least 20"), proc.stderr
+    assert not (tmp_path / "runs").exists()
+    for module in (dc, da):
+        module.check_transitions(np.zeros((20, 3), np.float32), "f")
+        with pytest.raises(module.InputError, match="f yields 19 transition"):
+            module.check_transitions(np.zeros((19, 3), np.float32), "f")
+
+
+def test_every_logged_value_is_checked_so_nan_samples_stop_the_run(tmp_path):
+    """A sampler that makes NaN (its schedule broken behind the argument check's back) gives NaN ADPO diagnostics:
+    the run stops with their names at the logging sync, and nothing of that step is logged."""
+    agent = dc.DIVO(11, 3, dc.Args(hidden_dim=8, num_layers=1), torch.device("cpu"))
+    data = {"observations": torch.randn(100, 11), "actions": torch.rand(100, 3) * 2 - 1, "rewards": torch.zeros(100)}
+    diagnostics = dc.Diagnostics(data, data, seed=0)
+    writer = SummaryWriter(str(tmp_path))
+    dc.log_scalars(writer, 5, diagnostics.contest(agent), "none yet")
+    agent.diffusion = dc.Diffusion(11, 3, 5, 0.1, 1000.0, 8, 1)  # --beta-max 1000, which check_args refuses
+    with pytest.raises(dc.InputError, match=r"diverged by step 10: .*adpo/candidate_distance = nan.*not finite"):
+        dc.log_scalars(writer, 10, diagnostics.contest(agent), "none yet")
+    writer.close()
+    assert [e.step for e in EventAccumulator(str(tmp_path)).Reload().Scalars("adpo/candidate_distance")] == [5]
+
+
+@pytest.mark.skipif(os.environ.get("HDF5_USE_FILE_LOCKING", "").upper() == "FALSE", reason="HDF5 file locking is off")
+def test_a_dataset_open_for_writing_in_another_process_is_named_so(tmp_path):
+    path = tmp_path / "d.hdf5"
+    write_d4rl_file(path)
+    holder = subprocess.Popen([sys.executable, "-c", "import h5py, sys, time; f = h5py.File(sys.argv[1], 'a'); "
+                               "print('open', flush=True); time.sleep(120)", str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(dc.InputError, match="d.hdf5 is open for writing in another process .HDF5 file lock.: wait"):
+            dc.load_d4rl_file(str(path), 11, 3)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert len(dc.load_d4rl_file(str(path), 11, 3)["rewards"]) == 95
+
+
+def test_a_frozen_pad_model_of_another_gamma_is_refused(tmp_path):
+    write_d4rl_file(tmp_path / "d.hdf5", episode_lengths=(120, 90, 150, 140))
+    run_script("pad_pretrain.py", "--env-id", "hopper-medium-v2", "--dataset-path", tmp_path / "d.hdf5", "--hidden-dim",
+               "16", "--num-layers", "1", "--batch-size", "32", "--total-timesteps", "10", "--holdout", "0", "--gamma",
+               "0.9", "--no-cuda", "--run-name", "pad", cwd=tmp_path)
+    proc = run_script("divo_continuous.py", *TINY, "--dataset-path", tmp_path / "d.hdf5", "--pad-checkpoint",
+                      tmp_path / "runs" / "pad" / "pad_checkpoint.pt", "--freeze-pad", cwd=tmp_path, check=False)
+    assert refused(proc, "does not match this run: --gamma 0.99 here, 0.9 in the checkpoint"), proc.stderr
+    assert os.listdir(tmp_path / "runs") == ["pad"]
+
+
 # ---------------------------------------------------------------------------------------------- run folders
 def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(dc.time, "time", lambda: 1_700_000_000.5)
-    args = dc.Args(env_id="hopper-medium-v2", seed=3)
+    args = dc.RunArgs(env_id="hopper-medium-v2", seed=3)
     names = [dc.make_run_dir(args)[0].run_name for _ in range(3)]
     base = "hopper-medium-v2__divo_continuous__3__1700000000"
     assert names == [base, f"{base}-1", f"{base}-2"]
@@ -200,6 +276,22 @@ def test_resuming_a_finished_run_or_going_back_in_time_is_refused(finished_run):
     assert refused(proc, "checkpoint.pt is at step 40, beyond --total-timesteps (40 of 30 steps"), proc.stderr
     assert snapshot(run) == before
     assert json.loads((run / "scores.json").read_text())["evaluations"][-1]["step"] == 40  # no duplicate entry
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+def test_a_cudagraphs_run_resumes_without_a_gpu_with_no_cudagraphs(finished_run, tmp_path):
+    """--cudagraphs is resume-free: the checkpoint's value is checked only after the command line's applies."""
+    cwd, run = finished_run
+    copy = tmp_path / "runs" / "done"
+    shutil.copytree(run, copy)
+    checkpoint = torch.load(copy / "checkpoint.pt", weights_only=True)
+    checkpoint["args"]["cudagraphs"] = True  # as a run trained with --cudagraphs on a GPU saved it
+    torch.save(checkpoint, copy / "checkpoint.pt")
+    common = ["--resume", copy / "checkpoint.pt", "--total-timesteps", 50, "--dataset-path", cwd / "data.hdf5"]
+    proc = run_script("divo_continuous.py", *common, cwd=tmp_path, check=False)
+    assert refused(proc, "--cudagraphs needs a CUDA GPU (and --cuda)"), proc.stderr
+    run_script("divo_continuous.py", *common, "--no-cudagraphs", cwd=tmp_path)
+    assert json.loads((copy / "scores.json").read_text())["step"] == 50
 
 
 def test_a_stale_partial_checkpoint_is_removed_when_the_run_resumes(finished_run, tmp_path):
@@ -244,6 +336,14 @@ def test_check_finite_names_the_loss_or_the_network():
         agent.value.net[0].weight[0, 0] = float("nan")
     with pytest.raises(dc.InputError, match="diverged by step 9: the value network's weights not finite"):
         dc.check_finite(9, ok, agent, "none yet")
+
+
+def test_a_foreign_checkpoint_is_refused_in_one_line(tmp_path):
+    """torch's refusal of a pickle it does not trust spans many lines: only its first is kept."""
+    torch.save({"kind": argparse.Namespace(run="not ours")}, tmp_path / "c.pt")
+    with pytest.raises(pp.InputError) as error:
+        pp.load_checkpoint(str(tmp_path / "c.pt"), "pad_pretrain")
+    assert "cannot read checkpoint" in str(error.value) and len(str(error.value).splitlines()) == 1
 
 
 def test_scores_json_is_strict_json(tmp_path):

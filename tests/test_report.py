@@ -284,3 +284,33 @@ def test_at_several_steps_scores_runs_by_the_mean_of_those_evaluations(tmp_path)
     report.make_report(runs, str(tmp_path / "out"), reps=REPS, profile_reps=20, at_step=[50, 100])
     text = (tmp_path / "out" / "table.md").read_text()
     assert "| hopper-medium-v2 | 45.0 ± 0.0 (1) |" in text and "averaged over its evaluations at steps 50, 100" in text
+
+
+def test_a_label_is_split_by_mode_only_among_finished_runs_and_pretraining_runs_are_left_out(tmp_path):
+    write_run(tmp_path, "divo0", run_args("hopper-medium-v2", 0), {"normalized_score_mean": 40.0})
+    write_run(tmp_path, "backbone1", run_args("hopper-medium-v2", 1, adpo=False))  # unfinished, another mode
+    write_run(tmp_path, "pad", {"exp_name": "divo", "seed": 0, "env_id": "hopper-medium-v2", "script": "pad_pretrain"})
+    runs = report.collect_runs([str(tmp_path)])
+    assert sorted((run.run_name, run.label, run.finished) for run in runs) == [("backbone1", "divo", False),
+                                                                              ("divo0", "divo", True)]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--reps", "0"], "--reps and --profile-reps must be at least 1, got 0 and 1000"),
+    (["--profile-reps", "0"], "got 2000 and 0"),
+    (["--at-step"], "--at-step needs one or more steps >= 0, got none"),
+    (["--at-step", "-5"], "--at-step needs one or more steps >= 0, got -5"),
+    (["--out", "{runs}/run0/args.json/report"], "args.json is a file, not a folder"),
+])
+def test_bad_arguments_are_one_error_line_before_any_file(tmp_path, capsys, monkeypatch, args, message):
+    runs = tmp_path / "runs"
+    write_run(runs, "run0", run_args("hopper-medium-v2", 0), {"normalized_score_mean": 30.0, "evaluations": evaluations(30)})
+    args = [arg.replace("{runs}", str(runs)) for arg in args]
+    monkeypatch.setattr(sys, "argv", ["report.py", str(runs), *(["--out", str(tmp_path / "out")] * ("--out" not in args)),
+                                      *args])
+    with pytest.raises(SystemExit) as exit_info:
+        report.main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.startswith("error: ") and message in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    assert sorted(os.listdir(runs / "run0")) == ["args.json", "scores.json"]

@@ -1,18 +1,23 @@
-"""tools/sweep.py: a tiny grid on a local Ray and on a joined cluster, a killed run that resumes, a repeated sweep that
-starts nothing, and bad input refused before Ray starts.
+"""tools/sweep.py: a tiny grid on a local Ray and on a joined cluster, a killed run that resumes, a refused run that is
+not retried, a repeated sweep that starts nothing, run folders another process writes left alone, pretraining sweeps,
+the ETA, and bad input refused before Ray starts.
 
 Ray runs only inside a private network and PID namespace (`unshare --net --pid --fork --mount-proc`) with nothing but
 loopback: it binds no real interface, and `ray stop` there cannot see any Ray outside it. Every sweep gets its own
 HOME (Ray keeps an authentication token there) and a short temporary folder (Ray's Unix sockets live in it).
 """
 
+import importlib.util
 import json
 import os
 import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 from conftest import ROOT, write_d4rl_file
@@ -43,13 +48,13 @@ def in_namespace(script: str, home, env: dict = None, timeout: int = 240) -> sub
                           timeout=timeout)
 
 
-def run_local_sweep(tmp, out, label, env_ids, datasets, env: dict = None) -> subprocess.CompletedProcess:
-    """A sweep on a local Ray (started and stopped by the sweep) inside the namespace."""
+def run_local_sweep(tmp, out, label, env_ids, datasets, before: str = "") -> subprocess.CompletedProcess:
+    """A sweep on a local Ray (started and stopped by the sweep) inside the namespace, after the commands `before`."""
     temp_dir = tempfile.mkdtemp(prefix="rt_", dir="/tmp")  # short: Unix socket paths are limited to ~107 characters
     try:
         command = sweep_command("--env-ids", *env_ids, "--seeds", "0", "--label", label, "--out", out, "--dataset-dir",
                                 datasets, "--temp-dir", temp_dir, "--status-every", "1", "--", *tiny())
-        return in_namespace(command, tmp / f"home_{label}", env)
+        return in_namespace(before + command, tmp / f"home_{label}")
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
@@ -61,6 +66,24 @@ def explain(proc: subprocess.CompletedProcess) -> str:
 def headers(log_path) -> list[str]:
     with open(log_path) as f:
         return [line for line in f if line.startswith(HEADER)]
+
+
+def load_sweep():
+    """tools/sweep.py as a module (it is a script, not a package)."""
+    spec = importlib.util.spec_from_file_location("sweep", SWEEP)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    return sweep
+
+
+# Run in the sweep's namespace: SIGKILL a run (the process its lock file names) as soon as its first checkpoint appears.
+KILL_AFTER_FIRST_CHECKPOINT = """
+import os, signal, sys, time
+run = sys.argv[1]
+while not os.path.isfile(os.path.join(run, "checkpoint.pt")):
+    time.sleep(0.02)
+os.kill(int(open(os.path.join(run, "lock")).read().split()[1]), signal.SIGKILL)
+"""
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +104,7 @@ def datasets(tmp_path_factory):
     write_d4rl_file(folder / "hopper-medium-v2.hdf5", episode_lengths=(120, 90, 150, 140), terminal_episodes=(1,))
     write_d4rl_file(folder / "hopper-medium-replay.hdf5", episode_lengths=(120, 90, 150, 140), terminal_episodes=(1,),
                     seed=1)
+    write_d4rl_file(folder / "halfcheetah-medium.hdf5")  # hopper's shapes: halfcheetah-medium-v2 refuses it
     return folder
 
 
@@ -113,18 +137,22 @@ def test_local_sweep_finishes_runs_and_reports(local_sweep):
     assert "2 of 2 runs finished" in proc.stdout and "runs: " in proc.stdout  # the summary and a status line
 
 
-def test_killed_run_resumes_from_its_checkpoint(local_sweep, datasets, tmp_path):
-    """SIGKILL of the first attempt after its first checkpoint: Ray retries, the retry resumes, the result is identical."""
+def test_killed_run_resumes_from_its_checkpoint_and_a_refused_run_is_not_retried(local_sweep, datasets, tmp_path):
+    """SIGKILL of the first attempt after its first checkpoint: Ray retries, the retry resumes, the result is identical.
+    A run whose script refuses its data (an `error:` line) fails at once: a retry would be refused the same way."""
     _, reference = local_sweep
     out = tmp_path / "out"
-    proc = run_local_sweep(tmp_path, out, "killed", ["hopper-medium-v2"], datasets,
-                           env={"DIVO_SWEEP_TEST_KILL_AFTER_CHECKPOINT": "1"})
-    assert proc.returncode == 0, explain(proc)
+    killer = shlex.join([sys.executable, "-c", KILL_AFTER_FIRST_CHECKPOINT, str(out / "runs" / "hopper-medium-v2__killed__0")])
+    proc = run_local_sweep(tmp_path, out, "killed", ["hopper-medium-v2", "halfcheetah-medium-v2"], datasets,
+                           before=f"{killer} & ")
+    assert proc.returncode == 1, explain(proc)
     log = (out / "logs" / "hopper-medium-v2__killed__0.log").read_text()
     first, second = headers(out / "logs" / "hopper-medium-v2__killed__0.log")
     assert "--resume" not in first and "--run-name hopper-medium-v2__killed__0" in first
     assert "--resume runs/hopper-medium-v2__killed__0/checkpoint.pt" in second
-    assert "killed by the test hook" in log and "=== exit -9" in log
+    assert "=== exit -9" in log
+    assert len(headers(out / "logs" / "halfcheetah-medium__killed__0.log")) == 1
+    assert "FAILED halfcheetah-medium__killed__0: exited 1: error: " in proc.stdout and "observation size 17" in proc.stdout
     resumed = json.loads((out / "runs" / "hopper-medium-v2__killed__0" / "scores.json").read_text())
     uninterrupted = json.loads((reference / "runs" / "hopper-medium-v2__tiny__0" / "scores.json").read_text())
     assert resumed["step"] == uninterrupted["step"] == 200
@@ -153,12 +181,17 @@ def test_sweep_joins_a_running_cluster(namespace, datasets, tmp_path):
                        temp_dir, "--num-cpus", "1", "--include-dashboard", "false", "--disable-usage-stats"])
     sweep = sweep_command("--env-ids", "hopper-medium-v2", "--seeds", "3", "--label", "cluster", "--out", out,
                           "--dataset-dir", datasets, "--address", f"127.0.0.1:{PORT}", "--", *tiny(40))
+    too_wide = sweep_command("--env-ids", "hopper-medium-v2", "--seeds", "4", "--label", "wide", "--out", out,
+                             "--dataset-dir", datasets, "--address", f"127.0.0.1:{PORT}", "--cpus-per-run", "2")
     stop = shlex.join([RAY, "stop", "--force"])  # sees only this namespace's processes
     try:
-        proc = in_namespace(f"trap '{stop} >/dev/null 2>&1' EXIT; {head} >/dev/null || exit 3; {sweep}", tmp_path / "home")
+        proc = in_namespace(f"trap '{stop} >/dev/null 2>&1' EXIT; {head} >/dev/null || exit 3; {sweep} || exit 4; "
+                            f"{too_wide}", tmp_path / "home")
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
-    assert proc.returncode == 0, explain(proc)
+    assert proc.returncode == 1, explain(proc)  # the second sweep: a run of 2 CPUs would wait forever on a 1-CPU node
+    assert f"error: --cpus-per-run 2: no node of the Ray cluster at 127.0.0.1:{PORT} has that many CPUs (the largest " \
+           "has 1), so no run could start" in proc.stderr and not (out / "runs" / "hopper-medium-v2__wide__4").exists()
     assert f"the Ray cluster at 127.0.0.1:{PORT}: 1 CPUs" in proc.stdout
     scores = json.loads((out / "runs" / "hopper-medium-v2__cluster__3" / "scores.json").read_text())
     assert scores["seed"] == 3 and scores["step"] == 40
@@ -182,6 +215,12 @@ def test_sweep_joins_a_running_cluster(namespace, datasets, tmp_path):
       "hopper-medium-replay-v2={data}/hopper-medium-replay.hdf5"], "two tasks named hopper-medium-replay"),
     (["--suite", "paper", "--seeds"], "no seeds"),
     (["--suite", "paper", "--", "--seed", "3"], "--seed after `--`"),
+    (["--env-ids", "Hopper-Medium-v2"], "unknown env id 'Hopper-Medium-v2'; did you mean hopper-medium-v2?"),
+    (["--suite", "paper", "--status-every", "inf"], "--status-every must be a positive number of seconds, got inf"),
+    (["--suite", "paper", "--cpus-per-run", "100000"], "--cpus-per-run 100000 is more than the"),
+    (["--suite", "paper", "--out", "{data}/hopper-medium-v2.hdf5/sweep"], "hopper-medium-v2.hdf5 is a file, not a folder"),
+    (["--suite", "paper", "--label", "l" * 151], "--label is 151 bytes long: the scripts take at most 150"),
+    (["--suite", "paper", "--report-reps", "0"], "--report-reps must be at least 1, got 0"),
 ])
 def test_bad_input_is_one_error_line(args, message, datasets, tmp_path):
     """Refused before Ray starts (outside the namespace): exit 1, one `error:` line, nothing created."""
@@ -223,17 +262,72 @@ def test_datasets_name_each_task_after_its_file(datasets, tmp_path):
 
 def test_env_ids_match_the_scripts():
     """The sweep's copies of the valid ids (it does not import the scripts, to start fast) are theirs; paper = Table I."""
-    import importlib.util
-
     import divo_antmaze
     import divo_continuous
 
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     from report import TABLE_I_TASKS
 
-    spec = importlib.util.spec_from_file_location("sweep", SWEEP)
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    sweep = load_sweep()
     assert sweep.LOCOMOTION_IDS == divo_continuous.ENV_IDS and sweep.ANTMAZE_IDS == divo_antmaze.ENV_IDS
     assert sorted(sweep.SUITES["paper"]) == sorted(TABLE_I_TASKS) and len(sweep.SUITES["paper"]) == 15
     assert set(sweep.SUITES["locomotion"]) <= set(sweep.LOCOMOTION_IDS) and sweep.SUITES["antmaze"] == list(sweep.ANTMAZE_IDS)
+
+
+def test_a_run_folder_another_process_writes_is_left_alone(datasets, tmp_path):
+    """A run that died before its first checkpoint is started again after its folder is removed, but a folder whose
+    lock is held (a second sweep on the same --out, a user's --resume) is never removed nor restarted."""
+    sweep, out = load_sweep(), tmp_path / "out"
+    run = sweep.Run("hopper-medium-v2", 0, os.path.join(ROOT, "divo_continuous.py"),
+                    str(datasets / "hopper-medium-v2.hdf5"), "hopper-medium-v2__lk__0")
+    (out / "runs").mkdir(parents=True)
+    endless = [*tiny(10**6), "--checkpoint-freq", "0"]  # no checkpoint: what the sweep took for a dead attempt
+    writer = subprocess.Popen([sys.executable, *sweep.script_args(run, "lk", "new", endless, False)], cwd=out,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    folder = out / "runs" / run.name
+    try:
+        deadline = time.time() + 120
+        while not (folder / "args.json").exists() and writer.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert sweep.run_state(str(out), run) == "restart"
+        with pytest.raises(sweep.RunRefused, match=f"left alone: process {writer.pid} on {socket.gethostname()} is "
+                                                   f"writing it .it holds runs/{run.name}/lock."):
+            sweep.run_one(run, str(out), "lk", tiny(40), False, 1)
+        assert (folder / "args.json").exists() and writer.poll() is None and not (out / "logs").exists()
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    result = sweep.run_one(run, str(out), "lk", tiny(40), False, 1)  # the kernel freed the dead writer's lock
+    assert result["status"] == "finished" and json.loads((folder / "scores.json").read_text())["step"] == 40
+    (header,) = headers(out / "logs" / f"{run.name}.log")
+    assert "--run-name hopper-medium-v2__lk__0" in header
+
+
+def test_a_pretraining_sweep_knows_when_pad_pretrain_finished(datasets, tmp_path):
+    """pad_pretrain.py writes pad_diagnostics.json last: a finished pretraining counts as finished and is skipped."""
+    sweep, out = load_sweep(), tmp_path / "out"
+    run = sweep.Run("hopper-medium-v2", 0, os.path.join(ROOT, "pad_pretrain.py"), str(datasets / "hopper-medium-v2.hdf5"),
+                    "hopper-medium-v2__pad__0")
+    extra = ["--hidden-dim", "16", "--num-layers", "1", "--batch-size", "32", "--total-timesteps", "20", "--holdout", "0",
+             "--no-cuda"]
+    assert sweep.run_one(run, str(out), "pad", extra, False, 1)["status"] == "finished"
+    assert sweep.run_state(str(out), run) == "finished"
+    assert sweep.script_args(run, "pad", "resume", [], False)[1:3] == ["--resume", f"runs/{run.name}/pad_checkpoint.pt"]
+    before = sorted(os.listdir(out / "runs" / run.name))
+    assert sweep.run_one(run, str(out), "pad", extra, False, 1) == {"name": run.name, "status": "skipped"}
+    assert sorted(os.listdir(out / "runs" / run.name)) == before and "pad_diagnostics.json" in before
+
+
+def test_the_eta_counts_the_running_runs_progress(tmp_path):
+    """Before any run finished: running runs' own estimates, and their whole length for each run still queued."""
+    sweep = load_sweep()
+    running, ended, queued = tmp_path / "a.log", tmp_path / "b.log", tmp_path / "never-started.log"
+    running.write_text(f"{HEADER} ...\n[ 10.0%] step 1,000/10,000 | 5 steps/s | score - | ETA 30m00s\n")
+    ended.write_text(f"{HEADER} ...\n[ 10.0%] step 1,000/10,000 | 5 steps/s | score - | ETA 30m00s\n=== exit -9 after 1m\n")
+    progress = sweep.Progress(total=3, skipped=0, cpus_per_run=1)
+    assert sweep.running_progress(str(running)) == (1000.0, 10000.0, 5.0) and sweep.running_progress(str(ended)) is None
+    # 1,800 s left for the running run, 2,000 s (10,000 steps at 5 per second) for each of the two others, 2 slots
+    assert progress.eta([str(running), str(ended), str(queued)], running=2) == "~48m"
+    progress.durations.append(600.0)  # once a run finished, its duration is the length of a queued one
+    assert progress.eta([str(running), str(ended), str(queued)], running=2) == "~25m"
+    assert sweep.Progress(total=1, skipped=0, cpus_per_run=1).eta([str(queued)], running=1) == "-"

@@ -75,33 +75,50 @@ def margin_table(module, agent, s, a, margins: list[float], counts: list[int], s
     return rows
 
 
+class ContestError(Exception):
+    """Bad input: main() prints it as one `error: ` line and exits 1."""
+
+
 def load_run(folder: str):
-    """The script module, its restored agent, the checkpoint and the run's arguments."""
+    """The script module, its restored agent, the checkpoint, the run's arguments and its dataset's path."""
     sys.path.insert(0, ROOT)
     path = os.path.join(folder, "checkpoint.pt")
-    payload = torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else {}
+    if not os.path.isfile(path):
+        raise ContestError(f"no checkpoint at {path}: give the folders of divo_continuous.py or divo_antmaze.py runs")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise ContestError(f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0]}); it is partial or not "
+                           "a checkpoint of this project") from e
     kind = payload.get("kind") if isinstance(payload, dict) else None
     if kind not in ("divo_continuous", "divo_antmaze"):
-        raise SystemExit(f"error: {path} is not a checkpoint of divo_continuous.py or divo_antmaze.py")
+        raise ContestError(f"{path} is not a checkpoint of divo_continuous.py or divo_antmaze.py")
     module = importlib.import_module(kind)
-    names = {f.name for f in fields(module.Args)}
-    args = module.Args(**{k: v for k, v in payload["args"].items() if k in names and k not in ("cuda", "resume")},
-                       cuda=False)
+    names = {f.name for f in fields(module.Args)} - {"cuda", "cudagraphs", "compile", "resume"}  # this process: CPU
+    args = module.Args(**{k: v for k, v in payload["args"].items() if k in names}, cuda=False)
     if not args.adpo:
-        raise SystemExit(f"error: {folder} is a --no-adpo run: it has no diffusion model and no contest")
+        raise ContestError(f"{folder} is a --no-adpo run: it has no diffusion model and no contest")
+    data = args.dataset_path or module.default_dataset_path(args.env_id)
+    if not os.path.isfile(data):
+        raise ContestError(f"{folder} was trained on {data}, which is not there")
     obs_dim = len(payload["obs_mean"])
     act_dim = [v for k, v in payload["agent"]["actor"].items() if k.endswith("weight")][-1].shape[0]
     agent = module.DIVO(obs_dim, act_dim, args, torch.device("cpu"))
     module.load_agent_state(agent, payload["agent"])
-    return module, agent, payload, args, obs_dim, act_dim
+    return module, agent, payload, data, obs_dim, act_dim
 
 
 def main(args: Args) -> None:
-    if not args.runs:
-        raise SystemExit("error: give one or more run folders, e.g. runs/hopper-medium-v2__divo__1")
-    for folder in args.runs:
-        module, agent, payload, run_args, obs_dim, act_dim = load_run(folder)
-        path = run_args.dataset_path or module.default_dataset_path(run_args.env_id)
+    try:  # every argument and run before any work
+        if not args.runs:
+            raise ContestError("give one or more run folders, e.g. runs/hopper-medium-v2__divo__1")
+        if args.samples < 1 or not 0 <= args.seed < 2**32:
+            raise ContestError(f"--samples must be at least 1 and --seed in [0, 4294967295], got {args.samples} and "
+                               f"{args.seed}")
+        runs = [load_run(folder) for folder in args.runs]
+    except ContestError as e:
+        raise SystemExit(f"error: {e}") from None
+    for folder, (module, agent, payload, path, obs_dim, act_dim) in zip(args.runs, runs):
         transitions = module.qlearning_dataset(module.load_d4rl_file(path, obs_dim, act_dim))
         n = len(transitions["rewards"])
         rows = np.random.default_rng(args.seed).choice(n, min(args.samples, n), replace=False)

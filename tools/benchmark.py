@@ -66,12 +66,39 @@ class Args:
     """also time K copies side by side on the device, for each K given (e.g. 1 2 4 8): aggregate steps per second"""
 
 
+class BenchmarkError(Exception):
+    """Bad input: main() prints it as one `error: ` line and exits 1."""
+
+
 def load_script(args: Args):
     """The training script's module: pad_pretrain, or the DIVO script of the env id's domain."""
     sys.path.insert(0, ROOT)
     if args.script == "pad_pretrain":
         return importlib.import_module("pad_pretrain")
-    return importlib.import_module("divo_antmaze" if args.env_id.startswith("antmaze-") else "divo_continuous")
+    return importlib.import_module("divo_antmaze" if args.env_id.lower().startswith("antmaze-") else "divo_continuous")
+
+
+def check_args(args: Args, module) -> None:
+    """Stop with one message for arguments that cannot make a benchmark, before any data is read or made."""
+    if args.steps < 1 or args.warmup < 0:
+        raise BenchmarkError(f"--steps must be at least 1 and --warmup at least 0, got {args.steps} and {args.warmup}")
+    if not args.modes:
+        raise BenchmarkError("--modes needs at least one of eager, compile, cudagraphs, compile+cudagraphs")
+    if args.dataset_path is not None and not os.path.isfile(args.dataset_path):
+        raise BenchmarkError(f"--dataset-path {args.dataset_path}: no such file (leave it out to use the cached D4RL "
+                             "file, or else random transitions)")
+    run_args(module, args)  # the script's own checks of the env id and the sizes (its one-line InputError)
+
+
+def run_args(module, args: Args, **overrides):
+    """The script's Args with the benchmark's sizes."""
+    sizes = {"env_id": args.env_id, "batch_size": args.batch_size, "hidden_dim": args.hidden_dim,
+             "num_layers": args.num_layers, "cuda": args.cuda, **overrides}
+    if overrides.get("adpo", True):  # --no-adpo refuses the diffusion model's arguments
+        sizes["diffusion_steps"] = args.diffusion_steps
+        if not hasattr(module, "PADPretrainer"):
+            sizes["num_candidates"] = args.num_candidates
+    return module.Args(**sizes)
 
 
 def shapes(module, env_id: str) -> tuple[int, int]:
@@ -104,13 +131,8 @@ def load_data(module, args: Args, obs_dim: int, act_dim: int, device: torch.devi
 
 def build(module, args: Args, obs_dim: int, act_dim: int, device: torch.device, **overrides):
     """The script's agent (DIVO, or PADPretrainer) with the benchmark's sizes."""
-    sizes = {"env_id": args.env_id, "batch_size": args.batch_size, "hidden_dim": args.hidden_dim,
-             "num_layers": args.num_layers, "cuda": device.type == "cuda", **overrides}
-    if hasattr(module, "PADPretrainer"):
-        return module.PADPretrainer(obs_dim, act_dim, module.Args(diffusion_steps=args.diffusion_steps, **sizes), device)
-    if overrides.get("adpo", True):
-        sizes.update(diffusion_steps=args.diffusion_steps, num_candidates=args.num_candidates)
-    return module.DIVO(obs_dim, act_dim, module.Args(**sizes), device)
+    agent = module.PADPretrainer if hasattr(module, "PADPretrainer") else module.DIVO
+    return agent(obs_dim, act_dim, run_args(module, args, cuda=device.type == "cuda", **overrides), device)
 
 
 def steps_per_second(step: Callable[[int], object], steps: int, warmup: int, device: torch.device,
@@ -204,6 +226,10 @@ def time_parts(module, args: Args, data: dict, device: torch.device, obs_dim: in
 
 def main(args: Args) -> None:
     module = load_script(args)
+    try:
+        check_args(args, module)
+    except BenchmarkError as e:
+        raise SystemExit(f"error: {e}") from None
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     obs_dim, act_dim = shapes(module, args.env_id)
     data, source = load_data(module, args, obs_dim, act_dim, device)

@@ -1,8 +1,9 @@
 """Table I, rliable statistics and evaluation curves from finished training runs.
 
 Every run of divo_continuous.py / divo_antmaze.py writes `runs/{run_name}/` with `args.json` (at the start) and
-`scores.json` (when it finished). This script groups the runs by a label (the `exp_name` by default) and by task,
-treats the seeds of one (label, task) as independent runs, and writes into `--out`:
+`scores.json` (last, when every file of the run is final); pad_pretrain.py's runs have no score and are left out.
+This script groups the runs by a label (the `exp_name` by default) and by task, treats the seeds of one (label, task)
+as independent runs, and writes into `--out`:
 
     table.md        the paper's Table I layout: mean ± std over seeds per task, block averages, unfinished runs
     aggregate.json  median, IQM, mean and optimality gap with 95% stratified bootstrap CIs (rliable)
@@ -33,6 +34,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import tyro  # noqa: E402
 from rliable import library as rly  # noqa: E402
 from rliable import metrics, plot_utils  # noqa: E402
@@ -105,6 +107,19 @@ class Run:
     """for an unfinished run: "step S / T" of its last checkpoint, "no checkpoint" or "broken checkpoint (...)" """
     metric: str = "normalized_score"
     """what `score` is: a normalised score, or ("return") the return of a Minari dataset without reference returns"""
+
+
+def check_args(args: Args) -> None:
+    """Stop with one message for arguments that cannot make a report, before any run is read."""
+    if args.reps < 1 or args.profile_reps < 1:
+        raise ReportError(f"--reps and --profile-reps must be at least 1, got {args.reps} and {args.profile_reps}")
+    if args.at_step is not None and (not args.at_step or min(args.at_step) < 0):
+        raise ReportError(f"--at-step needs one or more steps >= 0, got {' '.join(map(str, args.at_step)) or 'none'}")
+    existing = os.path.abspath(args.out)
+    while not os.path.exists(existing):  # the folder that --out would be made in
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ReportError(f"--out {args.out}: {existing} is a file, not a folder")
 
 
 def find_run_folders(dirs: list[str]) -> list[str]:
@@ -201,7 +216,7 @@ def checkpoint_progress(folder: str, total_timesteps: Optional[int]) -> str:
 def read_run(folder: str, label_key: str) -> Optional[Run]:
     """The run in `folder`, or None (with a warning) when its args.json or scores.json is malformed."""
     args = read_json(os.path.join(folder, "args.json"))
-    if args is None:
+    if args is None or args.get("script") == "pad_pretrain":  # a pretrained PAD model has no score
         return None
     scores_path = os.path.join(folder, "scores.json")
     scores: dict = {}
@@ -254,10 +269,11 @@ def score_at_step(runs: list[Run], steps: list[int]) -> list[Run]:
 
 
 def split_labels_by_mode(runs: list[Run]) -> None:
-    """Runs that share a label but are different algorithms get the mode appended: `divo [td3bc]`."""
-    modes: dict[str, set[str]] = {}
+    """Runs that share a label but whose finished runs are different algorithms get the mode appended: `divo [td3bc]`."""
+    modes: dict[str, set[str]] = {run.label: set() for run in runs}
     for run in runs:
-        modes.setdefault(run.label, set()).add(run.mode)
+        if run.finished:
+            modes[run.label].add(run.mode)
     for run in runs:
         if len(modes[run.label]) > 1:
             run.label = f"{run.label} [{run.mode}]"
@@ -323,49 +339,42 @@ class Table:
     rows: list[Row]
 
 
-def average_row(name: str, tasks: list[str], task_rows: dict[str, Row], labels: list[str]) -> Row:
-    """Per label, the mean of its per-task means over the `tasks` it has."""
-    cells = {}
-    for label in labels:
-        means = [task_rows[t].cells[label].mean for t in tasks if label in task_rows[t].cells]
-        if means:
-            cells[label] = Cell(mean=float(np.mean(means)), n=len(means), of=len(tasks))
-    return Row(name, cells, average=True)
-
-
 def build_table(runs: list[Run]) -> Table:
     """Table I from the finished runs: task rows in Table-I order, block averages, Total, then other tasks."""
-    groups = group_runs(runs)
-    labels = sorted({label for label, _ in groups})
-    tasks = {task for _, task in groups}
-    task_rows: dict[str, Row] = {}
-    for task in tasks:
-        cells = {}
-        for label in labels:
-            if (label, task) in groups:
-                scores = np.array([r.score for r in groups[label, task]])
-                cells[label] = Cell(mean=float(scores.mean()), std=float(scores.std()), n=len(scores))
-        task_rows[task] = Row(task, cells)
+    scores = pd.DataFrame([(run.task, run.label, run.score) for run in runs if run.finished],
+                          columns=["task", "label", "score"])
+    cells = scores.groupby(["task", "label"])["score"].agg(mean="mean", std=lambda s: s.std(ddof=0), n="size")
+    means = cells["mean"].unstack()  # task x label, NaN where a label has no run of a task
+    labels = list(means.columns)
+
+    def task_row(task: str) -> Row:
+        return Row(task, {label: Cell(float(cell["mean"]), float(cell["std"]), int(cell["n"]))
+                          for (_, label), cell in cells.loc[[task]].iterrows()})
+
+    def average_row(name: str, tasks: list[str]) -> Row:
+        """Per label, the mean of its per-task means over the `tasks` it has."""
+        block = means.loc[tasks]
+        return Row(name, {label: Cell(float(block[label].mean()), n=int(block[label].count()), of=len(tasks))
+                          for label in labels if block[label].count()}, average=True)
 
     rows: list[Row] = []
     table_i_present: list[str] = []
     for block, block_tasks in TABLE_I_BLOCKS:
-        present = [t for t in block_tasks if t in tasks]
+        present = [task for task in block_tasks if task in means.index]
         if present:
-            rows += [task_rows[t] for t in present]
-            rows.append(average_row(f"{block} average", present, task_rows, labels))
+            rows += [task_row(task) for task in present] + [average_row(f"{block} average", present)]
             table_i_present += present
     if table_i_present:
-        rows.append(average_row("Total", table_i_present, task_rows, labels))
-    others = sorted(tasks - set(TABLE_I_TASKS))
+        rows.append(average_row("Total", table_i_present))
+    others = sorted(set(means.index) - set(TABLE_I_TASKS))
     returns = returns_tasks(runs)
     blocks = {MINARI_BLOCK: [t for t in others if "/" in t and t not in returns], RETURN_BLOCK: sorted(returns),
               OTHER_BLOCK: [t for t in others if "/" not in t]}
     for block, block_tasks in blocks.items():
         if block_tasks:
-            rows += [task_rows[t] for t in block_tasks]
+            rows += [task_row(task) for task in block_tasks]
             if block != RETURN_BLOCK:  # returns of different tasks are on different scales: no average
-                rows.append(average_row(f"{block} average", block_tasks, task_rows, labels))
+                rows.append(average_row(f"{block} average", block_tasks))
     return Table(labels, rows)
 
 
@@ -588,7 +597,7 @@ def make_report(runs: list[Run], out_dir: str, reps: int = 2000, profile_reps: i
         plot_profiles(score_dict, profile_reps, colors, f"Performance profiles ({title})", written["profiles.png"])
     written["aggregate.json"] = os.path.join(out_dir, "aggregate.json")
     with open(written["aggregate.json"], "w") as f:
-        json.dump(aggregate, f, indent=2)
+        json.dump(aggregate, f, indent=2, allow_nan=False)  # strict JSON: parses anywhere
 
     written["curves.png"] = os.path.join(out_dir, "curves.png")
     plot_curves(runs, colors, written["curves.png"])
@@ -602,6 +611,7 @@ def make_report(runs: list[Run], out_dir: str, reps: int = 2000, profile_reps: i
 def main() -> None:
     args = tyro.cli(Args)
     try:
+        check_args(args)
         runs = collect_runs(args.runs_dirs, args.label_key)
         if args.at_step is not None:
             runs = score_at_step(runs, args.at_step)

@@ -3,11 +3,13 @@
 Every (task, seed) is one Ray task that runs divo_continuous.py (locomotion ids) or divo_antmaze.py (antmaze-* ids) as
 a subprocess in the sweep's folder `--out` (default sweeps/{label}): the run writes `{out}/runs/{task}__{label}__{seed}/`
 and its output goes to `{out}/logs/{task}__{label}__{seed}.log`. A failed run is retried from its own checkpoint
-(`--max-retries`), and running the same command again continues an interrupted sweep: finished runs are skipped,
-unfinished ones resume from their last checkpoint. At the end, tools/report.py writes `{out}/report/` (Table I,
-rliable aggregates, curves) from the runs that finished. Arguments after `--` go to every run unchanged. Ctrl-C (or
-SIGTERM) stops the sweep: running runs write a checkpoint first, and the same command continues them. A finished run
-is never trained again: to change its arguments (e.g. longer runs), use another --label or --out.
+(`--max-retries`), but not one whose script refused its input (an `error:` line), and running the same command again
+continues an interrupted sweep: finished runs are skipped, unfinished ones resume from their last checkpoint. A run
+folder that another process writes (its lock file held, e.g. by a second sweep on the same --out) is left alone. At
+the end, tools/report.py writes `{out}/report/` (Table I, rliable aggregates, curves) from the runs that finished.
+Arguments after `--` go to every run unchanged. Ctrl-C (or SIGTERM) stops the sweep: running runs write a checkpoint
+first, and the same command continues them. A finished run is never trained again: to change its arguments (e.g.
+longer runs), use another --label or --out. `--script pad_pretrain.py` pretrains a PAD model per (task, seed).
 
 One machine (Ray is started for the sweep and stopped after it):
     pip install -r requirements-tools.txt
@@ -27,6 +29,8 @@ With Ray's token authentication on, the nodes and the sweep need the head's toke
 """
 
 import difflib
+import fcntl
+import math
 import os
 import re
 import shlex
@@ -62,8 +66,13 @@ SUITES["minari-locomotion"] = [f"mujoco/{robot}/{level}-v0" for level in ("mediu
 # Arguments the sweep sets for every run itself; passing them after `--` is refused.
 SWEEP_FLAGS = ("--env-id", "--seed", "--exp-name", "--run-name", "--resume", "--dataset-path")
 ATTEMPT_HEADER = "=== sweep attempt"  # the first words of the line the log gets before every attempt
-# Test hook (tests/test_sweep.py): =1 makes a fresh attempt SIGKILL its run as soon as the run's checkpoint.pt appears.
-KILL_HOOK = "DIVO_SWEEP_TEST_KILL_AFTER_CHECKPOINT"
+# The file each script writes last (its presence means the run finished) and its checkpoint, in the run's folder; the
+# DIVO scripts (and any other --script): scores.json and checkpoint.pt.
+RUN_FILES = {"pad_pretrain.py": ("pad_diagnostics.json", "pad_checkpoint.pt")}
+LOCK = "lock"  # the file a run's writer holds locked (flock) for its whole life, naming that process (the scripts' LOCK)
+MAX_LABEL, MAX_RUN_NAME = 150, 200  # bytes of a run's --exp-name and --run-name, as the scripts accept them
+# A script's progress line: "[ 12.0%] step 120,000/1,000,000 | 1,234 steps/s | ..."
+PROGRESS_LINE = re.compile(r"step ([\d,]+)/([\d,]+) \| ([\d,.]+) steps/s")
 
 
 @dataclass
@@ -111,7 +120,11 @@ class SweepError(Exception):
 
 
 class RunFailed(Exception):
-    """A run's script exited with an error; raised inside the Ray task so that Ray retries it."""
+    """A run's script failed (killed, crashed); raised inside the Ray task so that Ray retries it."""
+
+
+class RunRefused(Exception):
+    """A run that no retry would help: its script refused its input (an `error:` line), or another process writes it."""
 
 
 @dataclass(frozen=True)
@@ -194,10 +207,14 @@ def check_args(args: Args, extra: list[str]) -> None:
                              ("--max-retries", args.max_retries, 0), ("--report-reps", args.report_reps, 1)):
         if value < low:
             raise SweepError(f"{name} must be at least {low}, got {value}")
-    if args.num_cpus is not None and args.num_cpus < args.cpus_per_run:
-        raise SweepError(f"--num-cpus {args.num_cpus} leaves no room for one run of --cpus-per-run {args.cpus_per_run}")
-    if not args.status_every > 0:
-        raise SweepError(f"--status-every must be positive, got {args.status_every}")
+    cpus = args.num_cpus or os.cpu_count() or 1
+    if not args.address and cpus < args.cpus_per_run:
+        raise SweepError(f"--cpus-per-run {args.cpus_per_run} is more than the {cpus} CPUs a local Ray has here "
+                         "(--num-cpus, default all): no run could start")
+    if not 0 < args.status_every < math.inf:
+        raise SweepError(f"--status-every must be a positive number of seconds, got {args.status_every}")
+    if len(args.label.encode()) > MAX_LABEL:
+        raise SweepError(f"--label is {len(args.label.encode())} bytes long: the scripts take at most {MAX_LABEL}")
     if args.address and (args.num_cpus is not None or args.temp_dir):
         raise SweepError("--num-cpus and --temp-dir are for a local Ray; a cluster's are set by its `ray start`")
     taken = [arg for arg in extra if arg.partition("=")[0].replace("_", "-") in SWEEP_FLAGS]
@@ -206,8 +223,13 @@ def check_args(args: Args, extra: list[str]) -> None:
                          "(use --env-ids, --seeds, --label and --dataset-dir)")
     if args.dataset_dir is not None and not os.path.isdir(args.dataset_dir):
         raise SweepError(f"--dataset-dir {args.dataset_dir} is not a folder")
-    if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise SweepError(f"--out {args.out} is a file, not a folder")
+    if args.out is not None:
+        existing = os.path.abspath(os.path.expanduser(args.out))
+        while not os.path.exists(existing):  # the folder that --out would be made in
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+            what = "a file, not a folder" if not os.path.isdir(existing) else "not writable"
+            raise SweepError(f"--out {args.out}: {existing} is {what}")
 
 
 def resolve_script(script: str) -> str:
@@ -240,6 +262,10 @@ def plan_runs(args: Args) -> list[Run]:
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:  # the scripts name a task after its file: two files of one name would share their run folders
         raise SweepError(f"two tasks named {', '.join(twice)}: give the files different names")
+    long = [name for name in names if len(f"{name}__{args.label}__{max(args.seeds)}".encode()) > MAX_RUN_NAME]
+    if long:
+        raise SweepError(f"the run names of {long[0]} would be longer than {MAX_RUN_NAME} bytes: shorten its file's "
+                         "name or --label")
     runs = []
     for (env_id, path), task in zip(tasks, names):
         for seed in args.seeds:
@@ -251,21 +277,38 @@ def plan_runs(args: Args) -> list[Run]:
 # ----------------------------------------------------------------------------------------------
 # One run (the body of a Ray task; also used by the driver to plan)
 # ----------------------------------------------------------------------------------------------
-def run_state(out: str, name: str) -> Literal["finished", "resume", "restart", "new"]:
+def run_files(run: Run) -> tuple[str, str]:
+    """The file the run's script writes last (its presence means the run finished) and its checkpoint's."""
+    return RUN_FILES.get(os.path.basename(run.script), ("scores.json", "checkpoint.pt"))
+
+
+def run_state(out: str, run: Run) -> Literal["finished", "resume", "restart", "new"]:
     """What the next attempt of a run does: nothing, continue its checkpoint, start over, or start."""
-    run_dir = os.path.join(out, "runs", name)
-    if os.path.isfile(os.path.join(run_dir, "scores.json")):
+    run_dir, (finished, checkpoint) = os.path.join(out, "runs", run.name), run_files(run)
+    if os.path.isfile(os.path.join(run_dir, finished)):
         return "finished"
-    if os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
+    if os.path.isfile(os.path.join(run_dir, checkpoint)):
         return "resume"
     return "restart" if os.path.exists(run_dir) else "new"  # restart: an attempt died before its first checkpoint
+
+
+def try_lock(run_dir: str) -> tuple[Optional[int], str]:
+    """Take a run folder's lock without waiting: (its open file, ""), or (None, the process that holds it)."""
+    fd = os.open(os.path.join(run_dir, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd, ""
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        return None, holder
 
 
 def script_args(run: Run, label: str, state: str, extra: list[str], cuda: bool) -> list[str]:
     """The script and its arguments for an attempt (paths relative to the sweep's folder, its working directory)."""
     data = ["--dataset-path", run.dataset_path] if run.dataset_path else []
     if state == "resume":  # the other arguments come from the checkpoint
-        start = ["--resume", f"runs/{run.name}/checkpoint.pt"]
+        start = ["--resume", f"runs/{run.name}/{run_files(run)[1]}"]
     else:
         start = ["--env-id", run.env_id, "--seed", str(run.seed), "--exp-name", label, "--run-name", run.name]
     return [run.script, *start, *data, *(["--cuda"] if cuda else []), *extra]
@@ -293,16 +336,21 @@ def last_line(path: str, offset: int) -> str:
 def run_one(run: Run, out: str, label: str, extra: list[str], cuda: bool, threads: int) -> dict:
     """One attempt at a run: skip it if finished, else run its script (resuming its checkpoint) and wait for it.
 
-    Raises RunFailed when the script fails, so that Ray tries again: the next attempt resumes the checkpoint."""
-    state = run_state(out, run.name)
+    Raises RunFailed when the script fails, so that Ray tries again (the next attempt resumes the checkpoint), and
+    RunRefused when no retry would help: the script refused its input, or another process writes the run's folder."""
+    state = run_state(out, run)
     if state == "finished":
         return {"name": run.name, "status": "skipped"}
     run_dir, log_path = os.path.join(out, "runs", run.name), os.path.join(out, "logs", f"{run.name}.log")
-    if state == "restart":
-        shutil.rmtree(run_dir)
+    if state != "new":  # a run folder is never touched while its lock is held
+        fd, holder = try_lock(run_dir)
+        if fd is None:
+            raise RunRefused(f"left alone: {holder} is writing it (it holds runs/{run.name}/{LOCK})")
+        if state == "restart":  # an attempt that died before its first checkpoint left nothing to continue
+            shutil.rmtree(run_dir)
+        os.close(fd)
     command = [sys.executable, *script_args(run, label, state, extra, cuda)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
-    kill_after_checkpoint = os.environ.get(KILL_HOOK) == "1" and state != "resume"
     if threading.current_thread() is threading.main_thread():  # ray.cancel interrupts us through Python's SIGINT
         signal.signal(signal.SIGINT, signal.default_int_handler)  # handler, absent if Ray started with SIGINT ignored
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
@@ -316,11 +364,7 @@ def run_one(run: Run, out: str, label: str, extra: list[str], cuda: bool, thread
                                 start_new_session=True)  # a Ctrl-C of the sweep reaches the run only as our SIGTERM
         try:
             while proc.poll() is None:
-                time.sleep(0.02 if kill_after_checkpoint else 0.5)
-                if kill_after_checkpoint and os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
-                    proc.kill()
-                    proc.wait()
-                    log.write(f"=== killed by the test hook {KILL_HOOK} after the first checkpoint\n")
+                time.sleep(0.5)
         finally:
             if proc.poll() is None:  # the task is cancelled (the sweep was stopped): the run checkpoints on SIGTERM
                 proc.terminate()
@@ -331,11 +375,14 @@ def run_one(run: Run, out: str, label: str, extra: list[str], cuda: bool, thread
                     proc.wait()
             seconds = time.time() - start
             log.write(f"=== exit {proc.returncode} after {format_seconds(seconds)}\n")
-    if os.path.isfile(os.path.join(run_dir, "scores.json")):  # its existence means finished, as for tools/report.py
+    if os.path.isfile(os.path.join(run_dir, run_files(run)[0])):  # written last: the run finished
         return {"name": run.name, "status": "finished", "seconds": seconds, "host": socket.gethostname()}
     exit_status = f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0 else \
         f"exited {proc.returncode}"
-    raise RunFailed(f"{exit_status}: {'no scores.json' if proc.returncode == 0 else last_line(log_path, offset)}")
+    message = f"no {run_files(run)[0]}" if proc.returncode == 0 else last_line(log_path, offset)
+    if proc.returncode == 1 and message.startswith("error: "):  # the script refused its input: so would a retry
+        raise RunRefused(f"{exit_status}: {message}")
+    raise RunFailed(f"{exit_status}: {message}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -367,7 +414,7 @@ def error_message(error: Exception) -> str:
     if isinstance(cause, Exception):
         error = cause
     lines = str(error).strip().splitlines() or [""]
-    return f"{type(error).__name__}: {lines[0]}" if not isinstance(error, RunFailed) else lines[0]
+    return lines[0] if isinstance(error, (RunFailed, RunRefused)) else f"{type(error).__name__}: {lines[0]}"
 
 
 class Progress:
@@ -389,17 +436,44 @@ class Progress:
         print(f"[{self.skipped + len(self.durations) + len(self.failed)}/{self.total}] FAILED {name}: {message} "
               f"(log: {log_path})", flush=True)
 
-    def status(self, ray, pending: int) -> str:
+    def status(self, ray, pending_logs: list[str]) -> str:
         """`runs: N done, N running, N failed, N queued (skipped: N) | elapsed 12m03s | ETA ~40m`."""
         busy = ray.cluster_resources().get("CPU", 0) - ray.available_resources().get("CPU", 0)
+        pending = len(pending_logs)
         running = max(0, min(pending, round(busy / self.cpus_per_run)))  # Ray's busy CPUs; exact on a dedicated cluster
-        queued = pending - running
-        eta = "-"
-        if self.durations and pending:
-            left = sum(self.durations) / len(self.durations) * pending / max(running, 1)
-            eta = f"~{format_seconds(left)[:-3]}" if left >= 60 else "~<1m"
-        return (f"runs: {len(self.durations)} done, {running} running, {len(self.failed)} failed, {queued} queued "
-                f"(skipped: {self.skipped}) | elapsed {format_seconds(time.time() - self.start)} | ETA {eta}")
+        return (f"runs: {len(self.durations)} done, {running} running, {len(self.failed)} failed, {pending - running} "
+                f"queued (skipped: {self.skipped}) | elapsed {format_seconds(time.time() - self.start)} | ETA "
+                f"{self.eta(pending_logs, running)}")
+
+    def eta(self, pending_logs: list[str], running: int) -> str:
+        """Time left: the running runs' own estimates (their logs' last progress line), and for each run without one a
+        run's duration (the finished runs' mean, else a running run's total steps / steps per second), over the slots."""
+        progress = [p for p in map(running_progress, pending_logs) if p]
+        per_run = [*self.durations] or [total / speed for _, total, speed in progress]
+        if not pending_logs or not per_run:
+            return "-"
+        left = sum((total - step) / speed for step, total, speed in progress)
+        left = (left + (len(pending_logs) - len(progress)) * sum(per_run) / len(per_run)) / max(running, 1)
+        return f"~{format_seconds(left)[:-3]}" if left >= 60 else "~<1m"
+
+
+def running_progress(log_path: str) -> Optional[tuple[float, float, float]]:
+    """(step, total steps, steps per second) of a run's attempt that is running now, from its log's last progress
+    line; None when it has none yet or has ended."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(max(0, os.path.getsize(log_path) - 8192))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        if line.startswith("=== "):  # an attempt's end, or a start with no progress line after it yet
+            return None
+        match = PROGRESS_LINE.search(line)
+        if match:
+            step, total, speed = (float(group.replace(",", "")) for group in match.groups())
+            return (step, total, speed) if speed > 0 else None
+    return None
 
 
 def stop_on_sigterm(signum: int, frame) -> None:
@@ -408,7 +482,7 @@ def stop_on_sigterm(signum: int, frame) -> None:
 
 def run_sweep(args: Args, extra: list[str], runs: list[Run], out: str) -> Progress:
     """Run every unfinished run of the grid on Ray, printing each result and a status line now and then."""
-    todo = [run for run in runs if run_state(out, run.name) != "finished"]
+    todo = [run for run in runs if run_state(out, run) != "finished"]
     for run in runs:
         if run not in todo:
             print(f"skipped (finished): {run.name}")
@@ -421,12 +495,16 @@ def run_sweep(args: Args, extra: list[str], runs: list[Run], out: str) -> Progre
         resources = ray.cluster_resources()
         gpus = resources.get("GPU", 0) > 0
         where = f"the Ray cluster at {args.address}" if args.address else "a local Ray"
+        largest = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=0)
+        if largest < args.cpus_per_run:  # Ray would queue every run forever
+            raise SweepError(f"--cpus-per-run {args.cpus_per_run}: no node of {where} has that many CPUs (the largest "
+                             f"has {largest:g}), so no run could start")
         print(f"{where}: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs; each run asks for "
               f"{plural(args.cpus_per_run, 'CPU')}" + (f" and 1/{args.runs_per_gpu} GPU" if gpus else ""))
         print_plan(todo, out, args.label, extra, gpus)
         remote = ray.remote(run_one)
         options = {"num_cpus": args.cpus_per_run, "num_gpus": 1 / args.runs_per_gpu if gpus else 0,
-                   "max_retries": args.max_retries, "retry_exceptions": True}
+                   "max_retries": args.max_retries, "retry_exceptions": [RunFailed]}  # not RunRefused
         refs = {remote.options(**options, name=run.name).remote(run, out, args.label, extra, gpus, args.cpus_per_run): run
                 for run in todo}
         pending = list(refs)
@@ -448,7 +526,8 @@ def run_sweep(args: Args, extra: list[str], runs: list[Run], out: str) -> Progre
                         else:
                             progress.finished(run.name, result["seconds"], log_path)
                 if time.time() >= next_status:
-                    print(progress.status(ray, len(pending)), flush=True)
+                    print(progress.status(ray, [os.path.join(out, "logs", f"{refs[r].name}.log") for r in pending]),
+                          flush=True)
                     next_status = time.time() + args.status_every
         except KeyboardInterrupt:
             print(f"\nstopping {len(pending)} unfinished runs (running ones checkpoint first); "
@@ -468,7 +547,7 @@ def print_plan(runs: list[Run], out: str, label: str, extra: list[str], cuda: bo
     """The command each run starts with (from the sweep's folder), as the next attempt would run it."""
     print(f"planned commands (working directory {out}):")
     for run in runs:
-        state = run_state(out, run.name)
+        state = run_state(out, run)
         note = {"resume": "  # continues its checkpoint", "restart": "  # after removing its folder (no checkpoint yet)",
                 "finished": "  # finished: skipped"}.get(state, "")
         print(f"  {shlex.join([sys.executable, *script_args(run, label, state, extra, cuda)])}{note}")
@@ -513,7 +592,7 @@ def main() -> None:
           f"{len(runs)} runs finished ({progress.skipped} skipped as finished earlier), {len(progress.failed)} failed")
     for name, message in progress.failed.items():
         print(f"  failed {name}: {message}\n    log: {os.path.join(out, 'logs', name + '.log')}")
-    table = write_report(out, args.report_reps)
+    table = write_report(out, args.report_reps) if any(run_files(run)[0] == "scores.json" for run in runs) else None
     if table:
         print(f"report: {os.path.dirname(table)} (table: {table})")
     raise SystemExit(1 if progress.failed else 0)
