@@ -44,6 +44,7 @@ def test_benchmark_of_pad_pretraining_on_antmaze_shapes(tmp_path):
     ({"env_id": "AntMaze-umaze-v2"}, "did you mean antmaze-umaze-v2?"),
     ({"steps": 0}, "--steps must be at least 1"),
     ({"hidden_dim": 0}, "--hidden-dim 0 is out of range"),
+    ({"runs_per_gpu": [2, 0]}, "--runs-per-gpu takes counts of at least 1, got 2 0"),
 ])
 def test_bad_arguments_are_one_error_line_before_any_work(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)

@@ -84,6 +84,8 @@ def check_args(args: Args, module) -> None:
         raise BenchmarkError(f"--steps must be at least 1 and --warmup at least 0, got {args.steps} and {args.warmup}")
     if not args.modes:
         raise BenchmarkError("--modes needs at least one of eager, compile, cudagraphs, compile+cudagraphs")
+    if any(copies < 1 for copies in args.runs_per_gpu):
+        raise BenchmarkError(f"--runs-per-gpu takes counts of at least 1, got {' '.join(map(str, args.runs_per_gpu))}")
     if args.dataset_path is not None and not os.path.isfile(args.dataset_path):
         raise BenchmarkError(f"--dataset-path {args.dataset_path}: no such file (leave it out to use the cached D4RL "
                              "file, or else random transitions)")
@@ -98,7 +100,7 @@ def run_args(module, args: Args, **overrides):
         sizes["diffusion_steps"] = args.diffusion_steps
         if not hasattr(module, "PADPretrainer"):
             sizes["num_candidates"] = args.num_candidates
-    return module.Args(**sizes)
+    return module.RunArgs(**sizes)  # RunArgs: the script's checks run
 
 
 def shapes(module, env_id: str) -> tuple[int, int]:
