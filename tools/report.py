@@ -55,6 +55,9 @@ class Args:
     at_step: Optional[list[int]] = None
     """score each run by its evaluation at this gradient step (from its history) instead of its last policy; with
     several steps, by the mean of its evaluations at them (an early-training window, less noisy than one)"""
+    versus: Optional[str] = None
+    """compare every other label with this one (e.g. td3bc): per task and over all tasks, the difference with its 95%
+    bootstrap interval and a verdict (beats, ties, trails); written to versus.md and versus.json"""
 
 
 # The rows of the paper's Table I, in the order of the standard D4RL tables.
@@ -113,6 +116,8 @@ def check_args(args: Args) -> None:
     """Stop with one message for arguments that cannot make a report, before any run is read."""
     if args.reps < 1 or args.profile_reps < 1:
         raise ReportError(f"--reps and --profile-reps must be at least 1, got {args.reps} and {args.profile_reps}")
+    if args.versus is not None and not args.versus:
+        raise ReportError("--versus needs the label to compare with, e.g. --versus td3bc")
     if args.at_step is not None and (not args.at_step or min(args.at_step) < 0):
         raise ReportError(f"--at-step needs one or more steps >= 0, got {' '.join(map(str, args.at_step)) or 'none'}")
     existing = os.path.abspath(args.out)
@@ -469,6 +474,110 @@ def compute_aggregates(score_dict: dict[str, np.ndarray], reps: int, seed: int =
             {label: 100 * value for label, value in intervals.items()})
 
 
+# ----------------------------------------------------------------------------------------------
+# One label against another (--versus): does it beat, tie or trail it, with the interval that says so
+# ----------------------------------------------------------------------------------------------
+MIN_RUNS_FOR_VERDICT = 3  # a bootstrap over fewer runs per group only shows their range
+
+
+def verdict(low: float, high: float, runs: int) -> str:
+    """Beats or trails where the 95% interval of the difference excludes 0; else a tie (within the noise)."""
+    if runs < MIN_RUNS_FOR_VERDICT:
+        return f"(fewer than {MIN_RUNS_FOR_VERDICT} runs)"
+    return "beats" if low > 0 else "trails" if high < 0 else "ties"
+
+
+def iqm_interval(scores: np.ndarray, reps: int, seed: int = 0) -> tuple[float, float, float]:
+    """IQM of one cell's runs (0-100 scale) with rliable's 95% bootstrap interval."""
+    with warnings.catch_warnings():  # arch deprecates random_state; rliable 1.2 only passes that one
+        warnings.simplefilter("ignore", FutureWarning)
+        point, interval = rly.get_interval_estimates({"x": scores[:, None] / 100}, metrics.aggregate_iqm, reps=reps,
+                                                     random_state=np.random.RandomState(seed))
+    low, high = np.ravel(interval["x"])
+    return 100 * float(point["x"]), 100 * float(low), 100 * float(high)
+
+
+def mean_difference(x: np.ndarray, y: np.ndarray, reps: int, seed: int = 0) -> tuple[float, float, float]:
+    """mean(x) - mean(y) of two independent groups of runs, with a 95% percentile bootstrap interval (each group
+    resampled on its own)."""
+    rng = np.random.default_rng(seed)
+    resampled = (rng.choice(x, (reps, len(x))).mean(axis=1) - rng.choice(y, (reps, len(y))).mean(axis=1))
+    low, high = np.percentile(resampled, [2.5, 97.5])
+    return float(x.mean() - y.mean()), float(low), float(high)
+
+
+def pair_metrics(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """IQM(x) - IQM(y) and the probability that a run of x beats a run of y on a task (rliable)."""
+    return np.array([metrics.aggregate_iqm(x) - metrics.aggregate_iqm(y), metrics.probability_of_improvement(x, y)])
+
+
+def compare_labels(runs: list[Run], reference: str, reps: int, seed: int = 0) -> dict:
+    """Every label against `reference`: per task (cells: mean, std, IQM, difference of means, verdict), and over the
+    tasks every label has (IQM difference and probability of improvement, stratified bootstrap intervals)."""
+    groups = group_runs(runs)
+    labels = sorted({label for label, _ in groups})
+    if reference not in labels:
+        raise ReportError(f"--versus {reference}: no finished run has that label; the labels are {', '.join(labels)}")
+    tasks = ordered_tasks({task for label, task in groups if label == reference} - returns_tasks(runs))
+    result: dict = {"reference": reference, "reps": reps, "confidence": 0.95, "tasks": []}
+    for task in tasks:
+        ref = np.array([r.score for r in groups[reference, task]])
+        cells = []
+        for label in [reference] + [lab for lab in labels if lab != reference and (lab, task) in groups]:
+            x = np.array([r.score for r in groups[label, task]])
+            cell = {"label": label, "n": len(x), "mean": float(x.mean()), "std": float(x.std()),
+                    "iqm": iqm_interval(x, reps, seed)}
+            if label != reference:
+                cell["difference"] = mean_difference(x, ref, reps, seed)
+                cell["verdict"] = verdict(*cell["difference"][1:], min(len(x), len(ref)))
+            cells.append(cell)
+        result["tasks"].append({"task": task, "cells": cells})
+    score_dict, common, k, _ = aggregate_inputs([r for r in runs if r.label in labels])
+    result["overall"] = {"tasks": common, "runs_per_task": k, "labels": {}}
+    for label in [lab for lab in labels if lab != reference and lab in score_dict]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            point, interval = rly.get_interval_estimates({"pair": (score_dict[label], score_dict[reference])},
+                                                         pair_metrics, reps=reps, random_state=np.random.RandomState(seed))
+        difference = (100 * point["pair"][0], 100 * interval["pair"][0, 0], 100 * interval["pair"][1, 0])
+        result["overall"]["labels"][label] = {
+            "iqm_difference": difference, "verdict": verdict(*difference[1:], k),
+            "probability_of_improvement": (point["pair"][1], interval["pair"][0, 1], interval["pair"][1, 1])}
+    return result
+
+
+def format_versus(result: dict, at_step: Optional[list[int]] = None) -> str:
+    """versus.md: the per-task table, the overall one, and what their numbers are."""
+    ref = result["reference"]
+    lines = [f"| Task | label | n | mean ± std | IQM [95% CI] | mean − {ref} [95% CI] | verdict |",
+             "|:--|:--|--:|--:|--:|--:|:--|"]
+    for row in result["tasks"]:
+        for cell in row["cells"]:
+            iqm, diff = cell["iqm"], cell.get("difference")
+            lines.append(f"| {row['task']} | {cell['label']} | {cell['n']} | {cell['mean']:.1f} ± {cell['std']:.1f} | "
+                         f"{iqm[0]:.1f} [{iqm[1]:.1f}, {iqm[2]:.1f}] | "
+                         + (f"{diff[0]:+.1f} [{diff[1]:+.1f}, {diff[2]:+.1f}] | {cell['verdict']} |" if diff else
+                            "(reference) | |"))
+    overall = result["overall"]
+    if overall["labels"]:
+        lines += ["", f"Over the {len(overall['tasks'])} tasks every label has ({overall['runs_per_task']} runs of each "
+                  "label per task):", "",
+                  f"| label | IQM − IQM of {ref} [95% CI] | P(a run beats a {ref} run) [95% CI] | verdict |",
+                  "|:--|--:|--:|:--|"]
+        for label, entry in overall["labels"].items():
+            d, p = entry["iqm_difference"], entry["probability_of_improvement"]
+            lines.append(f"| {label} | {d[0]:+.1f} [{d[1]:+.1f}, {d[2]:+.1f}] | {p[0]:.2f} [{p[1]:.2f}, {p[2]:.2f}] | "
+                         f"{entry['verdict']} |")
+    lines += ["", "Scores: " + (scored_at(at_step) + " mean over its episodes)" if at_step else
+                                 "each run's final D4RL normalised score (the last policy's mean over its episodes)")
+              + f". Intervals: 95% bootstrap over runs ({result['reps']} replications): per cell rliable's IQM "
+              "interval; per task the percentile interval of the difference of means, each label's runs resampled on "
+              "their own; overall rliable's stratified bootstrap of the IQM difference and of the probability of "
+              "improvement. Verdict: beats or trails where the interval of the difference excludes 0, else ties (a "
+              "difference within the noise of evaluation and seeds)."]
+    return "\n".join(lines) + "\n"
+
+
 def plot_aggregates(points: dict, intervals: dict, labels: list[str], colors: dict[str, str], title: str, path: str) -> None:
     row_height = max(0.6, 2.0 / len(labels))
     fig, _ = plot_utils.plot_interval_estimates(points, intervals, METRIC_NAMES, algorithms=labels, colors=colors,
@@ -550,8 +659,9 @@ def plot_curves(runs: list[Run], colors: dict[str, str], path: str) -> None:
 # The report
 # ----------------------------------------------------------------------------------------------
 def make_report(runs: list[Run], out_dir: str, reps: int = 2000, profile_reps: int = 1000,
-                at_step: Optional[list[int]] = None) -> dict[str, str]:
-    """Write table.md, aggregate.json, aggregate.png, profiles.png and curves.png into `out_dir`; print the table.
+                at_step: Optional[list[int]] = None, versus: Optional[str] = None) -> dict[str, str]:
+    """Write table.md, aggregate.json, aggregate.png, profiles.png and curves.png into `out_dir` (and with `versus`,
+    versus.md and versus.json); print the tables.
 
     Returns {file name: path} of what it wrote. Raises ReportError when no run is finished."""
     if not any(run.finished for run in runs):
@@ -602,7 +712,17 @@ def make_report(runs: list[Run], out_dir: str, reps: int = 2000, profile_reps: i
     written["curves.png"] = os.path.join(out_dir, "curves.png")
     plot_curves(runs, colors, written["curves.png"])
 
-    for name in ("table.md", "aggregate.json", "aggregate.png", "profiles.png", "curves.png"):
+    if versus is not None:
+        result = compare_labels(runs, versus, reps)
+        text = format_versus(result, at_step)
+        written["versus.md"], written["versus.json"] = (os.path.join(out_dir, name) for name in ("versus.md", "versus.json"))
+        with open(written["versus.md"], "w") as f:
+            f.write(text)
+        with open(written["versus.json"], "w") as f:
+            json.dump(result, f, indent=2, allow_nan=False)
+        print(text)
+
+    for name in ("table.md", "aggregate.json", "aggregate.png", "profiles.png", "curves.png", "versus.md", "versus.json"):
         if name in written:
             print(f"wrote {written[name]}")
     return written
@@ -618,7 +738,11 @@ def main() -> None:
         if not any(run.finished for run in runs):
             raise ReportError(f"no finished run (scores.json) under {', '.join(args.runs_dirs)}: train first, "
                               "or pass the folder that holds your runs")
-        make_report(runs, args.out, reps=args.reps, profile_reps=args.profile_reps, at_step=args.at_step)
+        labels = sorted({run.label for run in runs if run.finished})
+        if args.versus is not None and args.versus not in labels:
+            raise ReportError(f"--versus {args.versus}: no finished run has that label; the labels are {', '.join(labels)}")
+        make_report(runs, args.out, reps=args.reps, profile_reps=args.profile_reps, at_step=args.at_step,
+                    versus=args.versus)
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1)
