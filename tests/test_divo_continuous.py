@@ -115,6 +115,7 @@ def test_actor_loss_matches_eq_13_and_polyak_update(m):
     a_bar = torch.rand_like(a) * 2 - 1
     actor, critic = copy.deepcopy(agent.actor), copy.deepcopy(agent.critic)
     old_actor_t, old_critic_t = copy.deepcopy(agent.actor_target), copy.deepcopy(agent.critic_target)
+    agent.critic_optimizer.zero_grad(set_to_none=True)
     metrics = agent.update_actor(s, a_bar)
     pi = actor(s)
     q1 = critic(s, pi)[0]
@@ -124,6 +125,7 @@ def test_actor_loss_matches_eq_13_and_polyak_update(m):
     torch.testing.assert_close(metrics["losses/bc_loss"], bc.detach())
     assert not torch.equal(agent.actor.net[0].weight, actor.net[0].weight)  # the actor's step was taken
     assert all(torch.equal(p, q) for p, q in zip(agent.critic.parameters(), critic.parameters()))  # not the critic's
+    assert all(p.grad is None for p in agent.critic.parameters())  # nor even a gradient for it (wasted kernels)
     assert all(p.requires_grad for p in agent.critic.parameters())  # and the critic trains again afterwards
     for target, old, online in ((agent.actor_target, old_actor_t, agent.actor), (agent.critic_target, old_critic_t,
                                                                                  agent.critic)):
