@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import divo_antmaze as da
-import divo_continuous as dc
 import pad_pretrain as pp
 from conftest import FakeEnv, run_main, write_d4rl_file
 from test_divo_continuous import DIVO_SCRIPTS, batch, small_agent
@@ -40,6 +39,7 @@ def test_the_actor_imitates_the_target_adpo_picks(m, monkeypatch):
 
     def recording_update_actor(s_, a_bar):
         seen.update(s=s_, a_bar=a_bar, actor=copy.deepcopy(agent.actor), critic=copy.deepcopy(agent.critic))
+
         def grad_of_pi(module, inputs, pi):
             pi.register_hook(lambda grad: seen.setdefault("dpi", grad))
 
@@ -148,9 +148,10 @@ def hand_file(path, obs_dim, act_dim, goal=False):
     rewards[7] = 1.0 if goal else rewards[7]
     terminals, timeouts = np.zeros(12, bool), np.zeros(12, bool)
     terminals[7], timeouts[3] = True, True
+    observations = (5 + 3 * rng.standard_normal((12, obs_dim))).astype(np.float32)
+    actions = rng.uniform(-1.2, 1.2, (12, act_dim)).astype(np.float32)
     return write_d4rl_file(path, obs_dim=obs_dim, act_dim=act_dim, episode_lengths=(12,), terminal_episodes=(),
-                           next_observations=False, observations=(5 + 3 * rng.standard_normal((12, obs_dim))).astype(np.float32),
-                           actions=rng.uniform(-1.2, 1.2, (12, act_dim)).astype(np.float32), rewards=rewards,
+                           next_observations=False, observations=observations, actions=actions, rewards=rewards,
                            terminals=terminals, timeouts=timeouts)
 
 
