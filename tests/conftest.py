@@ -1,15 +1,22 @@
-"""Shared helpers: small D4RL-format files and running a script as a user would."""
+"""Shared helpers: small D4RL-format files, perturbed target networks, and running a script as a user would."""
 
+import ast
 import os
+import signal
 import subprocess
 import sys
 
+import gymnasium as gym
 import h5py
 import numpy as np
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# The tests' networks are tiny: intra-op threads gain nothing there, and on a busy machine waiting for them at every
+# op makes the suite several times slower. (Scripts run as subprocesses get OMP_NUM_THREADS=1, below.)
+torch.set_num_threads(1)
 
 
 def write_d4rl_file(path, obs_dim=11, act_dim=3, episode_lengths=(30, 25, 40), terminal_episodes=(1,), seed=0,
@@ -45,6 +52,58 @@ def run_script(script, *args, cwd, timeout=300, check=True, env=None):
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+def run_main(module, argv, monkeypatch, **names):
+    """Run the `if __name__ == "__main__":` block of `module`'s file in this process, as `python script argv` would,
+    with `names` (fake envs, recording wrappers) in place of the script's own; return the block's variables.
+
+    The block's text is the file's own (a bug put into the loop is run, not a copy of it), and it runs in a copy
+    of the module's namespace, so the module itself is left as it was. Run from the test's temporary folder.
+    """
+    tree = ast.parse(open(module.__file__).read())
+    (main,) = [node for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "__name__ == '__main__'"]
+    code = compile(ast.Module(body=main.body, type_ignores=[]), module.__file__, "exec")
+    namespace = {**vars(module), "__name__": "__main__", **names}
+    monkeypatch.setattr(sys, "argv", [module.__file__, *map(str, argv)])
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # the script's StopSignal sets them
+    try:
+        exec(code, namespace)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    return namespace
+
+
+class FakeEnv(gym.Env):
+    """An env whose observations are far from normalised (mean 5, std 3), that records every observation it
+    shows and the action it then receives; episodes end after `length` steps."""
+
+    def __init__(self, obs_dim, act_dim, length=4):
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float64)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (act_dim,), np.float32)
+        self.length, self.seen = length, []
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t, self.obs = 0, 5.0 + 3.0 * self.np_random.standard_normal(self.observation_space.shape)
+        return self.obs.copy(), {}
+
+    def step(self, action):
+        self.seen.append((self.obs.copy(), np.array(action, dtype=np.float64)))
+        self.t += 1
+        self.obs = 5.0 + 3.0 * self.np_random.standard_normal(self.observation_space.shape)
+        return self.obs.copy(), float(action[0]), False, self.t >= self.length, {}
+
+
+def perturb(*modules, scale=0.1, seed=123):
+    """Move every parameter of `modules` by N(0, scale^2), in place: a target network that equals its online
+    network would hide a bug that uses one for the other."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in modules:
+            for p in module.parameters():
+                p.add_(scale * torch.randn(p.shape, generator=g))
 
 
 @pytest.fixture

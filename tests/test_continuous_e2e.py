@@ -51,6 +51,10 @@ def test_training_writes_scores_checkpoint_and_logs(straight_run):
     checkpoint = dc.load_checkpoint(str(run / "checkpoint.pt"), "divo_continuous")
     assert checkpoint["step"] == 60 and checkpoint["env_id"] == "hopper-medium-v2"
     assert set(checkpoint["agent"]) >= {"actor", "critic", "value", "diffusion", "actor_optimizer", "diffusion_optimizer"}
+    # 60 iterations, the actor and the targets every second one (--policy-freq 2): the optimisers' step counts
+    steps = {name: {int(state["step"]) for state in checkpoint["agent"][name]["state"].values()}
+             for name in ("actor_optimizer", "critic_optimizer", "value_optimizer", "diffusion_optimizer")}
+    assert steps == {"actor_optimizer": {30}, "critic_optimizer": {60}, "value_optimizer": {60}, "diffusion_optimizer": {60}}
     model = torch.load(run / "divo_continuous.cleanrl_model", weights_only=True)
     assert torch.equal(model["actor"]["net.0.weight"], checkpoint["agent"]["actor"]["net.0.weight"])
 
@@ -131,7 +135,7 @@ def test_bad_command_lines_fail_with_one_clear_message(tmp_path):
 
 def test_help_documents_every_argument(tmp_path):
     out = run_script("divo_continuous.py", "--help", cwd=tmp_path).stdout
-    for field in dc.Args.__dataclass_fields__:
+    for field in dc.RunArgs.__dataclass_fields__:
         assert f"--{field.replace('_', '-')}" in out, field
     assert "zeta of eq. (10)" in out
 

@@ -1,85 +1,136 @@
-"""Unit tests of divo_continuous.py: the maths of every loss, the data semantics, scores and the env."""
+"""Unit tests of divo_continuous.py (and of the copies in divo_antmaze.py where DIVO is shared): every loss against
+a hand computation with target networks that differ from the online ones, the ADPO contest and its margin, the
+diagnostics, the data semantics and the env. The sampler: test_diffusion.py; one iteration's wiring: test_wiring.py;
+the data path end to end and the scores: test_data_path.py."""
 
 import copy
 import os
-from dataclasses import replace
 
 import h5py
 import numpy as np
 import pytest
 import torch
 
+import divo_antmaze as da
 import divo_continuous as dc
-from conftest import write_d4rl_file
+import pad_pretrain as pp
+from conftest import perturb, write_d4rl_file
+
+DIVO_SCRIPTS = pytest.mark.parametrize("m", [dc, da], ids=["continuous", "antmaze"])
 
 
-def small_agent(**overrides):
-    """A DIVO agent with tiny networks on the CPU."""
-    args = dc.Args(hidden_dim=16, num_layers=2, **overrides)
+def small_agent(m=dc, perturbed=True, **overrides):
+    """A DIVO agent with tiny networks on the CPU; its target networks moved away from the online ones."""
+    env_id = "antmaze-umaze-v2" if m is da else "hopper-medium-v2"
+    args = m.Args(env_id=env_id, hidden_dim=16, num_layers=2, **overrides)
     torch.manual_seed(0)
-    return dc.DIVO(obs_dim=5, act_dim=3, args=args, device=torch.device("cpu"))
+    agent = m.DIVO(obs_dim=5, act_dim=3, args=args, device=torch.device("cpu"))
+    if perturbed:
+        perturb(agent.actor_target, agent.critic_target)
+    return agent
 
 
 def batch(n=32, obs_dim=5, act_dim=3, seed=1):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(n, obs_dim, generator=g), torch.rand(n, act_dim, generator=g) * 2 - 1,
-            torch.randn(n, generator=g), torch.randn(n, obs_dim, generator=g), (torch.rand(n, generator=g) > 0.1).float())
+            torch.randn(n, generator=g), torch.randn(n, obs_dim, generator=g), (torch.rand(n, generator=g) > 0.3).float())
 
 
-# ---------------------------------------------------------------------------------------------- diffusion
-def test_noise_schedule_constants():
-    diffusion = dc.Diffusion(4, 2, num_steps=5, beta_min=0.1, beta_max=10.0, hidden_dim=8, num_layers=1)
-    expected = [0.804125, 0.435178, 0.158500, 0.038852, 0.006409]
-    np.testing.assert_allclose(diffusion.alpha_bar[1:].numpy(), expected, atol=5e-7)
-    assert diffusion.alpha_bar[0] == 1.0
-    assert diffusion.posterior_std[1] == 0.0  # no noise is added on the last reverse step
-    assert (diffusion.posterior_std[2:] > 0).all()
+def changed(m, agent, before) -> set:
+    """The networks whose weights differ from `before` ({name: state_dict})."""
+    return {name for name, net in m.networks(agent).items()
+            if any(not torch.equal(before[name][k], v) for k, v in net.state_dict().items())}
 
 
-def test_sampler_shapes_clipping_and_no_grad():
-    diffusion = dc.Diffusion(4, 3, num_steps=5, beta_min=0.1, beta_max=10.0, hidden_dim=8, num_layers=1)
-    with torch.no_grad():
-        diffusion.eps_model.net[-1].bias.fill_(50.0)  # a wild noise prediction must still give actions in [-1, 1]
-    s = torch.randn(64, 4, requires_grad=True)
-    a = diffusion.sample(s)
-    assert a.shape == (64, 3)
-    assert a.abs().max() <= 1.0 and a.abs().max() == 1.0
-    assert not a.requires_grad
+def snapshot(m, agent) -> dict:
+    return {name: copy.deepcopy(net.state_dict()) for name, net in m.networks(agent).items()}
 
 
-def test_sampler_recovers_a_point_mass_with_the_exact_noise_model():
-    """With eps(a_k) = (a_k - sqrt(abar_k) c) / sqrt(1 - abar_k), eq. (7)-(8) must return exactly c."""
-    diffusion = dc.Diffusion(4, 2, num_steps=5, beta_min=0.1, beta_max=10.0, hidden_dim=8, num_layers=1)
-    c = torch.tensor([0.3, -0.6])
-
-    def exact_eps(a_k, k, s):
-        return (a_k - diffusion.sqrt_alpha_bar[k, None] * c) / diffusion.sqrt_one_minus_alpha_bar[k, None]
-
-    diffusion.eps_model.forward = exact_eps
-    a = diffusion.sample(torch.zeros(100, 4))
-    torch.testing.assert_close(a, c.expand(100, 2), atol=1e-5, rtol=0)
-
-
-def test_diffusion_loss_is_weighted_mean_over_batch_and_action_dims():
-    diffusion = dc.Diffusion(4, 3, num_steps=5, beta_min=0.1, beta_max=10.0, hidden_dim=8, num_layers=1)
-    s, a = torch.randn(10, 4), torch.rand(10, 3) * 2 - 1
-    w = torch.tensor([1.0, 0, 2, 0, 1, 0, 0, 3, 0, 1])
-    torch.manual_seed(3)
-    loss = diffusion.loss(s, a, w)
-    torch.manual_seed(3)  # the same draws of k and eps, by hand (eq. 3, 9, 10)
-    k = torch.randint(1, 6, (10,))
-    eps = torch.randn_like(a)
-    a_k = diffusion.alpha_bar[k, None].sqrt() * a + (1 - diffusion.alpha_bar[k, None]).sqrt() * eps
-    per_row = ((eps - diffusion.eps_model(a_k, k, s)) ** 2).sum(dim=1) / 3
-    torch.testing.assert_close(loss, (w * per_row).sum() / 10)
-    assert diffusion.loss(s, a, torch.zeros(10)) == 0.0
+def test_small_agents_have_targets_unlike_their_online_networks():
+    agent = small_agent()
+    for online, target in ((agent.actor, agent.actor_target), (agent.critic, agent.critic_target)):
+        assert all(not torch.equal(p, q) for p, q in zip(online.parameters(), target.parameters()))
 
 
 # ---------------------------------------------------------------------------------------------- losses
-def test_expectile_loss():
+@pytest.mark.parametrize("m", [dc, da, pp], ids=["continuous", "antmaze", "pad_pretrain"])
+def test_expectile_loss(m):
     u = torch.tensor([-2.0, 1.0])
-    assert dc.expectile_loss(u, 0.7).item() == pytest.approx((0.3 * 4 + 0.7 * 1) / 2)
-    assert dc.expectile_loss(u, 0.5).item() == pytest.approx(0.5 * (4 + 1) / 2)
+    assert m.expectile_loss(u, 0.7).item() == pytest.approx((0.3 * 4 + 0.7 * 1) / 2)
+    assert m.expectile_loss(u, 0.9).item() == pytest.approx((0.1 * 4 + 0.9 * 1) / 2)
+    assert m.expectile_loss(u, 0.5).item() == pytest.approx(0.5 * (4 + 1) / 2)
+
+
+def expectile_by_hand(u, tau):
+    return (torch.where(u < 0, 1 - tau, tau) * u**2).mean()
+
+
+@DIVO_SCRIPTS
+def test_critic_loss_matches_eq_1(m):
+    """y = r + gamma (1 - d) min_i Q_theta'_i(s', clip(pi_phi'(s') + clip(noise), -1, 1)); the loss sums the twins'."""
+    agent = small_agent(m, gamma=0.9, policy_noise=0.4, noise_clip=0.3)
+    with torch.no_grad():  # a target actor that saturates, so that clipping the noisy action matters
+        agent.actor_target.net[-1].weight.mul_(10)
+    s, a, r, s2, not_done = batch()
+    critic, actor_t, critic_t = (copy.deepcopy(x) for x in (agent.critic, agent.actor_target, agent.critic_target))
+    torch.manual_seed(5)
+    metrics = agent.update_critic(s, a, r, s2, not_done)
+    torch.manual_seed(5)
+    noise = (torch.randn_like(a) * 0.4).clamp(-0.3, 0.3)
+    a2 = (actor_t(s2) + noise).clamp(-1, 1)
+    assert (actor_t(s2) + noise).abs().max() > 1 and (noise.abs() == 0.3).any()  # both clips are exercised
+    y = r + 0.9 * not_done * torch.minimum(*critic_t(s2, a2))
+    q1, q2 = critic(s, a)
+    expected = ((q1 - y) ** 2).mean() + ((q2 - y) ** 2).mean()
+    torch.testing.assert_close(metrics["losses/qf_loss"], expected.detach())
+    torch.testing.assert_close(metrics["losses/qf1_values"], q1.mean().detach())
+    assert not torch.equal(agent.critic.net[0].weight, critic.net[0].weight)  # the step was taken
+    for new, old in ((agent.critic_target, critic_t), (agent.actor_target, actor_t)):  # targets untouched
+        assert all(torch.equal(p, q) for p, q in zip(new.parameters(), old.parameters()))
+
+
+@DIVO_SCRIPTS
+def test_value_step_returns_the_advantage_of_eq_2(m):
+    """u = min_i Q_theta'_i(s, a) - V(s) with V before its step; L_V = mean |tau - 1(u < 0)| u^2."""
+    agent = small_agent(m, expectile=0.7)
+    s, a, *_ = batch()
+    value, critic_t = copy.deepcopy(agent.value), copy.deepcopy(agent.critic_target)
+    adv, v, q_data, metrics = agent.update_value(s, a)
+    q = critic_t(s, a).detach()
+    u = q.min(dim=0).values - value(s).detach()
+    torch.testing.assert_close(q_data, q)
+    torch.testing.assert_close(v, value(s).detach())
+    torch.testing.assert_close(adv, u)
+    assert (u > 0).any() and (u < 0).any()  # both sides of the expectile
+    torch.testing.assert_close(metrics["losses/value_loss"], expectile_by_hand(u, 0.7))
+    assert not torch.equal(agent.value.net[0].weight, value.net[0].weight)  # the step was taken
+
+
+@DIVO_SCRIPTS
+def test_actor_loss_matches_eq_13_and_polyak_update(m):
+    """L = -lambda mean Q_theta1(s, pi(s)) + mean ||pi(s) - a_bar||^2 / A, lambda = alpha / mean |Q_theta1|; then
+    theta' <- tau theta + (1 - tau) theta' for the target critics and the target actor (after its step)."""
+    agent = small_agent(m, alpha=2.5, tau=0.1)
+    s, a, *_ = batch()
+    a_bar = torch.rand_like(a) * 2 - 1
+    actor, critic = copy.deepcopy(agent.actor), copy.deepcopy(agent.critic)
+    old_actor_t, old_critic_t = copy.deepcopy(agent.actor_target), copy.deepcopy(agent.critic_target)
+    agent.critic_optimizer.zero_grad(set_to_none=True)
+    metrics = agent.update_actor(s, a_bar)
+    pi = actor(s)
+    q1 = critic(s, pi)[0]
+    bc = ((pi - a_bar) ** 2).sum(-1).mean() / 3
+    expected = -(2.5 / q1.abs().mean()) * q1.mean() + bc
+    torch.testing.assert_close(metrics["losses/actor_loss"], expected.detach())
+    torch.testing.assert_close(metrics["losses/bc_loss"], bc.detach())
+    assert not torch.equal(agent.actor.net[0].weight, actor.net[0].weight)  # the actor's step was taken
+    assert all(torch.equal(p, q) for p, q in zip(agent.critic.parameters(), critic.parameters()))  # not the critic's
+    assert all(p.grad is None for p in agent.critic.parameters())  # nor even a gradient for it (wasted kernels)
+    assert all(p.requires_grad for p in agent.critic.parameters())  # and the critic trains again afterwards
+    for target, old, online in ((agent.actor_target, old_actor_t, agent.actor), (agent.critic_target, old_critic_t,
+                                                                                 agent.critic)):
+        for new_p, old_p, online_p in zip(target.parameters(), old.parameters(), online.parameters()):
+            torch.testing.assert_close(new_p, 0.9 * old_p + 0.1 * online_p)
 
 
 def pad_weights(agent) -> tuple[list[float], dict]:
@@ -87,57 +138,132 @@ def pad_weights(agent) -> tuple[list[float], dict]:
     seen = {}
 
     def recording_loss(s, a, w):
-        seen["w"] = w
+        seen.update(s=s, a=a, w=w)
         return agent.diffusion.eps_model.net[0].weight.sum()
 
     agent.diffusion.loss = recording_loss
     s, a, *_ = batch(n=4)
     metrics = agent.update_pad(s, a, adv=torch.tensor([0.3, 0.0, -1.0, 2.0]))
+    assert seen["s"] is s and seen["a"] is a  # the whole batch, rows of weight 0 included
     return seen["w"].tolist(), metrics
 
 
-def test_pad_weights_are_binary_advantage_times_strength():
-    weights, metrics = pad_weights(small_agent(pad_strength=2.5))
+@DIVO_SCRIPTS
+def test_pad_weights_are_binary_advantage_times_strength(m):
+    weights, metrics = pad_weights(small_agent(m, pad_strength=2.5))
     assert weights == [2.5, 0.0, 0.0, 2.5]  # A = 0 is not positive
     assert metrics["pad/positive_fraction"].item() == pytest.approx(0.5)
 
 
-def test_adpo_target_choice():
+@DIVO_SCRIPTS
+def test_pad_step_trains_on_the_weighted_loss_of_the_whole_batch(m):
+    """Eq. (10): the PAD step's loss is the diffusion loss with weights zeta 1[A > 0] over the whole batch."""
+    agent = small_agent(m, pad_strength=2.0)
+    s, a, *_ = batch(n=16)
+    adv = torch.linspace(-1, 1, 16)
+    diffusion = copy.deepcopy(agent.diffusion)
+    torch.manual_seed(9)
+    metrics = agent.update_pad(s, a, adv)
+    torch.manual_seed(9)
+    expected = diffusion.loss(s, a, 2.0 * (adv > 0).float())
+    torch.testing.assert_close(metrics["losses/pad_loss"], expected.detach())
+    assert not torch.equal(agent.diffusion.eps_model.net[0].weight, diffusion.eps_model.net[0].weight)
+
+
+# ---------------------------------------------------------------------------------------------- ADPO, eq. (12)
+@DIVO_SCRIPTS
+def test_adpo_target_choice(m):
     a = torch.tensor([[0.0], [0.0], [0.0]])
     adv = torch.tensor([1.0, 1.0, 1.0])
     candidates = torch.tensor([[[0.1], [0.2], [0.3]], [[0.4], [0.5], [0.6]]])  # N = 2 candidates for 3 states
     cand_adv = torch.tensor([[2.0, 0.5, 1.0], [3.0, 0.9, 0.2]])
-    target, generated, target_adv = dc.adpo_target(a, adv, candidates, cand_adv)
+    target, generated, target_adv = m.adpo_target(a, adv, candidates, cand_adv, torch.zeros(2, 3))
     # state 0: candidate 2 is best (3.0 > 2.0 > 1.0); state 1: the data wins; state 2: a tie goes to the candidate
     assert target.squeeze(1).tolist() == pytest.approx([0.4, 0.0, 0.3])
     assert generated.tolist() == [True, False, True]
     assert target_adv.tolist() == [3.0, 1.0, 1.0]
-    # the variant --adpo-positive-only: a generated action needs a positive advantage of its own
-    adv = torch.tensor([-2.0, -2.0, -2.0])
-    cand_adv = torch.tensor([[-1.0, 0.5, -3.0], [-1.5, 0.2, -4.0]])
-    target, generated, target_adv = dc.adpo_target(a, adv, candidates, cand_adv, positive_only=True)
-    assert generated.tolist() == [False, True, False] and target.squeeze(1).tolist() == pytest.approx([0.0, 0.2, 0.0])
-    assert target_adv.tolist() == [-2.0, 0.5, -2.0]
-    assert dc.adpo_target(a, adv, candidates, cand_adv)[1].tolist() == [True, True, False]
+    # a penalty counts against its candidate: state 0 now picks candidate 1, whose own advantage is reported;
+    # state 2's tie is broken in favour of the data
+    penalty = torch.tensor([[0.0, 0.0, 0.5], [2.5, 0.0, 0.0]])
+    target, generated, target_adv = m.adpo_target(a, adv, candidates, cand_adv, penalty)
+    assert target.squeeze(1).tolist() == pytest.approx([0.1, 0.0, 0.0])
+    assert generated.tolist() == [True, False, False]
+    assert target_adv.tolist() == [2.0, 1.0, 1.0]
 
 
-def test_select_target_compares_advantages_of_samples_and_data():
-    agent = small_agent(num_candidates=3)
-    best = torch.tensor([0.5, -0.5, 0.25])
-    agent.critic_target = lambda s, a: -((a - best) ** 2).sum(-1).expand(2, -1)  # Q peaks at `best`
+@DIVO_SCRIPTS
+def test_adpo_candidates_are_samples_scored_by_the_target_critics(m):
+    """N samples per state (sample j of state i is row j B + i of the repeated states), their advantages
+    min_i Q'_i(s, a_hat) - V(s) and penalties kappa / 2 (|Q'_1 - Q'_2|(s, a_hat) + |Q'_1 - Q'_2|(s, a))."""
+    agent = small_agent(m, num_candidates=3, adpo_margin=1.0)
     s, a, *_ = batch(n=8)
+    seen = {}
+
+    def sample(s_n):  # sample j of state i: tanh(s_i[:3]) + 0.1 j, if the rows are laid out as documented
+        seen["s_n"] = s_n
+        return torch.tanh(s_n[:, :3]) + 0.1 * (torch.arange(len(s_n)) // 8)[:, None]
+
+    agent.diffusion.sample = sample
     v = torch.randn(8)
-    adv = -((a - best) ** 2).sum(-1) - v
-    agent.diffusion.sample = lambda s_rep: best.expand(len(s_rep), 3).clone()
-    target, weight, metrics = agent.select_target(s, a, v, adv)
-    torch.testing.assert_close(target, best.expand(8, 3))
-    assert metrics["adpo/generated_fraction"].item() == 1.0 and weight is None  # weight 1 everywhere, eq. (13)
-    agent.diffusion.sample = lambda s_rep: torch.full((len(s_rep), 3), -1.0)  # far worse than any data action
-    target, weight, metrics = agent.select_target(s, a, v, adv)
-    torch.testing.assert_close(target, a)
-    assert metrics["adpo/generated_fraction"].item() == 0.0
+    q_data = agent.critic_target(s, a)
+    candidates, cand_adv, penalty = agent.adpo_candidates(s, v, q_data)
+    assert candidates.shape == (3, 8, 3) and cand_adv.shape == penalty.shape == (3, 8)
+    torch.testing.assert_close(seen["s_n"], s.repeat(3, 1))
+    for j in range(3):
+        c = torch.tanh(s[:, :3]) + 0.1 * j
+        q = agent.critic_target(s, c)
+        torch.testing.assert_close(candidates[j], c)
+        torch.testing.assert_close(cand_adv[j], torch.minimum(q[0], q[1]) - v)
+        torch.testing.assert_close(penalty[j], 0.5 * ((q[0] - q[1]).abs() + (q_data[0] - q_data[1]).abs()))
 
 
+def linear_twin_critics(seed=0):
+    """Two different linear critics Q'_i(s, a) = w_i . [s, a], shape (2, B) like TwinCritic's."""
+    w = torch.randn(2, 8, generator=torch.Generator().manual_seed(seed))
+    return lambda s, a: torch.einsum("ij,bj->ib", w, torch.cat([s, a], -1))
+
+
+@DIVO_SCRIPTS
+def test_a_margin_of_two_lets_a_sample_win_only_where_both_critics_prefer_it(m):
+    """kappa = 2: a winner's min_i Q'_i exceeds the dataset action's by both disagreements, so each of Q'_1 and Q'_2
+    rates it at least as high as the dataset action. Without the margin, some winners lack one critic's backing."""
+    backed = {}
+    for kappa in (2.0, 0.0):
+        agent = small_agent(m, num_candidates=4, adpo_margin=kappa)
+        agent.critic_target = linear_twin_critics()
+        s, a, *_ = batch(n=512, seed=3)
+        v, q_data = torch.zeros(512), agent.critic_target(s, a)
+        torch.manual_seed(4)
+        target, generated, _ = m.adpo_target(a, q_data.min(0).values - v, *agent.adpo_candidates(s, v, q_data))
+        both = (agent.critic_target(s, target) >= q_data).all(dim=0)
+        assert generated.sum() >= 10, kappa
+        backed[kappa] = both[generated].float().mean().item()
+    assert backed[2.0] == 1.0 and backed[0.0] < 0.9
+
+
+@DIVO_SCRIPTS
+def test_without_a_margin_the_contest_is_the_papers(m):
+    """kappa = 0 (the default): no penalty, and the target is eq. (12) as the paper states it, written out per state:
+    the action of largest min_i Q'_i(s, .) - V(s) among {a, a_hat_1..N}, ties going to a sample."""
+    agent = small_agent(m, num_candidates=3)
+    assert agent.args.adpo_margin == 0.0
+    s, a, *_ = batch(n=64, seed=5)
+    with torch.no_grad():
+        v, q_data = agent.value(s), agent.critic_target(s, a)
+    torch.manual_seed(7)
+    candidates, cand_adv, penalty = agent.adpo_candidates(s, v, q_data)
+    assert torch.equal(penalty, torch.zeros(3, 64))
+    target, generated, _ = m.adpo_target(a, q_data.min(0).values - v, candidates, cand_adv, penalty)
+    with torch.no_grad():
+        for i in range(64):
+            options = [a[i]] + [candidates[j, i] for j in range(3)]
+            values = [agent.critic_target(s[i:i + 1], o[None]).min().item() - v[i].item() for o in options]
+            best = max(range(1, 4), key=lambda j: values[j])
+            assert torch.equal(target[i], options[best] if values[best] >= values[0] else a[i]), i
+    assert 0 < generated.sum() < 64  # both outcomes occur
+
+
+# ---------------------------------------------------------------------------------------------- diagnostics
 def hand_built_contest(agent):
     """Q'(s, a) = sum of a's entries, V = (0, 1, 0), N = 2 fixed candidates for 3 states."""
     agent.critic_target = lambda s, a: a.sum(-1).expand(2, -1)
@@ -150,32 +276,24 @@ def hand_built_contest(agent):
     return s, a, torch.stack(draws)
 
 
-def test_a2pr_bc_weight_imitates_only_targets_with_a_nonnegative_advantage():
-    agent = small_agent(num_candidates=2, bc_weight="a2pr")
-    s, a, draws = hand_built_contest(agent)
-    v = agent.value(s)
-    target, weight, metrics = agent.select_target(s, a, v, agent.target_q(s, a) - v)
-    torch.testing.assert_close(target, torch.stack([draws[0, 0], a[1], draws[0, 2]]))
-    assert weight.tolist() == [1.0, 1.0, 0.0]  # state 2: its best (a generated action, A = -1.2) is still negative
-    assert metrics["adpo/generated_fraction"].item() == pytest.approx(2 / 3)
-
-
-def test_adpo_diagnostics_on_a_hand_built_contest():
+@DIVO_SCRIPTS
+def test_adpo_diagnostics_on_a_hand_built_contest(m):
     """Gains, distances, and the check against the dataset actions of the nearest states, each by hand."""
-    agent = small_agent(num_candidates=2)
+    agent = small_agent(m, num_candidates=2)
     s, a, draws = hand_built_contest(agent)
     agent.actor = lambda s: torch.zeros(3, 3)
     s_ref = torch.tensor([[0.0] * 5, [10.0] * 5])  # the first reference state is nearest to every probe state
     a_ref = torch.tensor([[0.3, 0.3, 0.3], [-0.9, -0.9, -0.9]])  # Q' = 0.9 and -2.7
-    d = dc.Diagnostics.__new__(dc.Diagnostics)
+    d = m.Diagnostics.__new__(m.Diagnostics)
     d.probe, d.reference, d.neighbours = (s, a), (s_ref, a_ref), 1
-    row = d.adpo(agent)
+    row = d.contest(agent)
     target = torch.stack([draws[0, 0], a[1], draws[0, 2]])  # generated wins at states 0 and 2
     assert row["adpo/advantage_gain"] == pytest.approx((0.3 + 0.0 + 0.3) / 3)
     assert row["adpo/candidate_advantage_gain"] == pytest.approx(((0.3 - 1.5 + 0.3) + (-0.3 - 0.3 - 0.3)) / 6)
     assert row["adpo/candidate_distance"] == pytest.approx((draws - a).pow(2).mean().sqrt().item())
     assert row["adpo/actor_target_distance"] == pytest.approx(target.pow(2).mean().sqrt().item())
     assert row["adpo/actor_data_distance"] == pytest.approx(a.pow(2).mean().sqrt().item())
+    assert row["adpo/twin_disagreement"] == 0.0 and row["adpo/winners_backed_by_both"] == 1.0  # twins agree here
     # Q'(s, action) - 0.9 (the best nearby dataset Q'), and the RMS gap to the nearby dataset action (0.3, 0.3, 0.3)
     assert row["adpo/data_q_margin"] == pytest.approx(((0.3 - 0.9) + (1.5 - 0.9) + (-1.5 - 0.9)) / 3)
     assert row["adpo/data_action_gap"] == pytest.approx((0.2 + 0.2 + 0.8) / 3)
@@ -183,8 +301,28 @@ def test_adpo_diagnostics_on_a_hand_built_contest():
     assert row["adpo/winner_action_gap"] == pytest.approx((0.1 + 0.7) / 2)
 
 
-def test_pad_sample_quality_diagnostic_uses_the_positive_advantage_rows():
-    agent = small_agent()
+@DIVO_SCRIPTS
+def test_twin_critic_diagnostics_on_a_hand_built_contest(m):
+    """Q'_1 = a_1 + a_2 + a_3, Q'_2 = 3 a_1, V = 0. State 0: the sample wins and both critics prefer it; state 1:
+    it wins on min Q' (0.3 > 0) though Q'_2 rates the dataset action higher (0.6 > 0.3)."""
+    agent = small_agent(m, num_candidates=1)
+    agent.critic_target = lambda s, a: torch.stack([a.sum(-1), 3 * a[:, 0]])
+    agent.value = lambda s: torch.zeros(len(s))
+    agent.actor = lambda s: torch.zeros(len(s), 3)
+    s = torch.zeros(2, 5)
+    a = torch.tensor([[0.0, 0.0, 0.0], [0.2, 0.0, -0.2]])  # Q' = (0, 0) and (0, 0.6)
+    agent.diffusion.sample = lambda s_rep: torch.tensor([[0.3, -0.1, -0.1], [0.1, 0.1, 0.1]])  # (0.1, 0.9), (0.3, 0.3)
+    d = m.Diagnostics.__new__(m.Diagnostics)
+    d.probe, d.reference, d.neighbours = (s, a), (s[:1], a[:1]), 1
+    row = d.contest(agent)
+    assert row["adpo/advantage_gain"] == pytest.approx((0.1 + 0.3) / 2)
+    assert row["adpo/twin_disagreement"] == pytest.approx((0.0 + 0.6) / 2)
+    assert row["adpo/winners_backed_by_both"] == pytest.approx(0.5)
+
+
+@DIVO_SCRIPTS
+def test_pad_sample_quality_diagnostic_uses_the_positive_advantage_rows(m):
+    agent = small_agent(m)
     s, a = torch.randn(40, 5), torch.rand(40, 3) * 2 - 1
     agent.critic_target = lambda s_, a_: a_[:, 0].expand(2, -1)  # A > 0 where the first action entry is positive
     agent.value = lambda s_: torch.zeros(len(s_))
@@ -195,93 +333,40 @@ def test_pad_sample_quality_diagnostic_uses_the_positive_advantage_rows():
         return torch.full((len(states), 3), 0.5)
 
     agent.diffusion.sample = sample
-    d = dc.Diagnostics.__new__(dc.Diagnostics)
+    d = m.Diagnostics.__new__(m.Diagnostics)
     d.heldout, d.bandwidth = (s, a), 1.0
-    row = d.pad(agent)
+    row = d.sample_quality(agent)
     positive = a[:, 0] > 0
     assert row["pad/heldout_positive_fraction"] == pytest.approx(positive.float().mean().item())
     assert len(seen["s"]) == positive.sum()
-    expected = dc.wasserstein_per_dim(torch.full((int(positive.sum()), 3), 0.5), a[positive]).mean()
+    expected = m.wasserstein_per_dim(torch.full((int(positive.sum()), 3), 0.5), a[positive]).mean()
     assert row["pad/sample_wasserstein"] == pytest.approx(expected.item())
 
 
-def test_online_critic_variants_score_data_and_candidates_alike():
-    agent = small_agent(adpo_critic="online-q1")
-    agent.critic_target = lambda s, a: torch.full((2, len(a)), 100.0)  # would make every action equal
-    agent.critic = lambda s, a: torch.stack([-a.sum(-1), a.sum(-1)])  # Q1 prefers small actions
-    s, a = torch.zeros(2, 5), torch.full((2, 3), 0.5)
-    agent.diffusion.sample = lambda s_rep: torch.full((len(s_rep), 3), -0.5)
-    v = torch.zeros(2)
-    target, _, metrics = agent.select_target(s, a, v, adv=torch.full((2,), 1e9))  # adv from eq. (2) is not used
-    torch.testing.assert_close(target, torch.full((2, 3), -0.5))
-    agent.args = replace(agent.args, adpo_critic="online-min")  # min(-sum, sum) prefers large |sum|: a tie here
-    target, _, _ = agent.select_target(s, a, v, adv=torch.full((2,), 1e9))
-    torch.testing.assert_close(target, torch.full((2, 3), -0.5))  # ties go to the generated action
-
-
-def test_critic_loss_matches_eq_1():
-    agent = small_agent()
-    s, a, r, s2, not_done = batch()
-    critic, actor_t, critic_t = (copy.deepcopy(m) for m in (agent.critic, agent.actor_target, agent.critic_target))
-    torch.manual_seed(5)
-    metrics = agent.update_critic(s, a, r, s2, not_done)
-    torch.manual_seed(5)
-    noise = (torch.randn_like(a) * 0.2).clamp(-0.5, 0.5)
-    a2 = (actor_t(s2) + noise).clamp(-1, 1)
-    y = r + 0.99 * not_done * torch.minimum(*critic_t(s2, a2))
-    q1, q2 = critic(s, a)
-    expected = ((q1 - y) ** 2).mean() + ((q2 - y) ** 2).mean()
-    torch.testing.assert_close(metrics["losses/qf_loss"], expected.detach())
-    assert not torch.equal(agent.critic.net[0].weight, critic.net[0].weight)  # the step was taken
-    torch.testing.assert_close(agent.critic_target.net[0].weight, critic_t.net[0].weight)  # targets untouched
-
-
-def test_value_step_returns_the_advantage_of_eq_2():
-    agent = small_agent()
-    s, a, *_ = batch()
-    value, critic_t = copy.deepcopy(agent.value), agent.critic_target
-    v, adv, metrics = agent.update_value(s, a)
-    q = critic_t(s, a).min(dim=0).values
-    torch.testing.assert_close(v, value(s).detach())
-    torch.testing.assert_close(adv, q - value(s).detach())
-    torch.testing.assert_close(metrics["losses/value_loss"], dc.expectile_loss(adv, 0.7))
-
-
-def test_actor_loss_matches_eq_13_and_polyak_update():
-    agent = small_agent(alpha=2.5, tau=0.1)
-    s, a, *_ = batch()
-    a_bar = torch.rand_like(a) * 2 - 1
-    actor, critic, old_target = copy.deepcopy(agent.actor), copy.deepcopy(agent.critic), copy.deepcopy(agent.actor_target)
-    weight = (torch.arange(32) % 3 > 0).float()  # A2PR-style weights; 1 everywhere in eq. (13)
-    metrics = agent.update_actor(s, a_bar, weight)
-    pi = actor(s)
-    q1 = critic(s, pi)[0]
-    bc = (weight * ((pi - a_bar) ** 2).sum(-1)).mean() / 3
-    expected = -(2.5 / q1.abs().mean()) * q1.mean() + bc
-    torch.testing.assert_close(metrics["losses/actor_loss"], expected.detach())
-    torch.testing.assert_close(metrics["losses/bc_loss"], bc.detach())
-    for new, old, online in zip(agent.actor_target.parameters(), old_target.parameters(), agent.actor.parameters()):
-        torch.testing.assert_close(new, 0.9 * old + 0.1 * online)
-
-
-def test_update_order_and_delayed_actor():
-    agent = small_agent()
-    actor_before = copy.deepcopy(agent.actor.state_dict())
-    metrics = agent.update(batch(), update_actor=False)
+# ---------------------------------------------------------------------------------------------- one iteration
+@DIVO_SCRIPTS
+def test_only_actor_steps_move_the_actor_and_the_targets(m):
+    """Delayed updates (TD3): without the actor step, the critic, V and the diffusion model train; the actor and every
+    target network stay. With it, all six move. (The loop's choice of actor steps: test_wiring.py.)"""
+    agent = small_agent(m)
+    before = snapshot(m, agent)
+    metrics = agent.update(batch(), actor_step=False)
     assert set(metrics) == {"losses/qf_loss", "losses/qf1_values", "losses/value_loss", "losses/pad_loss",
                             "pad/positive_fraction"}
-    assert all(torch.equal(actor_before[k], v) for k, v in agent.actor.state_dict().items())
-    metrics = agent.update(batch(), update_actor=True)
+    assert changed(m, agent, before) == {"critic", "value", "diffusion"}
+    before = snapshot(m, agent)
+    metrics = agent.update(batch(seed=2), actor_step=True)
     assert {"losses/actor_loss", "losses/bc_loss", "adpo/generated_fraction"} <= set(metrics)
-    assert not torch.equal(actor_before["net.0.weight"], agent.actor.state_dict()["net.0.weight"])
+    assert changed(m, agent, before) == {"critic", "value", "diffusion", "actor", "actor_target", "critic_target"}
 
 
-def test_frozen_pad_skips_the_diffusion_step():
-    agent = small_agent(freeze_pad=True, pad_checkpoint="pretrained.pt")  # Args does not open the file
-    before = copy.deepcopy(agent.diffusion.state_dict())
-    metrics = agent.update(batch(), update_actor=True)
-    assert "losses/pad_loss" not in metrics
-    assert all(torch.equal(before[k], v) for k, v in agent.diffusion.state_dict().items())
+@DIVO_SCRIPTS
+def test_frozen_pad_skips_the_diffusion_step(m):
+    agent = small_agent(m, freeze_pad=True)  # Args does not check that a --pad-checkpoint goes with it
+    before = snapshot(m, agent)
+    metrics = agent.update(batch(), actor_step=True)
+    assert "losses/pad_loss" not in metrics and "adpo/generated_fraction" in metrics
+    assert "diffusion" not in changed(m, agent, before)
 
 
 def test_twin_critic_members_are_independent_linear_stacks():
@@ -338,12 +423,6 @@ def test_dataset_summary_counts_episodes_and_returns(tmp_path):
     assert f"episodes   2, mean length 5, normalised return min {low:.1f}  mean" in text and f"max {high:.1f}" in text
     assert "10 rows -> 9 transitions" in text  # the last row (also episode 2's timeout) is dropped
     assert "terminals 11.1111% of transitions" in text  # one terminal among 9 transitions
-
-
-def test_scores():
-    np.testing.assert_allclose(dc.normalized_score("hopper", [-20.272305, 3234.3]), [0.0, 100.0])
-    assert dc.normalized_score("halfcheetah", [12135.0 / 2 - 280.178953 / 2])[0] == pytest.approx(50.0)
-    assert dc.normalized_score("walker2d", [1.629008])[0] == pytest.approx(0.0)
 
 
 def test_env_ids_and_urls(monkeypatch, tmp_path):
@@ -453,25 +532,29 @@ def test_foreign_and_corrupt_checkpoints_are_refused(tmp_path):
         dc.load_checkpoint(str(tmp_path / "nothing.pt"), "divo_continuous")
 
 
-def test_compiled_updates_compute_the_same_losses_and_weights():
+def test_compiled_updates_compute_the_same_losses_and_weights(monkeypatch):
     """--compile: the same losses and parameters as eager on the same batches and seeds.
 
     The "aot_eager" backend runs TorchDynamo's graph capture and AOTAutograd (where a compiled update could
     diverge from eager) without inductor's C++ build, which takes minutes on a small CPU.
     """
     eager, compiled = small_agent(), small_agent()
-    compiled.compile(backend="aot_eager")
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn: real_compile(fn, backend="aot_eager"))
+    dc.compile_updates(compiled)
+    assert all(hasattr(getattr(compiled, name), "_torchdynamo_orig_callable") for name in
+               ("update_critic", "update_value", "update_pad", "adpo_candidates", "update_actor"))
     for step in range(4):
         torch.manual_seed(100 + step)
-        m_eager = eager.update(batch(seed=step), update_actor=step % 2 == 0)
+        m_eager = eager.update(batch(seed=step), actor_step=step % 2 == 0)
         torch.manual_seed(100 + step)
-        m_compiled = compiled.update(batch(seed=step), update_actor=step % 2 == 0)
+        m_compiled = compiled.update(batch(seed=step), actor_step=step % 2 == 0)
         assert m_eager.keys() == m_compiled.keys()
         for key in m_eager:
             torch.testing.assert_close(m_compiled[key], m_eager[key], rtol=1e-5, atol=1e-6)
-    for name, module in eager.modules().items():
+    for name, module in dc.networks(eager).items():
         for key, value in module.state_dict().items():
-            torch.testing.assert_close(compiled.modules()[name].state_dict()[key], value, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(dc.networks(compiled)[name].state_dict()[key], value, rtol=1e-5, atol=1e-6)
 
 
 def test_rewards_of_the_wrong_width_are_refused_not_truncated(tmp_path):
@@ -481,31 +564,32 @@ def test_rewards_of_the_wrong_width_are_refused_not_truncated(tmp_path):
         dc.load_d4rl_file(str(path), 11, 3)
 
 
-# ---------------------------------------------------------------------------------------------- modes and variants
-def test_no_adpo_is_the_td3bc_backbone():
+# ---------------------------------------------------------------------------------------------- modes
+@DIVO_SCRIPTS
+def test_no_adpo_is_the_td3bc_backbone(m):
     """--no-adpo: no diffusion model and no value net exist, only the critic and actor steps run, the BC target is a."""
-    agent = small_agent(adpo=False)
-    assert set(agent.modules()) == {"actor", "actor_target", "critic", "critic_target"}
-    assert set(agent.optimizers()) == {"actor_optimizer", "critic_optimizer"}
+    agent = small_agent(m, adpo=False)
+    assert set(m.networks(agent)) == {"actor", "actor_target", "critic", "critic_target"}
+    assert set(m.optimizers(agent)) == {"actor_optimizer", "critic_optimizer"}
     seen = {}
     update_actor = agent.update_actor
-    agent.update_actor = lambda s, a_bar, w: seen.update(a_bar=a_bar, w=w) or update_actor(s, a_bar, w)
+    agent.update_actor = lambda s, a_bar: seen.update(a_bar=a_bar) or update_actor(s, a_bar)
     s, a, *rest = batch()
-    metrics = agent.update((s, a, *rest), update_actor=True)
+    metrics = agent.update((s, a, *rest), actor_step=True)
     assert set(metrics) == {"losses/qf_loss", "losses/qf1_values", "losses/actor_loss", "losses/bc_loss"}
-    assert seen["a_bar"] is a and seen["w"] is None
+    assert seen["a_bar"] is a
 
 
-def test_no_pad_trains_the_diffusion_model_on_every_action():
+@DIVO_SCRIPTS
+def test_no_pad_trains_the_diffusion_model_on_every_action(m):
     """--no-pad: uniform weights zeta in the diffusion loss, whatever the advantage; ADPO still runs."""
-    weights, metrics = pad_weights(small_agent(pad=False, pad_strength=2.0))
+    weights, metrics = pad_weights(small_agent(m, pad=False, pad_strength=2.0))
     assert weights == [2.0, 2.0, 2.0, 2.0]
     assert metrics["pad/positive_fraction"].item() == pytest.approx(0.5)  # still logged: the share PAD would keep
-    assert "adpo/generated_fraction" in small_agent(pad=False).update(batch(), update_actor=True)
+    assert "adpo/generated_fraction" in small_agent(m, pad=False).update(batch(), actor_step=True)
 
 
-def test_adpo_start_imitates_the_dataset_action_first():
-    agent = small_agent()
-    agent.select_target = lambda *args: pytest.fail("ADPO must not run before --adpo-start")
-    metrics = agent.update(batch(), update_actor=True, use_adpo=False)
-    assert "adpo/generated_fraction" not in metrics and "losses/pad_loss" in metrics  # PAD trains all along
+def test_antmaze_alpha_follows_the_maze():
+    assert [da.Args(env_id=f"antmaze-{task}-v2").alpha for task in ("umaze", "medium-play", "large-diverse")] == \
+        [2.5, 7.5, 20.0]
+    assert da.Args(env_id="antmaze-large-play-v2", alpha=1.0).alpha == 1.0

@@ -11,7 +11,7 @@ import torch
 
 import divo_continuous as dc
 import pad_pretrain as pp
-from conftest import run_script, write_d4rl_file
+from conftest import perturb, run_script, write_d4rl_file
 from test_divo_antmaze import antmaze_file
 
 PAD_TINY = ["--hidden-dim", "32", "--num-layers", "2", "--batch-size", "64", "--log-freq", "20", "--holdout", "40",
@@ -21,11 +21,16 @@ DIVO_TINY = ["--hidden-dim", "32", "--num-layers", "2", "--batch-size", "64", "-
 
 
 def test_pretraining_losses_are_in_sample():
-    """Q regresses on r + gamma (1 - d) V(s'), V on the expectile of min Q', PAD weights 1[A > 0]."""
-    args = pp.Args(hidden_dim=16, num_layers=2, gamma=0.9, critic_lr=3e-4, expectile=0.7, reward_transform="none")
+    """Q regresses on r + gamma (1 - d) V(s'), V on the expectile of min Q' (target critics), PAD weights
+    zeta 1[A > 0], then the target critics' Polyak step."""
+    args = pp.Args(hidden_dim=16, num_layers=2, gamma=0.9, critic_lr=3e-4, expectile=0.7, reward_transform="none",
+                   pad_strength=2.0)
     torch.manual_seed(0)
     pretrainer = pp.PADPretrainer(5, 3, args, torch.device("cpu"))
+    perturb(pretrainer.critic_target)  # target critics unlike the online ones, as after any training
     s, a, r, s2 = torch.randn(32, 5), torch.rand(32, 3) * 2 - 1, torch.randn(32), torch.randn(32, 5)
+    with torch.no_grad():  # V in the middle of min Q': advantages of both signs
+        pretrainer.value.net[-1].bias += (pretrainer.critic_target(s, a).min(0).values - pretrainer.value(s)).median() + 1e-3
     not_done = (torch.rand(32) > 0.2).float()
     value, critic, critic_t = (copy.deepcopy(m) for m in (pretrainer.value, pretrainer.critic, pretrainer.critic_target))
     seen, loss = {}, pretrainer.diffusion.loss
@@ -37,13 +42,27 @@ def test_pretraining_losses_are_in_sample():
     pretrainer.diffusion.loss = recording_loss
     metrics = pretrainer.update((s, a, r, s2, not_done))
     u = critic_t(s, a).min(0).values - value(s)
-    torch.testing.assert_close(metrics["losses/value_loss"], pp.expectile_loss(u, 0.7).detach())
+    assert (u > 0).any() and (u < 0).any()
+    torch.testing.assert_close(metrics["losses/value_loss"], (torch.where(u < 0, 0.3, 0.7) * u**2).mean().detach())
     y = r + 0.9 * not_done * pretrainer.value(s2)  # V after its own step, as in IQL
     q = critic(s, a)
     torch.testing.assert_close(metrics["losses/qf_loss"], ((q - y) ** 2).mean(1).sum().detach())
-    torch.testing.assert_close(seen["w"], (u > 0).float())
+    torch.testing.assert_close(seen["w"], 2.0 * (u > 0).float())
     for new, old, online in zip(pretrainer.critic_target.parameters(), critic_t.parameters(), pretrainer.critic.parameters()):
         torch.testing.assert_close(new, 0.995 * old + 0.005 * online)
+
+
+def test_pretraining_pad_weights_are_binary_advantage_times_strength():
+    """Eq. (10) in pretraining: w = zeta 1[A > 0], A = min_i Q'_i(s, a) - V(s); A = 0 is not positive."""
+    pretrainer = pp.PADPretrainer(5, 3, pp.Args(hidden_dim=16, num_layers=1, pad_strength=2.5), torch.device("cpu"))
+    advantages = torch.tensor([0.3, 0.0, -1.0, 2.0])
+    pretrainer.target_q = lambda s, a: pretrainer.value(s) + advantages  # (V + 0) - V is exactly 0
+    seen, loss = {}, pretrainer.diffusion.loss
+    pretrainer.diffusion.loss = lambda s, a, w: seen.update(w=w) or loss(s, a, w)
+    metrics = pretrainer.update((torch.randn(4, 5), torch.rand(4, 3) * 2 - 1, torch.randn(4), torch.randn(4, 5),
+                                 torch.ones(4)))
+    assert seen["w"].tolist() == [2.5, 0.0, 0.0, 2.5]
+    assert metrics["pad/positive_fraction"].item() == pytest.approx(0.5)
 
 
 def test_distances():
