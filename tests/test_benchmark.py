@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, write_d4rl_file
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import benchmark  # noqa: E402
@@ -57,9 +57,10 @@ def test_bad_arguments_are_one_error_line_before_any_work(tmp_path, capsys, monk
 
 def test_packed_copies_report_aggregate_rates_and_the_grid_cost(tmp_path):
     """--runs-per-gpu: K processes side by side (on the CPU here); the grid's cost follows from the two rates."""
-    out = run_script("tools/benchmark.py", "--env-id", "hopper-medium-v2", "--hidden-dim", "16", "--num-layers", "1",
-                     "--steps", "20", "--warmup", "2", "--modes", "eager", "--no-parts", "--runs-per-gpu", "2",
-                     "--no-cuda", cwd=tmp_path, env={"D4RL_DATASET_DIR": str(tmp_path / "none")}).stdout
+    write_d4rl_file(tmp_path / "small.hdf5")  # not a million random transitions in every process
+    out = run_script("tools/benchmark.py", "--env-id", "hopper-medium-v2", "--dataset-path", tmp_path / "small.hdf5",
+                     "--hidden-dim", "16", "--num-layers", "1", "--steps", "20", "--warmup", "2", "--modes", "eager",
+                     "--no-parts", "--runs-per-gpu", "2", "--no-cuda", cwd=tmp_path).stdout
     rows = re.findall(r"\n  eager\s+(\d)\s+([\d,]+)\s+([\d,]+)\s+([\d.]+)", out)
     assert [int(k) for k, *_ in rows] == [2], out
     for _, divo, backbone, hours in rows:

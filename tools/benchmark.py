@@ -182,32 +182,35 @@ def time_mode(module, args: Args, data: dict, mode: Mode, device: torch.device, 
     return steps_per_second(step, args.steps, args.warmup, device, timings)
 
 
-def packed_worker(args: Args, mode: Mode, overrides: dict, barrier, results) -> None:
-    """One of K copies: build, warm up, wait for the others, then time the same steps as they do."""
+def packed_worker(args: Args, mode: Mode, barrier, results) -> None:
+    """One of K copies: DIVO, then its backbone; each built and warmed up, then timed when every copy is ready."""
     module = load_script(args)
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     if device.type == "cpu":  # K copies share the cores
         torch.set_num_threads(1)
     obs_dim, act_dim = shapes(module, args.env_id)
     data, _ = load_data(module, args, obs_dim, act_dim, device)
-    step = train_step_of(module, args, data, mode, device, obs_dim, act_dim, **overrides)
-    steps_per_second(step, 0, args.warmup, device)  # the warm-up only (compilation, graph capture)
-    barrier.wait()
-    results.put(steps_per_second(step, args.steps, 0, device))
+    for name, overrides in (("divo", {}), ("backbone", {"adpo": False})):
+        step = train_step_of(module, args, data, mode, device, obs_dim, act_dim, **overrides)
+        steps_per_second(step, 0, args.warmup, device)  # the warm-up only (compilation, graph capture)
+        barrier.wait()
+        results.put((name, steps_per_second(step, args.steps, 0, device)))
 
 
-def time_packed(args: Args, mode: Mode, copies: int, **overrides) -> float:
-    """Aggregate steps per second of `copies` processes running the iteration side by side."""
+def time_packed(args: Args, mode: Mode, copies: int) -> dict[str, float]:
+    """Aggregate steps per second of `copies` processes running the iteration side by side, DIVO and backbone."""
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     barrier, results = context.Barrier(copies), context.Queue()
-    workers = [context.Process(target=packed_worker, args=(args, mode, overrides, barrier, results))
-               for _ in range(copies)]
+    workers = [context.Process(target=packed_worker, args=(args, mode, barrier, results)) for _ in range(copies)]
     for worker in workers:
         worker.start()
-    rates = [results.get() for _ in workers]
+    rates: dict[str, list[float]] = {"divo": [], "backbone": []}
+    for _ in range(2 * copies):
+        name, rate = results.get()
+        rates[name].append(rate)
     for worker in workers:
         worker.join()
-    return copies / max(1 / rate for rate in rates) if all(rates) else 0.0  # the slowest copy sets the pace
+    return {name: copies * min(values) for name, values in rates.items()}  # the slowest copy sets the pace
 
 
 def time_parts(module, args: Args, data: dict, device: torch.device, obs_dim: int, act_dim: int) -> dict[str, float]:
@@ -271,7 +274,8 @@ def print_packed(args: Args, device: torch.device) -> None:
         if "cudagraphs" in mode and device.type != "cuda":
             continue
         for copies in args.runs_per_gpu:
-            divo, backbone = time_packed(args, mode, copies), time_packed(args, mode, copies, adpo=False)
+            rates = time_packed(args, mode, copies)
+            divo, backbone = rates["divo"], rates["backbone"]
             hours = grid_runs * grid_steps * (1 / divo + 1 / backbone) / 3600
             print(f"  {mode:<20}{copies:>3}{divo:>10,.0f}{backbone:>10,.0f}{hours:>20.1f}", flush=True)
 
