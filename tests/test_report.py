@@ -319,14 +319,15 @@ def test_bad_arguments_are_one_error_line_before_any_file(tmp_path, capsys, monk
 
 def test_versus_names_each_difference_with_its_interval_and_verdict(tmp_path):
     """--versus td3bc: task A is beaten by far, task B is a tie, task C has too few runs for a verdict; each cell's mean,
-    IQM and difference by hand, and the overall IQM difference and probability of improvement."""
-    cells = {("td3bc", "A"): [10, 20, 30, 40], ("divo", "A"): [50, 60, 70, 80],
+    IQM and difference by hand, and the overall IQM difference and probability of improvement, over the tasks each
+    label shares with td3bc (a pilot run on task A only does not shrink divo's)."""
+    cells = {("td3bc", "A"): [10, 20, 30, 40], ("divo", "A"): [50, 60, 70, 80], ("pilot", "A"): [0, 5, 10, 15],
              ("td3bc", "B"): [10, 30, 50, 70], ("divo", "B"): [15, 25, 55, 65],
              ("td3bc", "C"): [10, 20, 30], ("divo", "C"): [90, 95]}
     for (label, task), scores in cells.items():
         for seed, score in enumerate(scores):
             args = {"exp_name": label, "seed": seed, "env_id": "hopper-medium-v2", "dataset_path": f"/d/{task}.hdf5",
-                    "total_timesteps": 100, "adpo": label == "divo", "pad": True}
+                    "total_timesteps": 100, "adpo": label != "td3bc", "pad": True}
             write_run(tmp_path / "runs", f"{task}__{label}__{seed}", args, {"normalized_score_mean": score})
     runs = report.collect_runs([str(tmp_path / "runs")])
     written = report.make_report(runs, str(tmp_path / "out"), reps=REPS, profile_reps=20, versus="td3bc")
@@ -338,12 +339,14 @@ def test_versus_names_each_difference_with_its_interval_and_verdict(tmp_path):
     assert b["verdict"] == "ties" and c["verdict"] == "(fewer than 3 runs)"
     assert found["A", "td3bc"]["mean"] == 25.0 and a["iqm"][0] == pytest.approx(trim_mean([50, 60, 70, 80], 0.25))
     assert a["iqm"][1] <= a["iqm"][0] <= a["iqm"][2] and "difference" not in found["A", "td3bc"]
-    overall = result["overall"]
-    assert overall["tasks"] == ["A", "B", "C"] and overall["runs_per_task"] == 2  # C's divo has 2 runs
-    entry = overall["labels"]["divo"]
+    entry, pilot = result["overall"]["labels"]["divo"], result["overall"]["labels"]["pilot"]
+    assert entry["tasks"] == ["A", "B", "C"] and entry["runs_per_task"] == 2  # C's divo has 2 runs
+    assert pilot["tasks"] == ["A"] and pilot["runs_per_task"] == 4 and pilot["verdict"] == "trails"
+    assert pilot["iqm_difference"][0] == pytest.approx(trim_mean([0, 5, 10, 15], 0.25) - trim_mean([10, 20, 30, 40], 0.25))
     # IQM over the first two runs of each cell: divo (50, 60, 15, 25, 90, 95), td3bc (10, 20, 10, 30, 10, 20)
     expected = trim_mean([50, 60, 15, 25, 90, 95], 0.25) - trim_mean([10, 20, 10, 30, 10, 20], 0.25)
     assert entry["iqm_difference"][0] == pytest.approx(expected) and entry["verdict"] == "(fewer than 3 runs)"
     assert 0.5 < entry["probability_of_improvement"][0] <= 1.0
     text = (tmp_path / "out" / "versus.md").read_text()
     assert "| A | divo | 4 | 65.0 ± 11.2 |" in text and "+40.0 [" in text and "| beats |" in text and "versus.md" in written
+    assert "| divo | 3 | 2 | " in text and "| pilot | 1 | 4 | " in text

@@ -513,7 +513,7 @@ def pair_metrics(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def compare_labels(runs: list[Run], reference: str, reps: int, seed: int = 0) -> dict:
     """Every label against `reference`: per task (cells: mean, std, IQM, difference of means, verdict), and over the
-    tasks every label has (IQM difference and probability of improvement, stratified bootstrap intervals)."""
+    tasks each label shares with it (IQM difference and probability of improvement, stratified bootstrap intervals)."""
     groups = group_runs(runs)
     labels = sorted({label for label, _ in groups})
     if reference not in labels:
@@ -532,16 +532,18 @@ def compare_labels(runs: list[Run], reference: str, reps: int, seed: int = 0) ->
                 cell["verdict"] = verdict(*cell["difference"][1:], min(len(x), len(ref)))
             cells.append(cell)
         result["tasks"].append({"task": task, "cells": cells})
-    score_dict, common, k, _ = aggregate_inputs([r for r in runs if r.label in labels])
-    result["overall"] = {"tasks": common, "runs_per_task": k, "labels": {}}
-    for label in [lab for lab in labels if lab != reference and lab in score_dict]:
+    result["overall"] = {"labels": {}}
+    for label in [lab for lab in labels if lab != reference]:  # over the tasks this label shares with the reference
+        score_dict, common, k, _ = aggregate_inputs([r for r in runs if r.label in (label, reference)])
+        if not common:
+            continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             point, interval = rly.get_interval_estimates({"pair": (score_dict[label], score_dict[reference])},
                                                          pair_metrics, reps=reps, random_state=np.random.RandomState(seed))
         difference = (100 * point["pair"][0], 100 * interval["pair"][0, 0], 100 * interval["pair"][1, 0])
         result["overall"]["labels"][label] = {
-            "iqm_difference": difference, "verdict": verdict(*difference[1:], k),
+            "tasks": common, "runs_per_task": k, "iqm_difference": difference, "verdict": verdict(*difference[1:], k),
             "probability_of_improvement": (point["pair"][1], interval["pair"][0, 1], interval["pair"][1, 1])}
     return result
 
@@ -560,13 +562,14 @@ def format_versus(result: dict, at_step: Optional[list[int]] = None) -> str:
                             "(reference) | |"))
     overall = result["overall"]
     if overall["labels"]:
-        lines += ["", f"Over the {len(overall['tasks'])} tasks every label has ({overall['runs_per_task']} runs of each "
-                  "label per task):", "",
-                  f"| label | IQM − IQM of {ref} [95% CI] | P(a run beats a {ref} run) [95% CI] | verdict |",
-                  "|:--|--:|--:|:--|"]
+        lines += ["", f"Over the tasks each label shares with {ref} (the first k seeds of each cell, k the fewest "
+                  "seeds among them):", "",
+                  f"| label | tasks | k | IQM − IQM of {ref} [95% CI] | P(a run beats a {ref} run) [95% CI] | verdict |",
+                  "|:--|--:|--:|--:|--:|:--|"]
         for label, entry in overall["labels"].items():
             d, p = entry["iqm_difference"], entry["probability_of_improvement"]
-            lines.append(f"| {label} | {d[0]:+.1f} [{d[1]:+.1f}, {d[2]:+.1f}] | {p[0]:.2f} [{p[1]:.2f}, {p[2]:.2f}] | "
+            lines.append(f"| {label} | {len(entry['tasks'])} | {entry['runs_per_task']} | "
+                         f"{d[0]:+.1f} [{d[1]:+.1f}, {d[2]:+.1f}] | {p[0]:.2f} [{p[1]:.2f}, {p[2]:.2f}] | "
                          f"{entry['verdict']} |")
     lines += ["", "Scores: " + (scored_at(at_step) + " mean over its episodes)" if at_step else
                                  "each run's final D4RL normalised score (the last policy's mean over its episodes)")
