@@ -144,7 +144,6 @@ class Args:
     eval_threads: int = 0
     """threads that step the evaluation envs in parallel (0: one per CPU core)"""
 
-
     # Run management (where a run writes, how it resumes or starts, how fast it runs): RunArgs,
     # below the plumbing banner. The command line is RunArgs; check_args checks every range.
 

@@ -110,7 +110,6 @@ class Args:
     num_layers: int = 3
     """number of hidden layers of every network"""
 
-
     # Run management (where a run writes, how it resumes, how fast it runs): RunArgs, below the
     # plumbing banner. The command line is RunArgs; check_args checks every range.
 
