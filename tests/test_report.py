@@ -350,3 +350,28 @@ def test_versus_names_each_difference_with_its_interval_and_verdict(tmp_path):
     text = (tmp_path / "out" / "versus.md").read_text()
     assert "| A | divo | 4 | 65.0 ± 11.2 |" in text and "+40.0 [" in text and "| beats |" in text and "versus.md" in written
     assert "| divo | 3 | 2 | " in text and "| pilot | 1 | 4 | " in text
+
+
+def test_every_interval_is_the_same_on_a_rerun_and_the_global_numpy_generator_is_left_alone(tmp_path):
+    """rliable draws its resampling indices from numpy's global generator whatever random_state says: the report seeds
+    it per call, so the same runs give the same intervals in every process, whatever state numpy was left in, and
+    numpy's state after a report is what it was before."""
+    rng = np.random.default_rng(1)
+    cells = {(label, task): rng.uniform(0, 100, 5) for label in ("td3bc", "divo") for task in ("A", "B")}
+    for (label, task), scores in cells.items():
+        for seed, score in enumerate(scores):
+            args = {"exp_name": label, "seed": seed, "env_id": "hopper-medium-v2", "dataset_path": f"/d/{task}.hdf5",
+                    "total_timesteps": 100, "adpo": label != "td3bc", "pad": True}
+            write_run(tmp_path / "runs", f"{task}__{label}__{seed}", args, {"normalized_score_mean": float(score)})
+    runs = report.collect_runs([str(tmp_path / "runs")])
+    score_dict = report.aggregate_inputs(runs)[0]
+    outcomes = []
+    for global_seed in (0, 1):
+        np.random.seed(global_seed)
+        before = np.random.get_state()[1].copy()
+        outcomes.append((json.dumps(report.compare_labels(runs, "td3bc", REPS), default=float),
+                         [np.asarray(x).tolist() for x in report.compute_aggregates(score_dict, REPS)[1].values()]))
+        assert (np.random.get_state()[1] == before).all()
+    assert outcomes[0] == outcomes[1]
+    # and the seed matters: another seed gives other intervals (the bootstrap is not degenerate here)
+    assert json.dumps(report.compare_labels(runs, "td3bc", REPS, seed=1), default=float) != outcomes[0][0]

@@ -21,6 +21,7 @@ From Python (e.g. at the end of a sweep):
     make_report(collect_runs(["runs/sweep_a"]), "report/sweep_a")
 """
 
+import contextlib
 import json
 import math
 import os
@@ -464,12 +465,26 @@ def aggregate_metrics(scores: np.ndarray) -> np.ndarray:
                      metrics.aggregate_mean(scores), metrics.aggregate_optimality_gap(scores)])
 
 
+@contextlib.contextmanager
+def seeded_bootstrap(seed: int):
+    """Run rliable's bootstraps reproducibly. rliable 1.2 draws its resampling indices with np.random.choice, from
+    numpy's global generator, whatever random_state it is given (which arch only uses for its own draws), so an
+    unseeded call gives other intervals each time: seed the global generator for the call and restore it after."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        with warnings.catch_warnings():  # arch deprecates random_state; rliable 1.2 only passes that one
+            warnings.simplefilter("ignore", FutureWarning)
+            yield np.random.RandomState(seed)
+    finally:
+        np.random.set_state(state)
+
+
 def compute_aggregates(score_dict: dict[str, np.ndarray], reps: int, seed: int = 0) -> tuple[dict, dict]:
     """Point estimates and 95% stratified bootstrap CIs (2 x 4 per label), back on the 0-100 scale."""
-    with warnings.catch_warnings():  # arch deprecates random_state; rliable 1.2 only passes that one
-        warnings.simplefilter("ignore", FutureWarning)
+    with seeded_bootstrap(seed) as random_state:
         points, intervals = rly.get_interval_estimates(score_dict, aggregate_metrics, reps=reps,
-                                                       random_state=np.random.RandomState(seed))
+                                                       random_state=random_state)
     return ({label: 100 * value for label, value in points.items()},
             {label: 100 * value for label, value in intervals.items()})
 
@@ -489,10 +504,9 @@ def verdict(low: float, high: float, runs: int) -> str:
 
 def iqm_interval(scores: np.ndarray, reps: int, seed: int = 0) -> tuple[float, float, float]:
     """IQM of one cell's runs (0-100 scale) with rliable's 95% bootstrap interval."""
-    with warnings.catch_warnings():  # arch deprecates random_state; rliable 1.2 only passes that one
-        warnings.simplefilter("ignore", FutureWarning)
+    with seeded_bootstrap(seed) as random_state:
         point, interval = rly.get_interval_estimates({"x": scores[:, None] / 100}, metrics.aggregate_iqm, reps=reps,
-                                                     random_state=np.random.RandomState(seed))
+                                                     random_state=random_state)
     low, high = np.ravel(interval["x"])
     return 100 * float(point["x"]), 100 * float(low), 100 * float(high)
 
@@ -537,10 +551,9 @@ def compare_labels(runs: list[Run], reference: str, reps: int, seed: int = 0) ->
         score_dict, common, k, _ = aggregate_inputs([r for r in runs if r.label in (label, reference)])
         if not common:
             continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
+        with seeded_bootstrap(seed) as random_state:
             point, interval = rly.get_interval_estimates({"pair": (score_dict[label], score_dict[reference])},
-                                                         pair_metrics, reps=reps, random_state=np.random.RandomState(seed))
+                                                         pair_metrics, reps=reps, random_state=random_state)
         difference = (100 * point["pair"][0], 100 * interval["pair"][0, 0], 100 * interval["pair"][1, 0])
         result["overall"]["labels"][label] = {
             "tasks": common, "runs_per_task": k, "iqm_difference": difference, "verdict": verdict(*difference[1:], k),
@@ -584,19 +597,19 @@ def format_versus(result: dict, at_step: Optional[list[int]] = None) -> str:
 def plot_aggregates(points: dict, intervals: dict, labels: list[str], colors: dict[str, str], title: str, path: str) -> None:
     row_height = max(0.6, 2.0 / len(labels))
     fig, _ = plot_utils.plot_interval_estimates(points, intervals, METRIC_NAMES, algorithms=labels, colors=colors,
-                                                row_height=row_height, xlabel="D4RL normalised score",
+                                                row_height=row_height, subfigure_width=4.0, xlabel="D4RL normalised score",
                                                 xlabel_y_coordinate=-0.5 / (row_height * len(labels)))
     fig.suptitle(title, x=0.4, y=1.0 + 0.6 / (row_height * len(labels)), fontsize="x-large")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
-def plot_profiles(score_dict: dict[str, np.ndarray], reps: int, colors: dict[str, str], title: str, path: str) -> None:
+def plot_profiles(score_dict: dict[str, np.ndarray], reps: int, colors: dict[str, str], title: str, path: str,
+                  seed: int = 0) -> None:
     """Fraction of runs whose score exceeds each threshold tau, from 0 to a bit above the best score."""
     top = max(float(scores.max()) for scores in score_dict.values())
     taus = np.linspace(0, max(1.05 * top, 0.05), 51)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
+    with seeded_bootstrap(seed):
         profiles, profile_cis = rly.create_performance_profile(score_dict, taus, reps=reps)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     # rliable works on score / 100; the axis shows the table's 0-100 scale
