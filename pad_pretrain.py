@@ -1,59 +1,46 @@
 """Pretrain DIVO's PAD behaviour model once, in-sample, and reuse it across DIVO runs.
 
-PAD (eq. 9-10 of DIVO, arXiv 2511.08922) trains a diffusion model on the dataset actions whose advantage
-is positive. Advantages need value functions, so this script learns them in-sample as IQL does, with no
-actor: Q from r + gamma (1 - d) V(s'), V as an expectile of the target critics (eq. 2), and the binary-
-weighted diffusion loss on the same batch. The checkpoint it writes starts `divo_continuous.py` or
-`divo_antmaze.py` (`--pad-checkpoint`, optionally `--freeze-pad`), so that sweeps over alpha or seeds
-share one behaviour model. No env is needed.
+PAD (eq. 9-10 of DIVO, arXiv 2511.08922) trains a diffusion model on the dataset actions whose
+advantage is positive. Advantages need value functions, so this script learns them in-sample as IQL
+does, with no actor: Q from r + gamma (1 - d) V(s'), V as an expectile of the target critics
+(eq. 2), and the binary-weighted diffusion loss on the same batch. The checkpoint it writes starts
+`divo_continuous.py` or `divo_antmaze.py` (`--pad-checkpoint`, optionally `--freeze-pad`), so that
+sweeps over alpha or seeds share one behaviour model. No env is needed, and there is no policy to
+film: --capture-video belongs to the DIVO scripts.
+
+This file holds the pretraining; what a run needs around it (arguments and resume, run folders,
+checkpoints, D4RL and Minari loading, CUDA graphs, diagnostics) is imported from `divo_utils/`: to
+copy the script into another project, copy that folder with it.
 
 Run:
     python pad_pretrain.py --env-id hopper-medium-v2
-    python divo_continuous.py --env-id hopper-medium-v2 --pad-checkpoint runs/<run_name>/pad_checkpoint.pt
+    python divo_continuous.py --env-id hopper-medium-v2 --pad-checkpoint runs/RUN/pad_checkpoint.pt
 """
 
-import contextlib
 import copy
-import difflib
-import hashlib
-import http.client
-import io
-import json
 import math
 import os
 import random
-import shutil
-import signal
-import socket
-import sys
-import tempfile
 import time
-import urllib.request
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Callable, Literal, Optional
+from dataclasses import dataclass
+from typing import Literal, Optional
 
-import h5py
 import numpy as np
 import torch
 import torch.nn as nn
-import tyro
 from torch.utils.tensorboard import SummaryWriter
 
-try:
-    import fcntl  # POSIX file locks: one writer per run folder (on Windows, run folders are not locked)
-except ImportError:
-    fcntl = None
+from divo_utils.args import check_common, check_env_id, check_ranges, parse_args
+from divo_utils.data import check_transitions, load_task, split_holdout
+from divo_utils.diagnostics import before_after, diagnose, median_distance, plot_samples
+from divo_utils.runs import Run, StopSignal, agent_state, markdown_table, progress_line, restore_run
+from divo_utils.speed import speed_up
 
-
-LOCOMOTION_DIMS = {"halfcheetah": (17, 6), "hopper": (11, 3), "walker2d": (17, 6)}
-LEVELS = ("random", "medium", "medium-replay", "medium-expert", "expert", "full-replay")
-ANTMAZE_TASKS = ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")
-ENV_IDS = tuple(f"{env}-{level}-v2" for env in LOCOMOTION_DIMS for level in LEVELS) + tuple(
-    f"antmaze-{task}-v2" for task in ANTMAZE_TASKS)
 # Domain defaults (README: arguments that matter).
 DOMAIN_DEFAULTS = {
     "locomotion": {"gamma": 0.99, "critic_lr": 3e-4, "expectile": 0.7, "reward_transform": "none"},
-    "antmaze": {"gamma": 0.995, "critic_lr": 1e-4, "expectile": 0.9, "reward_transform": "minus-one"},
+    "antmaze": {"gamma": 0.995, "critic_lr": 1e-4, "expectile": 0.9,
+                "reward_transform": "minus-one"},
 }
 
 
@@ -110,14 +97,42 @@ class Args:
     num_layers: int = 3
     """number of hidden layers of every network"""
 
-    # Run management (where a run writes, how it resumes, how fast it runs): RunArgs, below the
-    # plumbing banner. The command line is RunArgs; check_args checks every range.
+    # Run management (where a run writes, how it resumes, how fast it runs)
+    run_name: Optional[str] = None
+    """the run's new folder under runs/ (default {env_id}__{exp_name}__{seed}__{unix time})"""
+    holdout: int = 2000
+    """transitions held out for the diagnostics (0: use 2,000 training transitions)"""
+    diag_freq: int = 50_000
+    """compute the sample-to-data distances every this many steps (0: only before and after)"""
+    log_freq: int = 1000
+    """log losses and print a progress line every this many gradient steps"""
+    checkpoint_freq: int = 50_000
+    """write `runs/{run_name}/pad_checkpoint.pt` every this many steps (0: only at the end)"""
+    resume: Optional[str] = None
+    """continue the run of this checkpoint (arguments not given on the command line come from it)"""
+    compile: bool = False
+    """compile the update function with torch.compile"""
+    cudagraphs: bool = False
+    """replay each training iteration as a captured CUDA graph (needs a GPU; docs/speed.md)"""
 
     def __post_init__(self):
-        domain = check_env_id(self.env_id)  # "locomotion" or "antmaze": the domain's defaults
-        for name, value in DOMAIN_DEFAULTS[domain].items():
+        domain = check_env_id(self.env_id, "pad_pretrain")  # "locomotion" or "antmaze"
+        for name, value in DOMAIN_DEFAULTS[domain].items():  # the domain's defaults
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        check_ranges(self, ARG_RANGES)
+        check_common(self, Diffusion)  # names, device, noise schedule, data source: as every script
+
+
+# The range of every numeric argument ("[" closed, "(" open).
+ARG_RANGES = {
+    "seed": "[0, 4294967295]", "total_timesteps": "[1, inf)", "batch_size": "[1, inf)",
+    "critic_lr": "(0, inf)", "value_lr": "(0, inf)", "diffusion_lr": "(0, inf)", "gamma": "[0, 1)",
+    "tau": "(0, 1]", "expectile": "(0, 1)", "diffusion_steps": "[1, inf)", "beta_min": "(0, inf)",
+    "beta_max": "(0, inf)", "pad_strength": "(0, inf)", "hidden_dim": "[1, inf)",
+    "num_layers": "[1, inf)", "holdout": "[0, inf)", "diag_freq": "[0, inf)",
+    "log_freq": "[1, inf)", "checkpoint_freq": "[0, inf)",
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,13 +357,9 @@ class PADPretrainer:
 def qlearning_dataset(data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """D4RL's `qlearning_dataset`: last row dropped, next state = next row, timeout rows skipped."""
     keep = np.flatnonzero(~data["timeouts"][:-1])
-    return {
-        "observations": data["observations"][keep],
-        "actions": data["actions"][keep],
-        "next_observations": data["observations"][keep + 1],
-        "rewards": data["rewards"][keep],
-        "terminals": data["terminals"][keep],
-    }
+    return {"observations": data["observations"][keep], "actions": data["actions"][keep],
+            "next_observations": data["observations"][keep + 1], "rewards": data["rewards"][keep],
+            "terminals": data["terminals"][keep]}
 
 def normalize_states(states: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     """The dataset's per-dimension standardisation, for training and evaluation [TD3+BC]."""
@@ -357,14 +368,23 @@ def normalize_states(states: np.ndarray, mean: np.ndarray, std: np.ndarray) -> n
 def to_device(transitions: dict, rows: np.ndarray, mean, std, device) -> dict[str, torch.Tensor]:
     """The transitions `rows` on the device, states normalised: batches are drawn there."""
     t = {key: value[rows] for key, value in transitions.items()}
-    arrays = {
-        "observations": normalize_states(t["observations"], mean, std),
-        "actions": t["actions"],
-        "rewards": t["rewards"],
-        "next_observations": normalize_states(t["next_observations"], mean, std),
-        "not_done": (1.0 - t["terminals"]).astype(np.float32),
-    }
+    arrays = {"observations": normalize_states(t["observations"], mean, std),
+              "actions": t["actions"], "rewards": t["rewards"],
+              "next_observations": normalize_states(t["next_observations"], mean, std),
+              "not_done": (1.0 - t["terminals"]).astype(np.float32)}
     return {key: torch.tensor(value, device=device) for key, value in arrays.items()}
+
+def prepare_data(transitions: dict, args, device, path: str) -> tuple[dict, dict, np.ndarray, ...]:
+    """On the device: the training rows and PAD's diagnostic rows (--holdout), actions clipped to
+    [-1, 1], states normalised by the dataset's mean and std + 1e-3 [TD3+BC]; and mean and std."""
+    transitions["actions"] = np.clip(transitions["actions"], -1.0, 1.0)
+    check_transitions(transitions["observations"], path)  # enough, with finite statistics
+    obs_mean = transitions["observations"].mean(axis=0)
+    obs_std = transitions["observations"].std(axis=0) + 1e-3
+    train_rows, heldout_rows = split_holdout(len(transitions["rewards"]), args.holdout, args.seed)
+    data = to_device(transitions, train_rows, obs_mean, obs_std, device)
+    return data, to_device(transitions, heldout_rows, obs_mean, obs_std, device), obs_mean, obs_std
+
 
 def sample_batch(data: dict[str, torch.Tensor], batch_size: int) -> tuple[torch.Tensor, ...]:
     """Uniform batch of (s, a, r, s', 1 - d), sampled on the data's device."""
@@ -373,852 +393,18 @@ def sample_batch(data: dict[str, torch.Tensor], batch_size: int) -> tuple[torch.
     return tuple(data[key][idx] for key in keys)
 
 
+# the reward learned from, as the run says it
+REWARDS = {"minus-one": "r - 1 (--reward-transform minus-one)",
+           "none": "r (--reward-transform none)"}
+
+
 def transform_rewards(rewards: np.ndarray, transform: str) -> np.ndarray:
     """The rewards learned from: r, or r - 1 (0 at the goal, -1 elsewhere) for AntMaze [IQL]."""
     return rewards - 1.0 if transform == "minus-one" else rewards
 
 
-def dataset_summary(path: str, data: dict, transitions: dict) -> str:
-    """A few lines about the data: size, episodes and their returns, rewards, terminals."""
-    n = len(data["rewards"])
-    ends = np.flatnonzero(data["terminals"] | data["timeouts"])
-    if len(ends) == 0 or ends[-1] != n - 1:  # a trailing unfinished episode counts too
-        ends = np.append(ends, n - 1)
-    starts = np.concatenate([[0], ends[:-1] + 1])
-    returns, r = np.add.reduceat(data["rewards"], starts), transitions["rewards"]
-    return "\n".join([
-        f"dataset    {path}: {n:,} rows -> {len(r):,} transitions (D4RL's qlearning_dataset)",
-        f"episodes   {len(returns):,}, mean length {np.mean(ends - starts + 1):.0f}, return "
-        f"min {returns.min():.1f}  mean {returns.mean():.1f}  max {returns.max():.1f}",
-        f"rewards    min {r.min():.3f}  mean {r.mean():.3f}  max {r.max():.3f} "
-        f"(before --reward-transform); "
-        f"terminals {transitions['terminals'].mean():.4%} of transitions",
-    ])
-
-
-# ----------------------------------------------------------------------------------------------
-# Diagnostics: how close the model's samples are to the positive-advantage data on held-out states
-# ----------------------------------------------------------------------------------------------
-def wasserstein_per_dim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """1-D Wasserstein-1 distance of each column between two equally sized samples."""
-    return (x.sort(dim=0).values - y.sort(dim=0).values).abs().mean(dim=0)
-
-def mmd_rbf(x: torch.Tensor, y: torch.Tensor, bandwidth: float) -> torch.Tensor:
-    """Squared maximum mean discrepancy with a Gaussian kernel (biased estimate)."""
-    def kernel(p, q):
-        return torch.exp(-torch.cdist(p, q) ** 2 / (2 * bandwidth**2)).mean()
-    return kernel(x, x) + kernel(y, y) - 2 * kernel(x, y)
-
-@torch.no_grad()
-def sample_distances(diffusion: Diffusion, s, a, bandwidth: float) -> dict[str, float]:
-    """One model sample per held-out state against that state's dataset action.
-
-    `wasserstein`: mean over action dimensions of the per-dimension W1 between sampled and
-    dataset actions; `mmd`: MMD^2 between the joint (s, a_sampled) and (s, a_data) sets, which
-    also sees whether a sample fits its own state.
-    """
-    sampled = diffusion.sample(s)
-    return {"wasserstein": wasserstein_per_dim(sampled, a).mean().item(),
-            "mmd": mmd_rbf(torch.cat([s, sampled], 1), torch.cat([s, a], 1), bandwidth).item()}
-
-
-@torch.no_grad()
-def diagnose(pretrainer: PADPretrainer, models: dict, s, a, bandwidth: float) -> dict[str, float]:
-    """Each model's sample-to-data distances on the held-out transitions with A > 0 now."""
-    positive = pretrainer.advantage(s, a) > 0
-    row = {"positive_fraction": positive.float().mean().item()}
-    s_pos, a_pos = (s[positive], a[positive]) if positive.sum() >= 10 else (s, a)
-    # samples draw random numbers: fork the RNG so that training's stream is untouched
-    with torch.random.fork_rng(devices=[s.device] if s.device.type == "cuda" else []):
-        for label, model in models.items():
-            distances = sample_distances(model, s_pos, a_pos, bandwidth)
-            row.update({f"{label}_{name}": value for name, value in distances.items()})
-    return row
-
-
-@torch.no_grad()
-def plot_samples(models: dict, states, actions, train_states, train_actions, path: str,
-                 neighbours=50, num_samples=300) -> None:
-    """PNG: for a few held-out states, samples against the dataset actions of the nearest states."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    size = (3.2 * len(states), 3.2 * len(models))
-    fig, axes = plt.subplots(len(models), len(states), figsize=size, squeeze=False)
-    nearest = torch.cdist(states, train_states).topk(neighbours, largest=False).indices
-    for row, (label, model) in enumerate(models.items()):
-        for col in range(len(states)):
-            ax = axes[row, col]
-            sampled = model.sample(states[col].expand(num_samples, -1)).cpu()
-            near = train_actions[nearest[col]].cpu()
-            ax.scatter(sampled[:, 0], sampled[:, 1], s=6, alpha=0.5, label="model samples")
-            label = f"data, {neighbours} nearest states"
-            ax.scatter(near[:, 0], near[:, 1], s=10, alpha=0.7, label=label)
-            here = actions[col].cpu()
-            ax.scatter(here[0], here[1], marker="*", s=150, c="k", label="data, this state")
-            ax.set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), title=f"{label}: state {col}")
-            ax.set_xlabel("action[0]")
-            ax.set_ylabel("action[1]")
-    axes[0, 0].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-# ==============================================================================================
-# Plumbing: from here to the main block, infrastructure that a reader learning PAD may skip.
-# Argument checks, downloads and file checks, fingerprints, checkpoints and resume, CUDA graphs.
-# ==============================================================================================
-@dataclass
-class RunArgs(Args):
-    """The command line: the pretraining's arguments (Args, above) and those that manage a run."""
-
-    run_name: Optional[str] = None
-    """the run's new folder under runs/ (default {env_id}__{exp_name}__{seed}__{unix time})"""
-    holdout: int = 2000
-    """transitions held out for the diagnostics (0: use 2,000 training transitions)"""
-    diag_freq: int = 50_000
-    """compute the sample-to-data distances every this many steps (0: only before and after)"""
-    log_freq: int = 1000
-    """log losses and print a progress line every this many gradient steps"""
-    checkpoint_freq: int = 50_000
-    """write `runs/{run_name}/pad_checkpoint.pt` every this many steps (0: only at the end)"""
-    resume: Optional[str] = None
-    """continue the run of this checkpoint (arguments not given on the command line come from it)"""
-    compile: bool = False
-    """compile the update function with torch.compile"""
-    cudagraphs: bool = False
-    """replay each training iteration as a captured CUDA graph (needs a GPU; README: Speed)"""
-
-
-    def __post_init__(self):
-        super().__post_init__()  # the domain's defaults
-        check_args(self)  # every range and combination, against ARG_RANGES below
-
-
-class InputError(SystemExit):
-    """Bad input from the user: exits with one message that says what is wrong and what to do."""
-
-    def __init__(self, message: str):
-        super().__init__(f"error: {message}")
-
-
-# The range of every numeric argument, checked once when the arguments are built ("[" closed, "(" open).
-ARG_RANGES = {
-    "seed": "[0, 4294967295]", "total_timesteps": "[1, inf)", "batch_size": "[1, inf)", "critic_lr": "(0, inf)",
-    "value_lr": "(0, inf)", "diffusion_lr": "(0, inf)", "gamma": "[0, 1)", "tau": "(0, 1]", "expectile": "(0, 1)",
-    "diffusion_steps": "[1, inf)", "beta_min": "(0, inf)", "beta_max": "(0, inf)", "pad_strength": "(0, inf)",
-    "hidden_dim": "[1, inf)", "num_layers": "[1, inf)", "holdout": "[0, inf)", "diag_freq": "[0, inf)",
-    "log_freq": "[1, inf)", "checkpoint_freq": "[0, inf)",
-}
-
-
-def check_env_id(env_id: str) -> str:
-    """Return the domain ("locomotion" or "antmaze") of a D4RL or Minari id, or stop with the valid ids."""
-    if is_minari_id(env_id):
-        return parse_minari_id(env_id)[0]
-    if env_id not in ENV_IDS:
-        close = difflib.get_close_matches(env_id, ENV_IDS, n=1)
-        hint = f"did you mean {close[0]}? " if close else ""
-        raise InputError(f"unknown --env-id {env_id!r}; {hint}valid ids: {', '.join(ENV_IDS)}, or a Minari "
-                         "dataset id such as mujoco/hopper/medium-v0")
-    return "antmaze" if env_id.startswith("antmaze-") else "locomotion"
-
-
-def dataset_dims(env_id: str) -> tuple[int, int]:
-    """Observation and action sizes of a D4RL dataset."""
-    return (29, 8) if env_id.startswith("antmaze-") else LOCOMOTION_DIMS[env_id.split("-")[0]]
-
-
-def flag(name: str, value=None) -> str:
-    """The command-line spelling of an argument (`--no-x` for a boolean x that is off)."""
-    return ("--no-" if value is False else "--") + name.replace("_", "-")
-
-
-def check_args(args) -> None:
-    """Refuse out-of-range or contradictory arguments before anything runs (ranges: ARG_RANGES)."""
-    check_env_id(args.env_id)
-    for name, interval in ARG_RANGES.items():
-        value = getattr(args, name)
-        low, high = (float(bound) for bound in interval[1:-1].split(","))
-        above = low <= value if interval[0] == "[" else low < value
-        below = value <= high if interval[-1] == "]" else value < high
-        if not (above and below):  # also refuses NaN
-            raise InputError(f"{flag(name)} {value} is out of range: it must lie in {interval}")
-    problems = {
-        "--beta-max must be larger than --beta-min": args.beta_max <= args.beta_min,
-        "--holdout must be 0 (diagnostics on training transitions) or at least 10": 0 < args.holdout < 10,
-        "--cudagraphs needs a CUDA GPU (and --cuda)": args.cudagraphs and not (args.cuda and torch.cuda.is_available()),
-        f"--run-name {args.run_name!r} must be a plain folder name of at most {MAX_NAME} bytes": args.run_name
-        is not None and not is_folder_name(args.run_name, MAX_NAME),
-        f"--exp-name {args.exp_name!r} must be a plain folder name of at most {MAX_EXP_NAME} bytes (the run's folder "
-        "is named after it)": not is_folder_name(args.exp_name, MAX_EXP_NAME),
-        f"--beta-min {args.beta_min} and --beta-max {args.beta_max} give a noise schedule over {args.diffusion_steps} "
-        "steps whose coefficients are not finite in float32 (alpha_bar_K underflows): lower --beta-max":
-        not schedule_is_finite(args.diffusion_steps, args.beta_min, args.beta_max),
-        "--dataset-path reads a D4RL-format file; a Minari id reads Minari's store: give one of them": bool(
-            args.dataset_path) and is_minari_id(args.env_id),
-    }
-    for message, refused in problems.items():
-        if refused:
-            raise InputError(message)
-
-
-MAX_NAME = 200  # bytes of --run-name (a file name has at most 255)
-MAX_EXP_NAME = 150  # bytes of --exp-name: the default run name adds up to ~60
-
-
-def is_folder_name(name: str, limit: int) -> bool:
-    """Whether `name` can name one folder: no path in it, not `.` or `..`, at most `limit` bytes."""
-    return os.path.basename(name) == name and name not in ("", ".", "..") and "\0" not in name \
-        and len(os.fsencode(name)) <= limit
-
-
-def schedule_is_finite(num_steps: int, beta_min: float, beta_max: float) -> bool:
-    """Whether the diffusion model's schedule (eq. 3-8) is finite in float32, with alpha_bar_K > 0."""
-    with torch.random.fork_rng(devices=[]):  # building the model draws its initial weights
-        d = Diffusion(1, 1, num_steps, beta_min, beta_max, 1, 1)
-    sampler = [d.sqrt_recip_alpha_bar, d.sqrt_recipm1_alpha_bar, d.posterior_coef_a0, d.posterior_coef_ak, d.posterior_std]
-    values = torch.cat([d.sqrt_alpha_bar, d.sqrt_one_minus_alpha_bar, torch.tensor(sampler).flatten()])
-    return bool(values.isfinite().all()) and bool(d.sqrt_alpha_bar[-1] > 0)
-
-
-def parse_args(kind: str) -> tuple[RunArgs, Optional[dict]]:
-    """The command line; with --resume, the run's arguments under those given, and its checkpoint (None: restart it).
-
-    A resumed run's folder is locked first, so that nothing is read, kept or removed while another process writes it.
-    """
-    argv = sys.argv[1:]
-    for i, arg in enumerate(argv):  # our message for a wrong id (the nearest id, the other script) before tyro's
-        name, has_value, value = arg.partition("=")
-        if name in ("--env-id", "--env_id") and (has_value or i + 1 < len(argv)):
-            check_env_id(value if has_value else argv[i + 1])
-    args = tyro.cli(RunArgs)
-    if args.resume is None:
-        if args.run_name and os.path.exists(os.path.join("runs", args.run_name)):
-            raise InputError(f"runs/{args.run_name} exists: choose another --run-name, or continue that run with "
-                             f"--resume runs/{args.run_name}/{CHECKPOINT}")
-        return args, None
-    folder = os.path.dirname(args.resume) or "."  # "." when resumed from inside the run's folder
-    resume = os.path.join(folder, os.path.basename(args.resume))
-    if not os.path.isfile(resume) and not os.path.isfile(os.path.join(folder, "args.json")):
-        raise InputError(f"no checkpoint at {resume}, and no args.json beside it (if that folder is of a run that "
-                         "stopped before it began, remove it and start the run again)")
-    lock_run(folder)  # held until this process ends
-    checkpoint, saved = resume_point(resume, kind)
-    values = {f.name: saved[f.name] for f in fields(RunArgs) if f.name in saved}
-    values["run_name"] = values.get("run_name") or os.path.basename(os.path.abspath(folder))
-    # --cudagraphs depends on this machine: it is checked once the command line (e.g. --no-cudagraphs) applies
-    saved = RunArgs(**{**values, "resume": resume, "cudagraphs": False})
-    saved.cudagraphs = values.get("cudagraphs", False)
-    args = replace(tyro.cli(RunArgs, default=saved), resume=resume)
-    names = [f.name for f in fields(RunArgs) if f.name not in RESUME_FREE_ARGS]
-    refuse_mismatch(resume, {n: getattr(args, n) for n in names}, {n: getattr(saved, n) for n in names},
-                    f"resume with `--resume {resume}` and the original arguments, or start a new run without --resume")
-    done = checkpoint["step"] if checkpoint else 0
-    if done > args.total_timesteps or done == args.total_timesteps and os.path.exists(os.path.join(folder, FINISHED)):
-        state = "finished" if done == args.total_timesteps else f"at step {done:,}, beyond --total-timesteps"
-        raise InputError(f"{resume} is {state} ({done:,} of {args.total_timesteps:,} steps; its results are in "
-                         f"{folder}). To train it longer, pass --total-timesteps larger than {done:,}")
-    if checkpoint is None:
-        print(f"{folder} has no {CHECKPOINT}: the run stopped before its first one, and starts again from step 0")
-    return args, checkpoint
-
-
-def resume_point(path: str, kind: str) -> tuple[Optional[dict], dict]:
-    """--resume PATH: its checkpoint and that checkpoint's arguments; for a run that stopped before its first
-    checkpoint (an args.json, no checkpoint, no results), None and the arguments of its args.json."""
-    folder, args_path = os.path.dirname(path), os.path.join(os.path.dirname(path), "args.json")
-    if os.path.basename(path) != CHECKPOINT or os.path.exists(path) or os.path.exists(os.path.join(folder, FINISHED)):
-        checkpoint = load_checkpoint(path, kind)
-        return checkpoint, checkpoint["args"]
-    try:
-        with open(args_path) as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as e:
-        raise InputError(f"no checkpoint at {path}, and {args_path} is unreadable ({e}): start a new run") from e
-    if not isinstance(saved, dict) or saved.get("script") != kind:
-        raise InputError(f"no checkpoint at {path}, and {args_path} is not of a {kind}.py run")
-    return None, saved
-
-
-def clear_for_resume(resume: str) -> None:
-    """Before a resumed run writes: remove a partial checkpoint, or, when the run stopped before its first checkpoint
-    (it starts again from step 0), that attempt's files."""
-    folder = os.path.dirname(resume)
-    if os.path.exists(resume):  # the atomic rename keeps the checkpoint itself whole
-        stale = {f"{resume}.tmp": "a partial checkpoint left by an interrupted save"}
-    else:  # TensorBoard events, a partial checkpoint; args.json is written again
-        stale = {os.path.join(folder, name): "left by the attempt that stopped before its first checkpoint"
-                 for name in sorted(os.listdir(folder)) if name not in (LOCK, "args.json")}
-    for path, why in stale.items():
-        remove(path, why)
-
-
-def remove(path: str, why: str) -> None:
-    """Remove the file `path` if it is there, and say so."""
-    if os.path.isfile(path):
-        os.remove(path)
-        print(f"removed {path}, {why}")
-
-
-# Arguments that may differ between a checkpoint and the command that resumes it.
-RESUME_FREE_ARGS = {"resume", "cuda", "track", "wandb_project_name", "wandb_entity", "total_timesteps",
-                    "dataset_path", "log_freq", "diag_freq", "checkpoint_freq", "compile", "cudagraphs"}
-
-
-def refuse_mismatch(path: str, ours: dict, theirs: dict, fix: str, same_data: bool = True) -> None:
-    """Stop with one message if a checkpoint was made with other values of `ours` or on other data."""
-    differences = [f"{flag(name)} {value!r} here, {theirs.get(name)!r} in the checkpoint"
-                   for name, value in ours.items() if theirs.get(name) != value]
-    if not same_data:
-        differences.insert(0, "it was trained on another dataset than this one")
-    if differences:
-        raise InputError(f"{path} does not match this run: {'; '.join(differences)}. To fix: {fix}")
-
-
-D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl"
-ANTMAZE_FILES = {
-    "umaze": "Ant_maze_u-maze_noisy_multistart_False_multigoal_False_sparse_fixed.hdf5",
-    "umaze-diverse": "Ant_maze_u-maze_noisy_multistart_True_multigoal_True_sparse_fixed.hdf5",
-    "medium-play": "Ant_maze_big-maze_noisy_multistart_True_multigoal_False_sparse_fixed.hdf5",
-    "medium-diverse": "Ant_maze_big-maze_noisy_multistart_True_multigoal_True_sparse_fixed.hdf5",
-    "large-play": "Ant_maze_hardest-maze_noisy_multistart_True_multigoal_False_sparse_fixed.hdf5",
-    "large-diverse": "Ant_maze_hardest-maze_noisy_multistart_True_multigoal_True_sparse_fixed.hdf5",
-}
-HDF5_COLUMNS = {"observations": np.float32, "actions": np.float32, "rewards": np.float32, "terminals": bool,
-                "timeouts": bool}
-
-
-def dataset_url(env_id: str) -> str:
-    """D4RL's download address of a dataset."""
-    name = env_id[: -len("-v2")]
-    if name.startswith("antmaze-"):
-        return f"{D4RL_URL}/ant_maze_v2/{ANTMAZE_FILES[name[len('antmaze-'):]]}"
-    env, level = name.split("-", 1)
-    return f"{D4RL_URL}/gym_mujoco_v2/{env}_{level.replace('-', '_')}-v2.hdf5"
-
-
-def default_dataset_path(env_id: str) -> str:
-    """Where D4RL caches a dataset: $D4RL_DATASET_DIR or ~/.d4rl/datasets, file named as in the URL."""
-    cache = os.environ.get("D4RL_DATASET_DIR", os.path.expanduser(os.path.join("~", ".d4rl", "datasets")))
-    return os.path.join(cache, os.path.basename(dataset_url(env_id)))
-
-def check_writable(folder: str, fix: str) -> None:
-    """Stop with `fix` unless files can be made in `folder` (or, if it does not exist yet, where it would be made)."""
-    existing = os.path.abspath(folder)
-    while not os.path.isdir(existing):  # nothing is created here: the nearest existing folder is tried
-        if os.path.exists(existing):
-            raise InputError(f"cannot write to {folder}: {existing} is a file, not a folder; {fix}")
-        existing = os.path.dirname(existing)
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as e:
-        raise InputError(f"cannot write to {folder} ({e.strerror or e}): {fix}") from e
-
-def download(url: str, path: str, timeout: float = 60.0) -> None:
-    """Download `url` to `path`; the file appears only once complete and readable as HDF5."""
-    folder = os.path.dirname(os.path.abspath(path))
-    check_writable(folder, "set D4RL_DATASET_DIR to a folder you can write to, or pass --dataset-path FILE")
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".")
-    print(f"downloading {url}\n         to {path}", flush=True)
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
-            total, done, shown = int(response.headers.get("Content-Length") or 0), 0, 0.0
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-                done += len(chunk)
-                if total and done / total >= shown + 0.1:
-                    shown = done / total
-                    print(f"  {done / 2**20:7.1f} / {total / 2**20:.1f} MiB", flush=True)
-            if total and done != total:
-                raise http.client.IncompleteRead(b"", total - done)
-        with h5py.File(tmp, "r"):
-            pass
-        os.replace(tmp, path)
-    except (OSError, http.client.HTTPException) as e:
-        raise InputError(
-            f"could not download {url} ({type(e).__name__}: {e}); nothing was written to {path}. The D4RL "
-            f"server has been unreachable at times: try again later, or get the file another way and pass "
-            f"--dataset-path FILE (or put it at {path})") from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-def load_d4rl_file(path: str, obs_dim: int, act_dim: int) -> dict[str, np.ndarray]:
-    """Read a D4RL-format HDF5 file and refuse anything else: keys, types, shapes, 0/1 flags, finite values."""
-    if os.path.isdir(path):
-        raise InputError(f"{path} is a directory; pass the D4RL-format HDF5 file itself")
-    if not os.path.isfile(path):
-        raise InputError(f"no dataset file at {path}: check --dataset-path, or leave it out to download the dataset")
-    fix = ("delete it and run again to download it anew" if os.path.basename(path) in {
-        os.path.basename(dataset_url(env_id)) for env_id in ENV_IDS} else "re-create or re-download it")
-    try:
-        with h5py.File(path, "r") as f:
-            missing = [key for key in HDF5_COLUMNS if key not in f]
-            if missing:
-                raise InputError(f"{path} lacks the D4RL keys {missing} (it has {sorted(f.keys())}); "
-                                 f"a D4RL v2 file has {list(HDF5_COLUMNS)}")
-            for key in HDF5_COLUMNS:
-                if not isinstance(f[key], h5py.Dataset) or f[key].dtype.kind not in "biuf":
-                    found = "a group" if isinstance(f[key], h5py.Group) else f"of type {f[key].dtype}"
-                    raise InputError(f"{path}: {key!r} is {found}, not an array of numbers; is it a D4RL file?")
-            data = {key: f[key][()] for key in HDF5_COLUMNS}
-    except BlockingIOError as e:  # HDF5's own file lock
-        raise InputError(f"{path} is open for writing in another process (HDF5 file lock): wait until it is closed, "
-                         "then run again") from e
-    except OSError as e:
-        raise InputError(f"cannot read {path} as HDF5 ({e}): the file is partial or corrupt; {fix}") from e
-    n = len(data["observations"]) if data["observations"].ndim else 0
-    shapes = {"observations": (n, obs_dim), "actions": (n, act_dim), "rewards": (n,), "terminals": (n,), "timeouts": (n,)}
-    for key, shape in shapes.items():
-        if data[key].shape == shape + (1,):  # old files store rewards, terminals and timeouts as (N, 1)
-            data[key] = data[key][..., 0]
-        if data[key].shape != shape:
-            raise InputError(f"{path}: {key!r} has shape {data[key].shape}, expected {shape} for this --env-id "
-                             f"(observation size {obs_dim}, action size {act_dim}); is it a dataset of another env?")
-    if n < 2:
-        raise InputError(f"{path} holds {n} row(s); a dataset needs at least two")
-    for key in ("terminals", "timeouts"):
-        bad = ~np.isin(data[key], (0, 1))  # NaN and 0.5 are not flags
-        if bad.any():
-            row = int(np.argmax(bad))
-            raise InputError(f"{path}: {key!r} must hold only 0/1 (or booleans); row {row} holds {data[key][row].item()} "
-                             f"({int(bad.sum())} such row(s)): {fix}")
-    data = {key: data[key].astype(dtype) for key, dtype in HDF5_COLUMNS.items()}  # medium-replay files are float64
-    for key in ("observations", "actions", "rewards"):
-        bad = ~np.isfinite(data[key].reshape(n, -1)).all(axis=1)
-        if bad.any():
-            raise InputError(f"{path}: {int(bad.sum())} row(s) of {key!r} hold NaN or inf (first at row "
-                             f"{int(np.argmax(bad))}); the file is corrupt: {fix}, or drop those rows")
-    if not (~data["timeouts"][:-1]).any():
-        raise InputError(f"{path} yields no transitions: every row but the last is a timeout (D4RL's "
-                         f"qlearning_dataset skips those); is the timeouts column right?")
-    return data
-
-
-def read_dataset(args: RunArgs, obs_dim: int, act_dim: int, minari_dataset=None) -> tuple[dict[str, np.ndarray], str]:
-    """The dataset's arrays (downloaded into D4RL's cache first if needed, then checked) and its path; those of a Minari
-    dataset as D4RL-format rows."""
-    if minari_dataset is not None:
-        path, data = minari_dataset.spec.data_path, minari_rows(minari_dataset, obs_dim, act_dim)
-    else:
-        path = args.dataset_path or default_dataset_path(args.env_id)
-        if not args.dataset_path and not os.path.isfile(path):
-            download(dataset_url(args.env_id), path)
-        data = load_d4rl_file(path, obs_dim, act_dim)
-    if check_env_id(args.env_id) == "antmaze" and not (data["rewards"] > 0).any():
-        raise InputError(f"{path} has no goal rewards (no reward > 0): not a sparse AntMaze dataset; check the file")
-    return data, path
-
-
-def dataset_fingerprint(data: dict[str, np.ndarray]) -> str:
-    """SHA-1 of the dataset's arrays, stored in checkpoints to refuse a resume on other data."""
-    sha = hashlib.sha1()
-    for key in HDF5_COLUMNS:
-        sha.update(np.ascontiguousarray(data[key]).tobytes())
-    return sha.hexdigest()
-
-MIN_TRANSITIONS = 20  # the diagnostics compare half of the states with their 10 nearest neighbours in the other half
-
-
-def check_transitions(observations: np.ndarray, path: str) -> None:
-    """Refuse too few transitions, or observations whose float32 mean or std (the normalisation) is not finite."""
-    if len(observations) < MIN_TRANSITIONS:
-        raise InputError(f"{path} yields {len(observations)} transition(s) (D4RL's qlearning_dataset); training needs "
-                         f"at least {MIN_TRANSITIONS}")
-    with np.errstate(over="ignore", invalid="ignore"):  # the run's own float32 statistics, here without warnings
-        bad = np.flatnonzero(~np.isfinite(observations.std(axis=0)))
-    if len(bad):
-        dim, largest = int(bad[0]), np.abs(observations[:, bad[0]]).max()
-        raise InputError(f"{path}: observation dimension {dim} holds values up to {largest:.3g}, too large for its "
-                         f"standard deviation in float32 (the state normalisation); rescale it or drop those rows")
-
-
-def split_holdout(num_transitions: int, holdout: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows to train on and rows for the PAD diagnostic: `holdout` held out, or 2,000 training rows if 0."""
-    order = np.random.default_rng(seed).permutation(num_transitions)  # its own generator: training's is untouched
-    if holdout == 0:
-        return np.arange(num_transitions), np.sort(order[:2000])
-    if holdout > num_transitions // 2:
-        raise InputError(f"--holdout {holdout} would hold out more than half of the {num_transitions:,} transitions")
-    return np.sort(order[holdout:]), np.sort(order[:holdout])
-
-
-# ----------------------------------------------------------------------------------------------
-# Minari datasets (README: Minari): Farama's maintained successor of D4RL, read with the minari package
-# ----------------------------------------------------------------------------------------------
-def is_minari_id(env_id: str) -> bool:
-    """Whether --env-id names a Minari dataset (namespace/name-vN, e.g. mujoco/hopper/medium-v0), not a D4RL one."""
-    return "/" in env_id
-
-
-def parse_minari_id(env_id: str) -> tuple[str, str]:
-    """The domain ("antmaze" where a part of the namespace is antmaze, else "locomotion") and name of a Minari id."""
-    from minari.dataset.minari_dataset import parse_dataset_id
-
-    try:
-        namespace, name, _ = parse_dataset_id(env_id)
-    except (ValueError, TypeError):  # TypeError: an id without -vN
-        raise InputError(f"--env-id {env_id!r} is not a Minari dataset id: write namespace/name-vN, e.g. "
-                         "mujoco/hopper/medium-v0 or D4RL/antmaze/umaze-v1") from None
-    return ("antmaze" if "antmaze" in (namespace or "").split("/") else "locomotion"), name
-
-
-def load_minari_dataset(env_id: str):
-    """A Minari dataset from Minari's local store ($MINARI_DATASETS_PATH, else ~/.minari/datasets); one not there
-    is downloaded by Minari first, and a failed download leaves nothing behind."""
-    import minari
-    from minari.storage import get_dataset_path
-
-    folder = get_dataset_path(env_id)
-    if not os.path.isdir(os.path.join(folder, "data")):  # minari.load_dataset's test of a local copy
-        existed = os.path.exists(folder)
-        try:
-            minari.download_dataset(env_id)
-        except Exception as e:  # no huggingface_hub, no network, an id the remote lacks, ...: each says why
-            if not existed:
-                shutil.rmtree(folder, ignore_errors=True)
-            raise InputError(
-                f"the Minari dataset {env_id} is not in Minari's local store {get_dataset_path()} and Minari could not "
-                f"download it ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}); nothing was written. "
-                f"Where there is a network, run `pip install \"minari[hf]\" && minari download {env_id}` and copy the "
-                f"dataset's folder to {folder}, or point MINARI_DATASETS_PATH at a store that holds it") from e
-    try:
-        return minari.load_dataset(env_id)
-    except Exception as e:  # a partial copy, another Minari version's format, ...
-        raise InputError(f"cannot read the Minari dataset at {folder} ({type(e).__name__}: {e}); delete that "
-                         "folder to download it anew") from e
-
-
-def flatten_observations(space, observations) -> np.ndarray:
-    """One row per step: a Box space's values, or a Dict space's parts side by side in gymnasium's flatten order (its
-    sorted keys; AntMaze: achieved_goal = x, y; desired_goal = the goal's x, y; observation = qpos[2:15], qvel)."""
-    if isinstance(observations, dict):
-        return np.concatenate([flatten_observations(space[key], observations[key]) for key in space.spaces], axis=1)
-    return np.reshape(observations, (len(observations), -1))
-
-
-def minari_rows(dataset, obs_dim: int, act_dim: int) -> dict[str, np.ndarray]:
-    """A Minari dataset's episodes as checked D4RL-format rows: each episode's steps, then its final observation in a
-    row marked timeout. D4RL's qlearning_dataset then makes every step a transition to its true next state, the last
-    step of each episode included, terminal where Minari's `terminations` says so (README: Minari)."""
-    from gymnasium import spaces
-
-    where, space = f"the Minari dataset {dataset.spec.dataset_id}", dataset.observation_space
-    boxes = list(space.spaces.values()) if isinstance(space, spaces.Dict) else [space]
-    if not all(isinstance(box, spaces.Box) for box in [*boxes, dataset.action_space]):
-        raise InputError(f"{where} has observations {space} and actions {dataset.action_space}; DIVO needs "
-                         "continuous ones (Box spaces, or for observations a Dict of them)")
-    rows = {key: [] for key in HDF5_COLUMNS}
-    for episode in dataset.iterate_episodes():
-        steps = len(episode)  # its observations hold one more: the final one
-        actions = np.reshape(episode.actions, (steps, -1))
-        rows["observations"].append(flatten_observations(space, episode.observations))
-        rows["actions"].append(np.concatenate([actions, np.zeros_like(actions[:1])]))
-        rows["rewards"].append(np.append(episode.rewards, 0.0))
-        rows["terminals"].append(np.append(episode.terminations, False))
-        rows["timeouts"].append(np.arange(steps + 1) == steps)
-    if not rows["rewards"]:
-        raise InputError(f"{where} holds no episodes")
-    data = {key: np.concatenate(parts).astype(HDF5_COLUMNS[key]) for key, parts in rows.items()}
-    for key, size in (("observations", obs_dim), ("actions", act_dim)):
-        if data[key].shape[1] != size:
-            raise InputError(f"{where} has {data[key].shape[1]} numbers in its {key}, its evaluation env {size}: "
-                             "is its metadata's env the one its data come from?")
-    for key in ("observations", "actions", "rewards"):
-        bad = ~np.isfinite(data[key].reshape(len(data[key]), -1)).all(axis=1)
-        if bad.any():
-            episode = int(data["timeouts"][:np.argmax(bad)].sum())
-            raise InputError(f"{where}: {int(bad.sum())} step(s) of {key!r} hold NaN or inf (first in episode "
-                             f"{episode}); the dataset is corrupt: download it anew")
-    return data
-
-
-def minari_summary(dataset, data: dict, transitions: dict, eval_env=None) -> str:
-    """A few lines about a Minari dataset: where it is, its episodes and their returns, rewards, terminals, actions."""
-    ends = np.flatnonzero(data["timeouts"])  # the rows of the episodes' final observations
-    starts = np.concatenate([[0], ends[:-1] + 1])
-    returns, r, a = np.add.reduceat(data["rewards"], starts), transitions["rewards"], transitions["actions"]
-    terminated, outside = int(data["terminals"][ends - 1].sum()), (np.abs(a) > 1).any(axis=1).mean()
-    envs = f"data from {dataset.env_spec.id if dataset.env_spec else 'an env the metadata does not name'}" + (
-        f", evaluation in {eval_env.spec.id} ({eval_env.spec.max_episode_steps} steps)" if eval_env else "")
-    return "\n".join([
-        f"dataset    {dataset.spec.dataset_id} (Minari, {dataset.spec.data_path}): {len(ends):,} episodes, "
-        f"{len(r):,} steps, each a transition (the last step of an episode too)",
-        f"episodes   {terminated:,} terminated, {len(ends) - terminated:,} truncated, mean length "
-        f"{np.mean(ends - starts):.0f}; return min {returns.min():.1f}  mean {returns.mean():.1f}  max {returns.max():.1f}",
-        f"rewards    min {r.min():.3f}  mean {r.mean():.3f}  max {r.max():.3f}; terminals "
-        f"{transitions['terminals'].mean():.4%} of transitions",
-        f"actions    |a| max {np.abs(a).max():.4f}"
-        + (f" ({outside:.2%} of steps outside [-1, 1], clipped)" if outside else ""),
-        f"envs       {envs}",
-    ])
-
-
-def minari_dims(dataset) -> tuple[int, int]:
-    """Observation and action sizes of a Minari dataset, its observations flattened (gymnasium's flatdim)."""
-    from gymnasium.spaces import flatdim
-
-    return flatdim(dataset.observation_space), flatdim(dataset.action_space)
-
-
-CHECKPOINT = "pad_checkpoint.pt"  # the file name of a run's checkpoint in its folder
-FINISHED = "pad_diagnostics.json"  # the file a run writes last: its presence means every file of the run is final
-LOCK = "lock"  # the file a run's writer holds locked, naming the process
-
-
-def lock_run(folder: str) -> None:
-    """Lock the run `folder` for this process's whole life (the kernel frees it however the process ends), or stop."""
-    try:
-        fd = os.open(os.path.join(folder, LOCK), os.O_RDWR | os.O_CREAT, 0o644)  # never closed: the lock lasts
-    except OSError as e:
-        raise InputError(f"cannot write to {folder} ({e.strerror}): run where the run's folder can be written") from e
-    if fcntl is None:
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        raise InputError(f"{folder} is in use by {holder}, which holds {os.path.join(folder, LOCK)}: a run has one "
-                         "writer at a time; wait until that process ends, or stop it first") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
-
-
-def write_atomically(path: str, data: bytes) -> None:
-    """Write `data` to `path` by renaming a complete copy: a crash never leaves a broken file in place of a good one,
-    and a write that fails (a full disk) leaves nothing behind and stops with one line."""
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise InputError(f"could not write {path} ({e.strerror or e}); nothing half-written was left. Free some disk "
-                         f"space, then continue with --resume {os.path.join(os.path.dirname(path), CHECKPOINT)}") from e
-
-
-def save_checkpoint(path: str, payload: dict) -> None:
-    """torch.save, atomically (write_atomically). A run's checkpoint first removes the run's finished file: that file
-    describes an earlier checkpoint (a run extended with --resume), and is written again after the last one."""
-    if os.path.basename(path) == CHECKPOINT:
-        remove(os.path.join(os.path.dirname(path), FINISHED), "the results of an earlier step: the run trains on")
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    write_atomically(path, buffer.getvalue())
-
-def load_checkpoint(path: str, kind: str) -> dict:
-    """Read a checkpoint written by `kind` (a script name), or stop with what is wrong."""
-    if not os.path.isfile(path):
-        raise InputError(f"no checkpoint at {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for truncated or foreign files
-        raise InputError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]}); it is "
-                         "partial or not a checkpoint of this project") from e
-    found = payload.get("kind") if isinstance(payload, dict) else None
-    if found != kind:
-        raise InputError(f"{path} is a checkpoint of {found or 'something else'}, not of {kind}.py")
-    return payload
-
-
-def restore_run(pretrainer: PADPretrainer, initial: Diffusion, args: RunArgs, checkpoint: Optional[dict],
-                fingerprint: str) -> tuple[int, list]:
-    """The step and diagnostics history to start from: a resumed run's (networks, optimisers, RNG), or a new run's."""
-    if checkpoint is None:
-        return 0, []
-    refuse_mismatch(args.resume, {}, {}, "resume on the dataset it was trained on",
-                    same_data=checkpoint["dataset_sha1"] == fingerprint)
-    load_agent_state(pretrainer, checkpoint)
-    initial.load_state_dict(checkpoint["initial_diffusion"])
-    torch.set_rng_state(checkpoint["rng"]["torch"])
-    if torch.cuda.is_available() and args.cuda and checkpoint["rng"]["cuda"] is not None:
-        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
-    print(f"resumed {args.run_name} at step {checkpoint['step']:,}")
-    # a run stopped while writing its final files diagnoses its last step again
-    return checkpoint["step"], [row for row in checkpoint["diagnostics"] if row["step"] < args.total_timesteps]
-
-
-def make_run_dir(args: RunArgs) -> tuple[RunArgs, str]:
-    """The run's folder, locked, and its name in `args`: a new one under runs/ (a new run never writes into an
-    existing folder), or with --resume the run's own (locked by parse_args), cleared of what is no longer valid."""
-    if args.resume:
-        clear_for_resume(args.resume)
-        return args, os.path.dirname(args.resume)
-    base = args.run_name or f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    for attempt in range(1000):  # runs started in the same second get -1, -2, ...
-        name = base if attempt == 0 else f"{base}-{attempt}"
-        try:
-            os.makedirs(os.path.join("runs", name))
-        except FileExistsError:
-            if args.run_name:
-                raise InputError(f"runs/{name} exists: choose another --run-name, or continue that run with "
-                                 f"--resume runs/{name}/{CHECKPOINT}") from None
-            continue
-        lock_run(os.path.join("runs", name))
-        return replace(args, run_name=name), os.path.join("runs", name)
-    raise InputError(f"could not create a new folder runs/{base}-N: remove old runs or pass --run-name")
-
-def write_json(path: str, content: dict) -> None:
-    """Strict JSON (NaN and inf refused, so every file parses anywhere), written atomically."""
-    write_atomically(path, json.dumps(content, indent=2, allow_nan=False).encode())
-
-def check_finite(step: int, metrics: dict[str, torch.Tensor], agent, last_checkpoint: str) -> dict[str, float]:
-    """The metrics as numbers (the loop's one host sync); stop with a message if a metric or a weight is NaN/inf."""
-    weights = {name: torch.stack([p.isfinite().all() for p in module.parameters()]).all().float()
-               for name, module in networks(agent).items()}
-    values = dict(zip([*metrics, *weights], torch.stack([*metrics.values(), *weights.values()]).tolist()))
-    bad = [f"{name} = {values[name]}" for name in metrics if not math.isfinite(values[name])]
-    bad += [f"the {name} network's weights" for name in weights if values[name] != 1.0]
-    if bad:
-        raise diverged(step, bad, last_checkpoint)
-    return {name: values[name] for name in metrics}
-
-
-def log_scalars(writer: SummaryWriter, step: int, values: dict[str, float], last_checkpoint: str) -> None:
-    """Write `values` to TensorBoard; stop as check_finite does if one (a diagnostic, a score) is NaN or inf."""
-    bad = [f"{name} = {value}" for name, value in values.items() if not math.isfinite(value)]
-    if bad:
-        raise diverged(step, bad, last_checkpoint)
-    for name, value in values.items():
-        writer.add_scalar(name, value, step)
-
-
-def diverged(step: int, bad: list[str], last_checkpoint: str) -> InputError:
-    """The message that stops a run whose metrics, diagnostics or weights are not finite."""
-    return InputError(f"training diverged by step {step:,}: {', '.join(bad)} not finite. Nothing after the last good "
-                      f"checkpoint was saved ({last_checkpoint}). Check the rewards' scale, or lower the learning "
-                      f"rates or --alpha")
-
-class StopSignal:
-    """SIGINT / SIGTERM end the loop after the current iteration, with a checkpoint; a second one stops at once."""
-
-    def __init__(self):
-        self.signum = None
-        signal.signal(signal.SIGINT, self.request)
-        signal.signal(signal.SIGTERM, self.request)
-
-    def request(self, signum, frame):
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-        print("\nstopping after this step with a checkpoint (signal again to stop at once)", flush=True)
-
-class GraphedTrainStep:
-    """--cudagraphs: each variant of one iteration (batch sampling included) captured once as a CUDA graph, then replayed.
-
-    A replay runs the iteration's kernels with no Python and no launch overhead; the metrics it returns are the
-    graph's static output tensors, overwritten by every replay. Capturing needs a few warm-up iterations (on a side
-    stream) that would move the weights, the optimiser states and the RNG: all three are saved before and written
-    back in place after capture, so training continues exactly where it was, and checkpoints and resume work as in
-    eager mode. Without CUDA (the tests) capture does the same warm-up and restore, and a replay runs the iteration
-    eagerly and copies its metrics into the static tensors.
-    """
-
-    def __init__(self, step: Callable[..., dict[str, torch.Tensor]], state: Callable[[], list[torch.Tensor]],
-                 device: torch.device, warmup: int = 3):
-        self.step, self.state, self.device, self.warmup = step, state, device, warmup
-        self.graphs = {}
-
-    def __call__(self, *flags) -> dict[str, torch.Tensor]:
-        if flags not in self.graphs:
-            self.graphs[flags] = self.capture(flags)
-        replay, metrics = self.graphs[flags]
-        replay()
-        return metrics
-
-    def capture(self, flags: tuple) -> tuple[Callable[[], None], dict[str, torch.Tensor]]:
-        cuda = self.device.type == "cuda"
-        tensors = self.state()
-        # detached copies: an autograd graph of the copy would tie the weights to this (the default) stream
-        saved = [t.detach().clone() for t in tensors]
-        rng = torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if cuda else None
-        stream = torch.cuda.Stream(self.device) if cuda else None
-        if cuda:
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
-            for _ in range(self.warmup):
-                metrics = self.step(*flags)
-        if cuda:
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                metrics = self.step(*flags)
-            replay = graph.replay
-        else:
-            metrics = {name: value.clone() for name, value in metrics.items()}
-
-            def replay():
-                for name, value in self.step(*flags).items():
-                    metrics[name].copy_(value)
-        with torch.no_grad():  # back to the state before the warm-up, in place: the graph holds these tensors
-            for tensor, value in zip(tensors, saved):
-                tensor.copy_(value)
-            known = {id(t) for t in tensors}
-            for tensor in self.state():  # optimiser states the warm-up created: a fresh state is all zeros
-                if id(tensor) not in known:
-                    tensor.zero_()
-        torch.set_rng_state(rng[0])
-        if cuda:
-            torch.cuda.set_rng_state(rng[1], self.device)
-        return replay, metrics
-
-def training_state(agent) -> list[torch.Tensor]:
-    """Every tensor an iteration changes or reads as state: weights, buffers and optimiser states."""
-    tensors = [t for module in networks(agent).values() for t in module.state_dict(keep_vars=True).values()]
-    return tensors + [t for opt in optimizers(agent).values() for state in opt.state.values() for t in state.values()
-                      if torch.is_tensor(t)]
-
-def progress_line(done: int, total: int, sps: float, evaluations: list[dict]) -> str:
-    """[ 12.0%] step 120,000/1,000,000 | 1,234 steps/s | score 45.6 @ 115,000 | ETA 11m53s"""
-    score = f"{evaluations[-1]['score']:.1f} @ {evaluations[-1]['step']:,}" if evaluations else "-"
-    eta = int((total - done) / sps)
-    eta = (f"{eta // 3600}h" if eta >= 3600 else "") + f"{eta % 3600 // 60:02d}m{eta % 60:02d}s"
-    return f"[{done / total:6.1%}] step {done:,}/{total:,} | {sps:,.0f} steps/s | score {score} | ETA {eta}"
-
-
-def networks(agent) -> dict[str, nn.Module]:
-    """The agent's networks (online and target), by attribute name."""
-    return {name: part for name, part in vars(agent).items() if isinstance(part, nn.Module)}
-
-
-def optimizers(agent) -> dict[str, torch.optim.Optimizer]:
-    """The agent's optimisers, by attribute name."""
-    return {name: part for name, part in vars(agent).items() if isinstance(part, torch.optim.Optimizer)}
-
-
-def agent_state(agent) -> dict:
-    """What a checkpoint keeps of the agent: every network's and optimiser's state, by name."""
-    return {name: part.state_dict() for name, part in {**networks(agent), **optimizers(agent)}.items()}
-
-
-def load_agent_state(agent, state: dict) -> None:
-    """Restore what agent_state saved, or stop if it was saved by a version with other networks."""
-    for name, part in {**networks(agent), **optimizers(agent)}.items():
-        try:
-            part.load_state_dict(state[name])
-        except (KeyError, RuntimeError, ValueError) as e:
-            first = (str(e).strip().splitlines() or [""])[0]
-            raise InputError(f"the checkpoint's {name} does not fit this script's ({type(e).__name__}: {first}); "
-                             f"was it written by another version? Use that version, or start a new run") from e
-
-
-def compile_updates(pretrainer) -> None:
-    """--compile: replace the update function by its torch.compile'd version."""
-    pretrainer.update = torch.compile(pretrainer.update)
-
-
 if __name__ == "__main__":
-    args, resumed = parse_args("pad_pretrain")  # with --resume: the checkpoint's arguments, and the checkpoint
-    check_writable(os.path.dirname(args.resume) if resumed else "runs", "run where the run's folder can be written")
+    args, resumed = parse_args(Args, "pad_pretrain")  # with --resume: the run's own arguments
 
     # seeding
     random.seed(args.seed)
@@ -1227,116 +413,92 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    # data (no env needed; a Minari id: its dataset, README: Minari)
-    dataset = load_minari_dataset(args.env_id) if is_minari_id(args.env_id) else None
-    obs_dim, act_dim = minari_dims(dataset) if dataset else dataset_dims(args.env_id)
-    raw, path = read_dataset(args, obs_dim, act_dim, dataset)
-    fingerprint = dataset_fingerprint(raw)
-    transitions = qlearning_dataset(raw)
-    print(minari_summary(dataset, raw, transitions) if dataset else dataset_summary(path, raw, transitions))
-    transitions["actions"] = np.clip(transitions["actions"], -1.0, 1.0)  # the actor and the sampler act in [-1, 1]
+    # data: a D4RL file or a Minari dataset, checked (no env needed; docs/data.md)
+    task = load_task(args, "pad_pretrain")
+    transitions = qlearning_dataset(task.rows)
+    print(task.summary(transitions))
     transitions["rewards"] = transform_rewards(transitions["rewards"], args.reward_transform)
-    check_transitions(transitions["observations"], path)  # enough of them, with finite statistics
-    obs_mean = transitions["observations"].mean(axis=0)
-    obs_std = transitions["observations"].std(axis=0) + 1e-3
-    train_rows, heldout_rows = split_holdout(len(transitions["rewards"]), args.holdout, args.seed)
-    data = to_device(transitions, train_rows, obs_mean, obs_std, device)
-    heldout = to_device(transitions, heldout_rows, obs_mean, obs_std, device)
+    data, heldout, obs_mean, obs_std = prepare_data(transitions, args, device, task.path)
     s_ho, a_ho = heldout["observations"], heldout["actions"]
-    bandwidth = torch.cdist(torch.cat([s_ho, a_ho], 1), torch.cat([s_ho, a_ho], 1)).median().clamp(min=1e-6).item()
-    print(f"reward     {'r - 1' if args.reward_transform == 'minus-one' else 'r'} (--reward-transform "
-          f"{args.reward_transform}); {len(train_rows):,} transitions to train on, diagnostics on {len(heldout_rows):,} "
+    bandwidth = median_distance(torch.cat([s_ho, a_ho], 1))  # the MMD kernel's bandwidth
+    print(f"reward     {REWARDS[args.reward_transform]}; "
+          f"{len(data['rewards']):,} transitions to train on, diagnostics on {len(s_ho):,} "
           + ("held-out ones" if args.holdout else "training ones (--holdout 0)"))
 
     # networks and optimisers
-    pretrainer = PADPretrainer(obs_dim, act_dim, args, device)
-    initial_diffusion = copy.deepcopy(pretrainer.diffusion)  # the untrained model, for "before" diagnostics
-    start_step, diagnostics = restore_run(pretrainer, initial_diffusion, args, resumed, fingerprint)
-    if args.compile:
-        compile_updates(pretrainer)
+    pretrainer = PADPretrainer(task.obs_dim, task.act_dim, args, device)
+    initial_diffusion = copy.deepcopy(pretrainer.diffusion)  # the untrained model: "before"
+    start_step, history = restore_run(pretrainer, args, resumed, task.fingerprint, "diagnostics",
+                                      initial_diffusion=initial_diffusion)
 
     def train_step() -> dict[str, torch.Tensor]:
         """One pretraining iteration: a batch drawn on the device, then the in-sample update."""
         return pretrainer.update(sample_batch(data, args.batch_size))
 
-    if args.cudagraphs:  # the same step, captured once as a CUDA graph, then replayed
-        train_step = GraphedTrainStep(train_step, lambda: training_state(pretrainer), device)
+    train_step = speed_up(train_step, pretrainer, args, device)  # --compile, --cudagraphs
 
-    # tracking
-    args, run_dir = make_run_dir(args)  # a new folder, or the resumed run's own
-    write_json(os.path.join(run_dir, "args.json"), {**asdict(args), "script": "pad_pretrain"})  # at once: --resume needs it
+    # tracking: the run's folder (new, or the resumed run's), TensorBoard, W&B
+    run = Run(args, "pad_pretrain", None, start_step)  # locked; args.json written at once
+    args = run.args
+    run.describe(task, obs_mean, obs_std, len(data["rewards"]), device)  # what checkpoints record
     if args.track:
         import wandb
-
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=args.run_name, id=args.run_name, resume="allow", save_code=True)
-    writer = SummaryWriter(run_dir, purge_step=start_step if resumed else None)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    run_info = {"kind": "pad_pretrain", "args": asdict(args), "env_id": args.env_id, "obs_dim": obs_dim,
-                "act_dim": act_dim, "dataset_sha1": fingerprint, "num_transitions": len(data["rewards"]),
-                "obs_mean": torch.tensor(obs_mean), "obs_std": torch.tensor(obs_std)}
-    checkpoint_path = os.path.join(run_dir, CHECKPOINT)
-    last_checkpoint = f"{checkpoint_path} (step {start_step:,})" if resumed else "none yet"
+                   config=vars(args), name=args.run_name, id=args.run_name, resume="allow",
+                   save_code=True)
+    writer = SummaryWriter(run.dir, purge_step=start_step if resumed else None)
+    writer.add_text("hyperparameters", markdown_table(vars(args)))
 
-    def checkpoint(step: int) -> str:
+    def checkpoint(step: int, metrics: dict) -> str:
         """What the DIVO scripts start from, plus what this script needs to continue exactly."""
-        check_finite(step, metrics, pretrainer, last_checkpoint)  # a diverged run never overwrites a good checkpoint
-        parts = agent_state(pretrainer)
-        save_checkpoint(checkpoint_path, {**run_info, "step": step, **parts, "diagnostics": diagnostics,
-                                          "initial_diffusion": initial_diffusion.state_dict(),
-                                          "rng": {"torch": torch.get_rng_state(),
-                                                  "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}})
-        return f"{checkpoint_path} (step {step:,})"
+        state = {**agent_state(pretrainer), "diagnostics": history,
+                 "initial_diffusion": initial_diffusion.state_dict()}
+        return run.save(step, metrics, pretrainer, state)
 
     def log_diagnostics(step: int, models: dict[str, Diffusion]) -> dict[str, float]:
-        """Each model's sample-to-data distances on held-out positive-advantage data, logged and remembered."""
+        """Each model's sample-to-data distances on held-out positive-advantage data, logged."""
         row = {"step": step, **diagnose(pretrainer, models, s_ho, a_ho, bandwidth)}
-        log_scalars(writer, step, {f"diag/{name}": value for name, value in row.items() if name != "step"}, last_checkpoint)
-        diagnostics.append(row)
-        print("diag   " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v:,}" for k, v in row.items()))
+        run.log(writer, step, {f"diag/{k}": value for k, value in row.items() if k != "step"})
+        history.append(row)
+        print("diag   " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v:,}"
+                                    for k, v in row.items()))
         return row
 
     stop = StopSignal()
-    print(f"pretraining {args.run_name} on {device} for {args.total_timesteps:,} steps; logs in {run_dir}", flush=True)
+    print(f"pretraining {args.run_name} on {device} for {args.total_timesteps:,} steps; logs in "
+          f"{run.dir}", flush=True)
     if not resumed:
         log_diagnostics(0, {"model": pretrainer.diffusion})
     metrics, last_time, last_step = {}, time.time(), start_step
     for step in range(start_step, args.total_timesteps):
-        if stop.signum is not None:
-            last_checkpoint = checkpoint(step)
-            print(f"stopped at step {step:,}; resume with: python {os.path.basename(__file__)} --resume {checkpoint_path}")
-            raise SystemExit(128 + stop.signum)
+        if stop.signum is not None:  # SIGINT or SIGTERM: a checkpoint, then exit
+            stop.exit(step, checkpoint(step, metrics), __file__, run.checkpoint_path)
         metrics = train_step()
         done = step + 1
         if done % args.log_freq == 0:
-            logged = check_finite(done, metrics, pretrainer, last_checkpoint)  # the loop's only host sync
+            logged = run.check(done, metrics, pretrainer)  # the loop's only host sync
             sps = (done - last_step) / (time.time() - last_time)
             last_time, last_step = time.time(), done
-            log_scalars(writer, done, {**logged, "charts/SPS": sps}, last_checkpoint)
-            print(progress_line(done, args.total_timesteps, sps, []) + f" | pad_loss {logged['losses/pad_loss']:.4f} | "
-                  f"positive {logged['pad/positive_fraction']:.2f}", flush=True)
+            run.log(writer, done, {**logged, "charts/SPS": sps})
+            print(progress_line(done, args.total_timesteps, sps, [])
+                  + f" | pad_loss {logged['losses/pad_loss']:.4f}"
+                  + f" | positive {logged['pad/positive_fraction']:.2f}", flush=True)
         if args.diag_freq and done % args.diag_freq == 0 and done < args.total_timesteps:
             log_diagnostics(done, {"model": pretrainer.diffusion})
-        if args.checkpoint_freq and done % args.checkpoint_freq == 0 and done < args.total_timesteps:
-            last_checkpoint = checkpoint(done)
+        if args.checkpoint_freq and not done % args.checkpoint_freq and done < args.total_timesteps:
+            checkpoint(done, metrics)
 
-    # before / after: the untrained and the trained model against the final advantage labels; the checkpoint, the
-    # figure, then pad_diagnostics.json, written last: it marks a finished run
-    final = log_diagnostics(args.total_timesteps, {"model": pretrainer.diffusion, "initial": initial_diffusion})
-    path = checkpoint(args.total_timesteps)
-    try:  # the figure is a bonus
-        show = torch.arange(min(4, len(s_ho))) * max(1, len(s_ho) // 4)
-        plot_samples({"before": initial_diffusion, "after": pretrainer.diffusion}, s_ho[show], a_ho[show],
-                     data["observations"], data["actions"], os.path.join(run_dir, "pad_samples.png"))
-    except Exception as e:  # matplotlib has many ways to fail on odd data
-        print(f"warning: could not draw pad_samples.png ({type(e).__name__}: {e})")
-    write_json(os.path.join(run_dir, FINISHED), {
-        "env_id": args.env_id, "run_name": args.run_name, "heldout_transitions": len(heldout_rows),
-        "heldout": bool(args.holdout), "mmd_bandwidth": bandwidth, "final": final, "history": diagnostics})
-    print(f"sample-to-data distance on {'held-out' if args.holdout else 'training'} positive-advantage states: "
-          f"Wasserstein {final['initial_wasserstein']:.4f} before -> {final['model_wasserstein']:.4f} after, MMD^2 "
-          f"{final['initial_mmd']:.4f} -> {final['model_mmd']:.4f}")
-    print(f"checkpoint: {path}\nuse it with: --pad-checkpoint {checkpoint_path} [--freeze-pad]")
+    # the untrained and trained models on the final labels; pad_diagnostics.json last (finished)
+    models = {"model": pretrainer.diffusion, "initial": initial_diffusion}
+    final = log_diagnostics(args.total_timesteps, models)
+    path = checkpoint(args.total_timesteps, metrics)
+    plot_samples({"before": initial_diffusion, "after": pretrainer.diffusion}, s_ho, a_ho,
+                 data["observations"], data["actions"], os.path.join(run.dir, "pad_samples.png"))
+    run.finish({"env_id": args.env_id, "run_name": args.run_name,
+                "heldout_transitions": len(s_ho), "heldout": bool(args.holdout),
+                "mmd_bandwidth": bandwidth, "final": final, "history": history})
+    print(before_after(final, "held-out" if args.holdout else "training"))
+    print(f"checkpoint: {path}\nuse it with: --pad-checkpoint {run.checkpoint_path} [--freeze-pad]")
     writer.close()
     if args.track:
         wandb.finish()
