@@ -5,8 +5,9 @@ Eq. 12 keeps the generated action where min_i Q'_i(s, a_gen) - V(s) >= min_i Q'_
 contest is decided by the gap of the twin minimum. The twin critics are trained alike, so where they disagree
 on the winner the gap is below what the critic resolves; |Q'_1 - Q'_2| on dataset actions is a yardstick of it.
 
-With --margins and --num-candidates it also holds the contest as --adpo-margin kappa and --num-candidates N would
-(the scripts' own adpo_candidates and adpo_target) and prints, per (N, kappa), how often a sample wins, how many winners
+With --margins and --num-candidates it also holds the contest with a margin kappa (a sample must win by kappa x the
+twin critics' disagreement; a reading the scripts no longer have, see the README's results) and N candidates (the
+scripts' own adpo_candidates and adpo_target) and prints, per (N, kappa), how often a sample wins, how many winners
 both twin critics back, what the targets gain and how far they lie from the data: a table to choose kappa and N from.
 
 Run (on finished or running DIVO runs of either script; N = 1 candidate, as the default):
@@ -24,6 +25,10 @@ import torch
 import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the scripts and divo_utils
+
+from divo_utils.data import default_dataset_path, load_d4rl_file  # noqa: E402
+from divo_utils.runs import load_agent_state  # noqa: E402
 
 
 @dataclass
@@ -35,7 +40,7 @@ class Args:
     seed: int = 0
     """seed of the states drawn and of the diffusion model's noise"""
     margins: list[float] = field(default_factory=list)
-    """also hold the contest with these --adpo-margin values (kappa), e.g. 0 0.5 1 2"""
+    """also hold the contest with these margins kappa (0: eq. 12 itself), e.g. 0 0.5 1 2"""
     num_candidates: list[int] = field(default_factory=lambda: [1])
     """... and with these --num-candidates values (N), e.g. 1 4"""
 
@@ -62,11 +67,15 @@ def margin_table(module, agent, s, a, margins: list[float], counts: list[int], s
     adv = q_data.min(dim=0).values - v
     rows = []
     for n in counts:
-        agent.args = replace(agent.args, num_candidates=n, adpo_margin=1.0)  # penalty = the disagreement itself
+        agent.args = replace(agent.args, num_candidates=n)
         torch.manual_seed(seed)
-        candidates, cand_adv, disagreement = agent.adpo_candidates(s, v, q_data)
-        for kappa in margins:
-            target, generated, target_adv = module.adpo_target(a, adv, candidates, cand_adv, kappa * disagreement)
+        candidates, cand_adv = agent.adpo_candidates(s, v)
+        # the twin target critics' disagreement |Q'_1 - Q'_2|, averaged over the sample and the dataset action
+        q = agent.critic_target(s.repeat(n, 1), candidates.reshape(n * len(s), -1)).view(2, n, len(s))
+        disagreement = (q.max(dim=0).values - q.min(dim=0).values + (q_data[0] - q_data[1]).abs()) / 2
+        for kappa in margins:  # a sample must win by kappa x the disagreement (kappa = 0: eq. 12 itself)
+            target, generated, _ = module.adpo_target(a, adv, candidates, cand_adv - kappa * disagreement)
+            target_adv = agent.critic_target(s, target).min(dim=0).values - v
             backed = (agent.critic_target(s, target) >= q_data).all(dim=0) & generated
             rows.append({"N": n, "kappa": kappa, "generated_wins": generated.float().mean().item(),
                          "backed_by_both": (backed.sum() / generated.sum().clamp(min=1)).item(),
@@ -81,7 +90,6 @@ class ContestError(Exception):
 
 def load_run(folder: str):
     """The script module, its restored agent, the checkpoint, the run's arguments and its dataset's path."""
-    sys.path.insert(0, ROOT)
     path = os.path.join(folder, "checkpoint.pt")
     if not os.path.isfile(path):
         raise ContestError(f"no checkpoint at {path}: give the folders of divo_continuous.py or divo_antmaze.py runs")
@@ -98,13 +106,13 @@ def load_run(folder: str):
     args = module.Args(**{k: v for k, v in payload["args"].items() if k in names}, cuda=False)
     if not args.adpo:
         raise ContestError(f"{folder} is a --no-adpo run: it has no diffusion model and no contest")
-    data = args.dataset_path or module.default_dataset_path(args.env_id)
+    data = args.dataset_path or default_dataset_path(args.env_id)
     if not os.path.isfile(data):
         raise ContestError(f"{folder} was trained on {data}, which is not there")
     obs_dim = len(payload["obs_mean"])
     act_dim = [v for k, v in payload["agent"]["actor"].items() if k.endswith("weight")][-1].shape[0]
     agent = module.DIVO(obs_dim, act_dim, args, torch.device("cpu"))
-    module.load_agent_state(agent, payload["agent"])
+    load_agent_state(agent, payload["agent"])
     return module, agent, payload, data, obs_dim, act_dim
 
 
@@ -119,7 +127,7 @@ def main(args: Args) -> None:
     except ContestError as e:
         raise SystemExit(f"error: {e}") from None
     for folder, (module, agent, payload, path, obs_dim, act_dim) in zip(args.runs, runs):
-        transitions = module.qlearning_dataset(module.load_d4rl_file(path, obs_dim, act_dim))
+        transitions = module.qlearning_dataset(load_d4rl_file(path, obs_dim, act_dim))
         n = len(transitions["rewards"])
         rows = np.random.default_rng(args.seed).choice(n, min(args.samples, n), replace=False)
         mean, std = payload["obs_mean"].numpy(), payload["obs_std"].numpy()

@@ -30,6 +30,11 @@ import torch
 import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the scripts and divo_utils
+
+from divo_utils.data import D4RL_DIMS, default_dataset_path, load_d4rl_file  # noqa: E402
+from divo_utils.speed import GraphedTrainStep, compile_updates, training_state  # noqa: E402
+
 Mode = Literal["eager", "compile", "cudagraphs", "compile+cudagraphs"]
 
 
@@ -72,7 +77,6 @@ class BenchmarkError(Exception):
 
 def load_script(args: Args):
     """The training script's module: pad_pretrain, or the DIVO script of the env id's domain."""
-    sys.path.insert(0, ROOT)
     if args.script == "pad_pretrain":
         return importlib.import_module("pad_pretrain")
     return importlib.import_module("divo_antmaze" if args.env_id.lower().startswith("antmaze-") else "divo_continuous")
@@ -100,23 +104,19 @@ def run_args(module, args: Args, **overrides):
         sizes["diffusion_steps"] = args.diffusion_steps
         if not hasattr(module, "PADPretrainer"):
             sizes["num_candidates"] = args.num_candidates
-    return module.RunArgs(**sizes)  # RunArgs: the script's checks run
+    return module.Args(**sizes)  # the script's checks run
 
 
 def shapes(module, env_id: str) -> tuple[int, int]:
     """Observation and action sizes of the task (without building its env)."""
-    if hasattr(module, "dataset_dims"):
-        return module.dataset_dims(env_id)
-    if hasattr(module, "OBS_DIM"):
-        return module.OBS_DIM, module.ACT_DIM
-    return {"halfcheetah": (17, 6), "hopper": (11, 3), "walker2d": (17, 6)}[env_id.split("-")[0]]
+    return D4RL_DIMS["antmaze" if env_id.startswith("antmaze-") else env_id.split("-")[0]]
 
 
 def load_data(module, args: Args, obs_dim: int, act_dim: int, device: torch.device) -> tuple[dict, str]:
     """Transitions on the device, as the script prepares them, and where they came from."""
-    path = args.dataset_path or module.default_dataset_path(args.env_id)
+    path = args.dataset_path or default_dataset_path(args.env_id)
     if os.path.isfile(path):
-        transitions = module.qlearning_dataset(module.load_d4rl_file(path, obs_dim, act_dim))
+        transitions = module.qlearning_dataset(load_d4rl_file(path, obs_dim, act_dim))
         source = path
     else:
         n, rng = 1_000_000, np.random.default_rng(0)
@@ -161,7 +161,7 @@ def train_step_of(module, args: Args, data: dict, mode: Mode, device: torch.devi
     """Step i of the script's training loop in `mode`, as its __main__ builds it: a batch, then the update."""
     agent = build(module, args, obs_dim, act_dim, device, **overrides)
     if "compile" in mode:
-        module.compile_updates(agent)
+        compile_updates(agent)
     if hasattr(module, "PADPretrainer"):
         def train_step():
             return agent.update(module.sample_batch(data, args.batch_size))
@@ -169,7 +169,7 @@ def train_step_of(module, args: Args, data: dict, mode: Mode, device: torch.devi
         def train_step(actor_step):
             return agent.update(module.sample_batch(data, args.batch_size), actor_step)
     if "cudagraphs" in mode:
-        train_step = module.GraphedTrainStep(train_step, lambda: module.training_state(agent), device)
+        train_step = GraphedTrainStep(train_step, lambda: training_state(agent), device)
     if hasattr(module, "PADPretrainer"):
         return lambda i: train_step()
     return lambda i: train_step(i % agent.args.policy_freq == 0)
@@ -217,13 +217,13 @@ def time_parts(module, args: Args, data: dict, device: torch.device, obs_dim: in
     """Milliseconds per gradient step of each part of DIVO's iteration, each timed alone (eager)."""
     agent = build(module, args, obs_dim, act_dim, device)
     s, a, r, s_next, not_done = module.sample_batch(data, args.batch_size)
-    adv, v, q_data, _ = agent.update_value(s, a)
-    a_bar, *_ = module.adpo_target(a, adv, *agent.adpo_candidates(s, v, q_data))
+    adv, v, _ = agent.update_value(s, a)
+    a_bar, *_ = module.adpo_target(a, adv, *agent.adpo_candidates(s, v))
     share = 1 / agent.args.policy_freq  # ADPO and the actor run on every policy_freq-th step
     parts = {"critic, eq. (1)": (1.0, lambda i: agent.update_critic(s, a, r, s_next, not_done)),
              "value, eq. (2)": (1.0, lambda i: agent.update_value(s, a)),
              "PAD, eq. (9)-(10)": (1.0, lambda i: agent.update_pad(s, a, adv)),
-             "ADPO sampling, eq. (12)": (share, lambda i: module.adpo_target(a, adv, *agent.adpo_candidates(s, v, q_data))),
+             "ADPO sampling, eq. (12)": (share, lambda i: module.adpo_target(a, adv, *agent.adpo_candidates(s, v))),
              "actor + targets, eq. (13)": (share, lambda i: agent.update_actor(s, a_bar))}
     repeats = max(20, args.steps // 10)
     return {name: weight * 1e3 / steps_per_second(part, repeats, 10, device) for name, (weight, part) in parts.items()}

@@ -47,12 +47,11 @@ from typing import Literal, Optional
 import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: the training scripts live here
+sys.path.insert(0, ROOT)  # divo_utils, whose package imports no torch: the ids, file names and limits
+from divo_utils import (ANTMAZE_IDS, LOCK, LOCOMOTION_IDS, MAX_EXP_NAME, MAX_NAME, RUN_FILES,  # noqa: E402
+                        is_minari_id)
+
 LOCOMOTION_SCRIPT, ANTMAZE_SCRIPT = "divo_continuous.py", "divo_antmaze.py"
-# The ids the scripts accept (their ENV_IDS; importing them here would load torch and MuJoCo for a command line).
-LOCOMOTION_IDS = tuple(f"{robot}-{level}-v2" for robot in ("halfcheetah", "hopper", "walker2d")
-                       for level in ("random", "medium", "medium-replay", "medium-expert", "expert", "full-replay"))
-ANTMAZE_IDS = tuple(f"antmaze-{maze}-v2" for maze in ("umaze", "umaze-diverse", "medium-play", "medium-diverse",
-                                                      "large-play", "large-diverse"))
 SUITES = {
     "locomotion": [f"{robot}-{level}-v2" for level in ("medium", "medium-replay", "medium-expert")
                    for robot in ("halfcheetah", "hopper", "walker2d")],
@@ -66,11 +65,7 @@ SUITES["minari-locomotion"] = [f"mujoco/{robot}/{level}-v0" for level in ("mediu
 # Arguments the sweep sets for every run itself; passing them after `--` is refused.
 SWEEP_FLAGS = ("--env-id", "--seed", "--exp-name", "--run-name", "--resume", "--dataset-path")
 ATTEMPT_HEADER = "=== sweep attempt"  # the first words of the line the log gets before every attempt
-# The file each script writes last (its presence means the run finished) and its checkpoint, in the run's folder; the
-# DIVO scripts (and any other --script): scores.json and checkpoint.pt.
-RUN_FILES = {"pad_pretrain.py": ("pad_diagnostics.json", "pad_checkpoint.pt")}
-LOCK = "lock"  # the file a run's writer holds locked (flock) for its whole life, naming that process (the scripts' LOCK)
-MAX_LABEL, MAX_RUN_NAME = 150, 200  # bytes of a run's --exp-name and --run-name, as the scripts accept them
+MAX_LABEL, MAX_RUN_NAME = MAX_EXP_NAME, MAX_NAME  # bytes of a run's --exp-name and --run-name, as the scripts take
 # A script's progress line: "[ 12.0%] step 120,000/1,000,000 | 1,234 steps/s | ..."
 PROGRESS_LINE = re.compile(r"step ([\d,]+)/([\d,]+) \| ([\d,.]+) steps/s")
 
@@ -149,11 +144,6 @@ def parse_command_line(argv: list[str]) -> tuple[Args, list[str]]:
     own, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     description = f"{__doc__.splitlines()[0]} Arguments after `--` go to every run unchanged, e.g. `-- --no-adpo`."
     return tyro.cli(Args, args=own, description=description), extra
-
-
-def is_minari_id(env_id: str) -> bool:
-    """A Minari dataset id (namespace/name-vN), as the scripts tell them from D4RL's."""
-    return "/" in env_id
 
 
 def script_of(env_id: str) -> str:
@@ -279,7 +269,8 @@ def plan_runs(args: Args) -> list[Run]:
 # ----------------------------------------------------------------------------------------------
 def run_files(run: Run) -> tuple[str, str]:
     """The file the run's script writes last (its presence means the run finished) and its checkpoint's."""
-    return RUN_FILES.get(os.path.basename(run.script), ("scores.json", "checkpoint.pt"))
+    checkpoint, finished = RUN_FILES.get(os.path.basename(run.script)[: -len(".py")], RUN_FILES["divo_continuous"])
+    return finished, checkpoint
 
 
 def run_state(out: str, run: Run) -> Literal["finished", "resume", "restart", "new"]:
