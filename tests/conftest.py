@@ -3,6 +3,7 @@
 import ast
 import os
 import signal
+import struct
 import subprocess
 import sys
 
@@ -112,3 +113,36 @@ def hopper_file(tmp_path):
     path = tmp_path / "hopper-small.hdf5"
     write_d4rl_file(path, episode_lengths=(120, 90, 150, 140), terminal_episodes=(1,))
     return path
+
+
+def tiny_data(n=300, obs_dim=5, act_dim=3, seed=0, done_rate=0.05):
+    """Random device-format transitions (what a script's to_device returns), for agents' updates."""
+    g = torch.Generator().manual_seed(seed)
+    return {"observations": torch.randn(n, obs_dim, generator=g), "actions": torch.rand(n, act_dim, generator=g) * 2 - 1,
+            "rewards": torch.randn(n, generator=g), "next_observations": torch.randn(n, obs_dim, generator=g),
+            "not_done": (torch.rand(n, generator=g) > done_rate).float()}
+
+
+def refused(proc, message):
+    """The process stopped with exactly one line on stderr, starting with `error:` and containing `message`."""
+    lines = proc.stderr.strip().splitlines()
+    return proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+
+
+def only_run(cwd):
+    """The one run folder under `cwd`/runs."""
+    (run,) = (cwd / "runs").iterdir()
+    return run
+
+
+def png_size(path):
+    """Width and height from a PNG's IHDR chunk (after checking the signature)."""
+    head = open(path, "rb").read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR", f"{path} is not a PNG"
+    return struct.unpack(">II", head[16:24])
+
+
+def folder_bytes(folder):
+    """Every file under `folder` with its bytes, but the lock file (it names the last process that held the run)."""
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(folder) for f in files if f != "lock"}
