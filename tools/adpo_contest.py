@@ -6,7 +6,7 @@ contest is decided by the gap of the twin minimum. The twin critics are trained 
 on the winner the gap is below what the critic resolves; |Q'_1 - Q'_2| on dataset actions is a yardstick of it.
 
 With --margins and --num-candidates it also holds the contest with a margin kappa (a sample must win by kappa x the
-twin critics' disagreement; a reading the scripts no longer have, see the README's results) and N candidates (the
+twin critics' disagreement; a reading the scripts no longer have, see docs/results.md) and N candidates (the
 scripts' own adpo_candidates and adpo_target) and prints, per (N, kappa), how often a sample wins, how many winners
 both twin critics back, what the targets gain and how far they lie from the data: a table to choose kappa and N from.
 

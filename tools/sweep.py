@@ -16,7 +16,7 @@ One machine (Ray is started for the sweep and stopped after it):
     python tools/sweep.py --suite paper --seeds 0 1 2 3 4                          # the paper's 15 tasks x 5 seeds
     python tools/sweep.py --suite locomotion --seeds 0 1 2 --runs-per-gpu 4 -- --no-adpo --total-timesteps 500000
     python tools/sweep.py --env-ids hopper-medium-v2 walker2d-medium-v2 --seeds 0 1 --dataset-dir ~/d4rl_files
-    python tools/sweep.py --suite minari-locomotion --seeds 0 1 2                  # Minari's datasets (README: Minari)
+    python tools/sweep.py --suite minari-locomotion --seeds 0 1 2                  # Minari's datasets (docs/data.md)
     python tools/sweep.py --suite paper --seeds 0 1 2 3 4 --dry-run                # print the planned commands only
 
 A cluster (the repository, the Python environment and `--out` at the same paths on every node, e.g. a shared disk):
@@ -59,7 +59,7 @@ SUITES = {
 }
 SUITES["paper"] = SUITES["locomotion"] + SUITES["antmaze"]
 # Minari ids (namespace/name-vN) are not listed above: the scripts check them. This suite is Minari's re-collection
-# of the locomotion tasks in Gymnasium's v5 envs (README: Minari).
+# of the locomotion tasks in Gymnasium's v5 envs (docs/data.md).
 SUITES["minari-locomotion"] = [f"mujoco/{robot}/{level}-v0" for level in ("medium", "expert")
                                for robot in ("halfcheetah", "hopper", "walker2d")]
 # Arguments the sweep sets for every run itself; passing them after `--` is refused.
