@@ -32,7 +32,7 @@ import time
 import urllib.request
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 import gymnasium as gym
 import h5py
@@ -116,6 +116,11 @@ class Args:
     """N, the number of diffusion samples per state that compete with the dataset action (eq. 12)"""
     adpo_margin: float = 0.0
     """kappa: a sample must win eq. (12) by kappa x the twin critics' disagreement (0: paper)"""
+    adpo_candidate: Literal["sample", "null", "proj"] = "sample"
+    """STUDY: eq. (12)'s candidate: a fresh diffusion sample (spec), the dataset action plus noise of
+    the samples' spread (null control), or pi(s) noised to k* and denoised (projection reading)"""
+    proj_step: int = 2
+    """STUDY: k*, the step the actor's action is noised to by eq. (3) (--adpo-candidate proj)"""
     hidden_dim: int = 256
     """width of every hidden layer"""
     num_layers: int = 3
@@ -282,13 +287,17 @@ class Diffusion(nn.Module):
         return (weights[:, None] * (eps - eps_pred) ** 2).mean()
 
     @torch.no_grad()
-    def sample(self, s: torch.Tensor) -> torch.Tensor:
-        """DDPM ancestral sampling a_K -> a_0 (eq. 4, 7, 8), noise drawn up front; in [-1, 1]."""
+    def sample(self, s: torch.Tensor, start=None, start_step=None) -> torch.Tensor:
+        """DDPM ancestral sampling a_K -> a_0 (eq. 4, 7, 8), noise drawn up front; in [-1, 1].
+        STUDY: with `start`, the chain begins at a_k* = eq. (3) applied to `start` at k* = start_step."""
         K, n = self.num_steps, len(s)
         noise = torch.randn(K + 1, n, self.act_dim, device=s.device).unbind(0)
         k_emb = self.eps_model.time_mlp(torch.arange(K + 1, device=s.device))  # each step's, once
         k_emb = k_emb[:, None].expand(-1, n, -1).unbind(0)
         a = noise[K]  # a_K ~ N(0, I)
+        if start is not None:  # eq. (3) at k*: a_k* = sqrt(alpha_bar) a + sqrt(1 - alpha_bar) eps
+            K = start_step
+            a = self.sqrt_alpha_bar[K] * start + self.sqrt_one_minus_alpha_bar[K] * noise[K]
         for k in range(K, 0, -1):
             eps = self.eps_model(a, k_emb[k], s)
             # eq. (7): the clean action the noise prediction implies, clipped to the action box
@@ -393,13 +402,20 @@ class DIVO:
         return {"losses/pad_loss": pad_loss.detach(), "pad/positive_fraction": positive.mean()}
 
     @torch.no_grad()
-    def adpo_candidates(self, s, v, q_data):
+    def adpo_candidates(self, s, v, q_data, a):
         """Eq. (12)'s contestants: N samples of pi_omega per state (N, B, A), their advantages
         (N, B), and their penalties (N, B): kappa x the twin target critics' disagreement
         |Q'_1 - Q'_2|, averaged over the sample and the dataset action (q_data, (2, B))."""
         n, b = self.args.num_candidates, len(s)
         s_n = s.repeat(n, 1)  # the N samples of state i are rows i, B + i, 2B + i, ...
         candidates = self.diffusion.sample(s_n)
+        if self.args.adpo_candidate == "null":  # STUDY: a + noise of the samples' per-dim RMS spread
+            a_n = a.repeat(n, 1)
+            spread = (candidates - a_n).pow(2).mean(dim=0).sqrt()
+            candidates = (a_n + spread * torch.randn_like(a_n)).clamp(-1, 1)
+        elif self.args.adpo_candidate == "proj":  # STUDY: pi(s) noised to k* and denoised back
+            start = self.actor(s_n)
+            candidates = self.diffusion.sample(s_n, start=start, start_step=self.args.proj_step)
         q = self.critic_target(s_n, candidates).view(2, n, b)
         q_min = q.min(dim=0).values
         # |Q'_1 - Q'_2| of the sample plus that of the dataset action, halved
@@ -434,7 +450,7 @@ class DIVO:
         if actor_step:
             a_bar = a  # the TD3+BC backbone's target (--no-adpo)
             if self.args.adpo:  # ADPO, eq. (12)
-                a_bar, generated, _ = adpo_target(a, adv, *self.adpo_candidates(s, v, q_data))
+                a_bar, generated, _ = adpo_target(a, adv, *self.adpo_candidates(s, v, q_data, a))
                 metrics["adpo/generated_fraction"] = generated.float().mean()
             metrics.update(self.update_actor(s, a_bar))
         return metrics
@@ -551,12 +567,12 @@ ARG_RANGES = {
     "policy_noise": "[0, inf)", "noise_clip": "[0, inf)", "policy_freq": "[1, inf)", "alpha": "[0, inf)",
     "expectile": "(0, 1)", "diffusion_steps": "[1, inf)", "beta_min": "(0, inf)", "beta_max": "(0, inf)",
     "pad_strength": "(0, inf)", "num_candidates": "[1, inf)", "hidden_dim": "[1, inf)", "num_layers": "[1, inf)",
-    "adpo_margin": "[0, inf)", "eval_freq": "[0, inf)", "eval_episodes": "[1, inf)", "log_freq": "[1, inf)",
+    "adpo_margin": "[0, inf)", "proj_step": "[1, inf)", "eval_freq": "[0, inf)", "eval_episodes": "[1, inf)", "log_freq": "[1, inf)",
     "checkpoint_freq": "[0, inf)", "holdout": "[0, inf)",
 }
 # Arguments that only act through the diffusion model or V_psi: --no-adpo refuses them.
 ADPO_ONLY_ARGS = ("value_lr", "diffusion_lr", "expectile", "diffusion_steps", "beta_min", "beta_max", "pad_strength",
-                  "num_candidates", "adpo_margin", "pad_checkpoint", "freeze_pad", "pad")
+                  "num_candidates", "adpo_margin", "adpo_candidate", "proj_step", "pad_checkpoint", "freeze_pad", "pad")
 
 
 def run_mode(args) -> str:
@@ -604,6 +620,7 @@ def check_args(args) -> None:
     no_effect = [flag(n, getattr(args, n)) for n in ADPO_ONLY_ARGS if getattr(args, n) != defaults[n]]
     problems = {
         "--beta-max must be larger than --beta-min": args.beta_max <= args.beta_min,
+        "--proj-step must be at most --diffusion-steps": args.proj_step > args.diffusion_steps,
         "--holdout must be 0 (diagnostics on training transitions) or at least 10": 0 < args.holdout < 10,
         "--freeze-pad keeps a pretrained diffusion model fixed: pass --pad-checkpoint too": args.freeze_pad
         and not args.pad_checkpoint,
@@ -1443,7 +1460,7 @@ class Diagnostics:
         with torch.random.fork_rng(devices=[s.device] if s.device.type == "cuda" else []):
             v, q_data = agent.value(s), agent.critic_target(s, a)
             adv = q_data.min(dim=0).values - v
-            candidates, cand_adv, penalty = agent.adpo_candidates(s, v, q_data)
+            candidates, cand_adv, penalty = agent.adpo_candidates(s, v, q_data, a)
         target, generated, target_adv = adpo_target(a, adv, candidates, cand_adv, penalty)
         pi = agent.actor(s)
         both_back = (agent.critic_target(s, target) >= q_data).all(dim=0)  # Q'_1 and Q'_2 agree
@@ -1559,7 +1576,8 @@ if __name__ == "__main__":
         logged = {chart: scores.mean(), "eval/return_mean": returns.mean(),
                   f"eval/{metric}_std": scores.std(), "eval/seconds": time.time() - start}
         log_scalars(writer, step, {**logged, **(diagnostics.sample_quality(agent) if diagnostics else {})}, last_checkpoint)
-        evaluations.append({"step": step, "score": float(scores.mean()), "score_std": float(scores.std())})
+        evaluations.append({"step": step, "score": float(scores.mean()), "score_std": float(scores.std()),
+                            "diagnostics": dict(last_logged)})  # STUDY: the mechanism next to the score
         print(f"eval   step {step:,}: {metric_words} {scores.mean():.1f} +- {scores.std():.1f} "
               f"(return {returns.mean():.1f}, {len(returns)} episodes, {time.time() - start:.1f}s)", flush=True)
         return returns
@@ -1567,7 +1585,7 @@ if __name__ == "__main__":
     stop = StopSignal()
     print(f"training {args.run_name} ({labels['mode']}) on {device} for {args.total_timesteps:,} gradient steps; "
           f"logs in {run_dir}", flush=True)
-    metrics, last_time, last_step = {}, time.time(), start_step
+    metrics, last_time, last_step, last_logged = {}, time.time(), start_step, {}
     for step in range(start_step, args.total_timesteps):
         if stop.signum is not None:
             last_checkpoint = checkpoint(step)
@@ -1581,8 +1599,9 @@ if __name__ == "__main__":
             logged = check_finite(done, metrics, agent, last_checkpoint)  # host sync, with the diagnostics below
             sps = (done - last_step) / (time.time() - last_time)
             last_time, last_step = time.time(), done
-            log_scalars(writer, done, {**logged, "charts/SPS": sps, **(diagnostics.contest(agent) if diagnostics else {})},
-                        last_checkpoint)
+            contest = diagnostics.contest(agent) if diagnostics else {}
+            log_scalars(writer, done, {**logged, "charts/SPS": sps, **contest}, last_checkpoint)
+            last_logged = {k: v for k, v in {**logged, **contest}.items() if k.startswith(("adpo/", "pad/", "losses/"))}
             print(progress_line(done, args.total_timesteps, sps, evaluations), flush=True)
         if args.eval_freq and done % args.eval_freq == 0 and done < args.total_timesteps:
             run_evaluation(done)
