@@ -18,4 +18,5 @@ def replace_or_die(src, dst):
 
 os.replace = replace_or_die
 sys.argv = [script, *sys.argv[3:]]
+sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # as `python script` does: divo_utils is found beside it
 runpy.run_path(script, run_name="__main__")

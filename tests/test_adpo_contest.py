@@ -8,10 +8,13 @@ import sys
 import pytest
 import torch
 
-from conftest import run_script, write_d4rl_file
+from conftest import ROOT, run_script, write_d4rl_file
+from divo_utils.data import load_d4rl_file
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
 import adpo_contest  # noqa: E402
+
+MARGINS = [0.0, 0.25, 0.5, 1.0, 2.0, 4.0]
 
 
 def test_contest_stats_on_hand_built_critic_values():
@@ -28,18 +31,32 @@ def test_contest_stats_on_hand_built_critic_values():
     assert stats["q_mean"] == pytest.approx((1.0 + 1.0 + 2.0) / 3)
 
 
-def test_contest_on_a_tiny_run_and_refusals(tmp_path, monkeypatch, capsys):
-    write_d4rl_file(tmp_path / "d.hdf5", episode_lengths=(120, 90, 150, 140), terminal_episodes=(1,))
-    tiny = ["--env-id", "hopper-medium-v2", "--dataset-path", tmp_path / "d.hdf5", "--hidden-dim", "32", "--num-layers",
-            "2", "--batch-size", "64", "--eval-episodes", "1", "--no-legacy-inertia", "--total-timesteps", "40",
-            "--eval-freq", "40", "--no-cuda"]
-    run_script("divo_continuous.py", *tiny, "--run-name", "divo", cwd=tmp_path)
+TINY = ["--env-id", "hopper-medium-v2", "--hidden-dim", "32", "--num-layers", "2", "--batch-size", "64",
+        "--eval-episodes", "1", "--no-legacy-inertia", "--total-timesteps", "40", "--eval-freq", "40", "--no-cuda"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny DIVO run, runs/divo, in the folder returned."""
+    cwd = tmp_path_factory.mktemp("contest")
+    write_d4rl_file(cwd / "d.hdf5", episode_lengths=(120, 90, 150, 140), terminal_episodes=(1,))
+    run_script("divo_continuous.py", *TINY, "--dataset-path", cwd / "d.hdf5", "--run-name", "divo", cwd=cwd)
+    return cwd
+
+
+def printed(line, out):
+    return float(re.search(re.escape(line) + r"\s+([\d.]+)", out)[1])
+
+
+def test_contest_on_a_tiny_run_and_refusals(trained, monkeypatch, capsys):
+    tmp_path = trained
     out = run_script("tools/adpo_contest.py", "runs/divo", "--samples", "300", cwd=tmp_path).stdout
     assert "runs/divo (step 40, 300 states)" in out
     for line in ("generated action wins eq. 12", "twin critics agree on the winner", "both critics prefer the generated"):
-        value = float(re.search(re.escape(line) + r"\s+([\d.]+)", out)[1])
-        assert 0.0 <= value <= 1.0, line
-    run_script("divo_continuous.py", *tiny, "--run-name", "backbone", "--no-adpo", cwd=tmp_path)
+        assert 0.0 <= printed(line, out) <= 1.0, line
+    assert "kappa" not in out  # no --margins: no table
+    run_script("divo_continuous.py", *TINY, "--dataset-path", tmp_path / "d.hdf5", "--run-name", "backbone", "--no-adpo",
+               cwd=tmp_path)
     refused = run_script("tools/adpo_contest.py", "runs/backbone", cwd=tmp_path, check=False)
     assert refused.returncode == 1 and "is a --no-adpo run" in refused.stderr
     monkeypatch.chdir(tmp_path)
@@ -59,3 +76,53 @@ def test_contest_on_a_tiny_run_and_refusals(tmp_path, monkeypatch, capsys):
             adpo_contest.main(adpo_contest.Args(runs=runs, samples=samples))
         assert str(refusal.value.code).startswith("error: ") and message in str(refusal.value.code)
         assert capsys.readouterr().out == ""  # refused before any contest
+
+
+def test_the_margin_table_printed_for_each_n_and_kappa(trained):
+    """--margins and --num-candidates: one row per (N, kappa) in the order given; kappa = 0 with N = 1 is the plain
+    contest above it; a larger kappa never lets more samples win; the targets never lose advantage."""
+    margins = ["0", "0.5", "1", "2"]
+    out = run_script("tools/adpo_contest.py", "runs/divo", "--samples", "300", "--margins", *margins,
+                     "--num-candidates", "1", "3", cwd=trained).stdout
+    assert "  N  kappa  sample wins  winners both critics back  A(target) - A(data)  RMS target - data" in out
+    rows = re.findall(r"\n  (\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(-?[\d.]+)\s+([\d.]+)", out)
+    assert [(n, kappa) for n, kappa, *_ in rows] == [(n, k) for n in ("1", "3") for k in margins], out
+    wins = {(int(n), float(kappa)): float(w) for n, kappa, w, *_ in rows}
+    assert wins[1, 0.0] == printed("generated action wins eq. 12", out)
+    for n in (1, 3):
+        column = [wins[n, float(k)] for k in margins]
+        assert column == sorted(column, reverse=True), (n, column)
+    for _, _, w, backed, gain, distance in rows:
+        assert 0 <= float(w) <= 1 and 0 <= float(backed) <= 1 and float(gain) >= 0 and float(distance) >= 0
+
+
+def test_the_margin_table_on_the_trained_critics(trained, monkeypatch):
+    """margin_table on the run's own states, as main() draws them: kappa = 0 reproduces the plain contest's win rate
+    (eq. 12 itself); every larger kappa lets fewer or as many samples win, and the targets' advantage gain is never
+    negative; from kappa = 2 on (N = 1) a sample wins only where both twin critics rate it above the dataset action."""
+    monkeypatch.chdir(trained)
+    module, agent, payload, path, obs_dim, act_dim = adpo_contest.load_run("runs/divo")
+    transitions = module.qlearning_dataset(load_d4rl_file(path, obs_dim, act_dim))
+    data = module.to_device(transitions, range(len(transitions["rewards"])), payload["obs_mean"].numpy(),
+                            payload["obs_std"].numpy(), torch.device("cpu"))
+    s, a = data["observations"], data["actions"].clamp(-1.0, 1.0)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        generated = agent.diffusion.sample(s)
+        stats = adpo_contest.contest_stats(agent.critic_target(s, a), agent.critic_target(s, generated))
+    rows = adpo_contest.margin_table(module, agent, s, a, MARGINS, [1, 4], seed=7)
+    assert [(row["N"], row["kappa"]) for row in rows] == [(n, k) for n in (1, 4) for k in MARGINS]
+    plain = rows[0]
+    assert plain["generated_wins"] == pytest.approx(stats["generated_wins"], abs=0.5 / len(s))  # the same samples
+    assert 0.0 < plain["generated_wins"] < 1.0  # both outcomes occur: the comparisons below mean something
+    for n in (1, 4):
+        table = [row for row in rows if row["N"] == n]
+        wins = [row["generated_wins"] for row in table]
+        assert all(later <= earlier for earlier, later in zip(wins, wins[1:])), (n, wins)
+        assert wins[-1] < wins[0]  # the margin does bite
+        for row in table:
+            assert row["advantage_gain"] >= -1e-5 and row["target_distance"] >= 0.0
+            if row["kappa"] >= 2.0 and row["generated_wins"] > 0:
+                assert row["backed_by_both"] == pytest.approx(1.0), row
+        if n == 1:  # one candidate: the winners at kappa > 0 are some of those at kappa = 0, so targets move less
+            assert all(later["target_distance"] <= earlier["target_distance"] for earlier, later in zip(table, table[1:]))

@@ -1,19 +1,21 @@
-"""divo_antmaze.py: the D4RL-faithful AntMaze env, the AntMaze data path, and end-to-end runs."""
+"""divo_utils.envs: the D4RL-faithful AntMaze env (maps, offsets, start and goal, observation, reward, horizon), and
+the ids that name its maze. The data and runs of divo_antmaze.py: test_antmaze_e2e.py."""
 
 import glob
-import json
 import os
 import tempfile
 
 import mujoco
 import numpy as np
 import pytest
-import torch
 from gymnasium.envs.mujoco import ant_v5
 
-import divo_antmaze as da
-from conftest import run_script, write_d4rl_file
-from divo_antmaze import ANTMAZE_MAPS, ANTMAZE_OFFSETS, D4RLAntMaze, antmaze_horizon
+import divo_antmaze
+from divo_utils import ANTMAZE_IDS, InputError
+from divo_utils.args import check_env_id
+from divo_utils.data import dataset_url
+from divo_utils.envs import (ANTMAZE_ACT_DIM, ANTMAZE_MAPS, ANTMAZE_OFFSETS, ANTMAZE_OBS_DIM, D4RLAntMaze, antmaze_horizon,
+                             restore_legacy_inertia)
 
 MAZES = ("umaze", "medium", "large")
 GOAL_RANGES = {"umaze": ((0, 1.5), (8, 9.5)), "medium": ((20, 21.5), (20, 21.5)), "large": ((32, 33.5), (24, 25.5))}
@@ -33,22 +35,27 @@ def env(request):
     e.close()
 
 
+def check_maze(env_id):
+    return check_env_id(env_id, "divo_antmaze")
+
+
 def test_ids_and_horizons():
-    assert da.check_env_id("antmaze-medium-play-v2") == "medium"
-    assert da.check_env_id("antmaze-umaze-diverse-v2") == "umaze"
-    assert da.check_env_id("antmaze-large-diverse-v2") == "large"
-    assert da.check_env_id("antmaze-umaze-v2") == "umaze"
+    assert divo_antmaze.ENV_IDS == ANTMAZE_IDS and len(ANTMAZE_IDS) == 6
+    assert check_maze("antmaze-medium-play-v2") == "medium"
+    assert check_maze("antmaze-umaze-diverse-v2") == "umaze"
+    assert check_maze("antmaze-large-diverse-v2") == "large"
+    assert check_maze("antmaze-umaze-v2") == "umaze"
     assert antmaze_horizon("umaze") == 700 and antmaze_horizon("medium") == antmaze_horizon("large") == 1000
     for bad in ["antmaze-medium-v2", "antmaze-umaze-v0"]:
-        with pytest.raises(da.InputError, match="antmaze-large-play-v2"):
-            da.check_env_id(bad)
-    with pytest.raises(da.InputError, match="is a locomotion dataset: run divo_continuous.py --env-id hopper-medium-v2"):
-        da.check_env_id("hopper-medium-v2")
-    with pytest.raises(da.InputError, match="did you mean antmaze-medium-play-v2"):
-        da.check_env_id("antmaze-medium-ply-v2")
-    assert da.dataset_url("antmaze-umaze-diverse-v2").endswith(
+        with pytest.raises(InputError, match="antmaze-large-play-v2"):
+            check_maze(bad)
+    with pytest.raises(InputError, match="is a locomotion dataset: run divo_continuous.py --env-id hopper-medium-v2"):
+        check_maze("hopper-medium-v2")
+    with pytest.raises(InputError, match="did you mean antmaze-medium-play-v2"):
+        check_maze("antmaze-medium-ply-v2")
+    assert dataset_url("antmaze-umaze-diverse-v2").endswith(
         "ant_maze_v2/Ant_maze_u-maze_noisy_multistart_True_multigoal_True_sparse_fixed.hdf5")
-    assert da.dataset_url("antmaze-large-play-v2").endswith(
+    assert dataset_url("antmaze-large-play-v2").endswith(
         "ant_maze_v2/Ant_maze_hardest-maze_noisy_multistart_True_multigoal_False_sparse_fixed.hdf5")
 
 
@@ -138,7 +145,7 @@ def test_observation_layout(env):
     for _ in range(20):
         obs = env.step(rng.uniform(-1, 1, 8))[0]
     d = env.data
-    assert obs.shape == (da.OBS_DIM,) == (29,)
+    assert obs.shape == (ANTMAZE_OBS_DIM,) == (29,)
     assert np.array_equal(obs[:2], d.qpos[:2] - env.offset)
     fresh = mujoco.MjData(env.model)  # xpos in `d` lags by one substep; recompute kinematics on a copy
     fresh.qpos[:] = d.qpos
@@ -161,7 +168,7 @@ def test_d4rl_ant_model(env):
     m = env.model
     assert m.opt.timestep == 0.02 and env.ant.frame_skip == 5 and np.isclose(env.ant.dt, 0.1)
     assert m.opt.integrator == mujoco.mjtIntegrator.mjINT_RK4
-    assert m.nu == da.ACT_DIM == 8 and m.nq == 15 and m.nv == 14
+    assert m.nu == ANTMAZE_ACT_DIM == 8 and m.nq == 15 and m.nv == 14
     assert np.all(m.actuator_gear[:, 0] == 1.0) and np.all(m.actuator_gear[:, 1:] == 0.0)
     assert np.all(m.actuator_ctrlrange == [-30.0, 30.0]) and np.all(m.actuator_ctrllimited == 1)
     ant_geoms = [g for g in range(m.ngeom) if m.geom_bodyid[g] > 0]
@@ -183,7 +190,7 @@ def test_legacy_inertia():
         path = os.path.join(ASSETS, f"{name}.xml")
         model = mujoco.MjModel.from_xml_path(path)
         assert abs(model.body_mass.sum() - exact_total) < 1e-3
-        da.restore_legacy_inertia(model, mujoco.MjData(model), path)
+        restore_legacy_inertia(model, mujoco.MjData(model), path)
         assert abs(model.body_mass.sum() - legacy_total) < 1e-3
 
 
@@ -223,97 +230,3 @@ def test_seed_reproducibility():
     assert np.array_equal(o1, o2) and np.array_equal(o1, o3) and np.array_equal(g1, g2) and np.array_equal(g1, g3)
     assert not np.array_equal(o1, o4) and not np.array_equal(g1, g4)
     a.close(), b.close()
-
-
-# ---------------------------------------------------------------------------------------------- data
-def antmaze_file(path, goal_rewards=True, seed=0):
-    """A small file in D4RL's AntMaze layout: no next_observations, 1000-step episodes cut by timeouts,
-    terminals on goal states inside continuing trajectories."""
-    rng = np.random.default_rng(seed)
-    rewards = (rng.random(300) < 0.05).astype(np.float32) if goal_rewards else np.zeros(300, np.float32)
-    return write_d4rl_file(path, obs_dim=29, act_dim=8, episode_lengths=(100, 100, 100), terminal_episodes=(),
-                           next_observations=False, rewards=rewards, terminals=rewards.astype(bool),
-                           **{"infos/goal": rng.uniform(0, 9, (300, 2))})
-
-
-def test_antmaze_layout_loads_with_qlearning_semantics(tmp_path):
-    data = antmaze_file(tmp_path / "am.hdf5")
-    raw = da.load_d4rl_file(str(tmp_path / "am.hdf5"), 29, 8)
-    q = da.qlearning_dataset(raw)
-    assert len(q["rewards"]) == 297  # last row and the timeouts at rows 99 and 199 dropped
-    assert q["terminals"].sum() == data["terminals"][:-1][~data["timeouts"][:-1]].sum()  # terminals as stored
-    text = da.dataset_summary("am.hdf5", raw, q)
-    assert "episodes   3 (split by timeouts" in text and f"{int(data['rewards'].sum())} rows (" in text
-
-
-def test_reward_transform():
-    r = np.array([0.0, 1.0, 0.0], dtype=np.float32)
-    assert da.transform_rewards(r, "minus-one").tolist() == [-1.0, 0.0, -1.0]
-    assert da.transform_rewards(r, "none").tolist() == [0.0, 1.0, 0.0]
-
-
-def test_scores_are_success_rates():
-    assert da.normalized_score(np.array([1.0, 0.0, 1.0, 1.0])).mean() == 75.0
-
-
-def test_evaluate_reports_one_success_per_reached_goal():
-    """An actor-free check of the episode loop: episodes that reach the goal end with return 1."""
-    envs = [make_env("umaze") for _ in range(3)]
-    for env in envs:
-        env.horizon = 5
-    torch.manual_seed(0)
-    actor = da.Actor(29, 8, 16, 1)
-    returns = da.evaluate(actor, envs, np.zeros(29), np.ones(29), seed=0)
-    assert returns.tolist() == [0.0, 0.0, 0.0]  # far from the goal after 5 steps
-    envs[1].goal_cell_xy = np.array([-2.0, -2.0])  # max(., 0) puts the goal on the start: reached at once
-    returns = da.evaluate(actor, envs, np.zeros(29), np.ones(29), seed=0)
-    assert returns.tolist() == [0.0, 1.0, 0.0]
-    assert envs[1].t == 1
-
-
-# ---------------------------------------------------------------------------------------------- end to end
-TINY = ["--env-id", "antmaze-umaze-v2", "--hidden-dim", "32", "--num-layers", "2", "--batch-size", "64",
-        "--eval-episodes", "2", "--log-freq", "10", "--no-cuda"]
-
-
-def test_training_evaluates_checkpoints_and_resumes(tmp_path):
-    antmaze_file(tmp_path / "am.hdf5")
-    proc = run_script("divo_antmaze.py", *TINY, "--dataset-path", tmp_path / "am.hdf5", "--total-timesteps", 20,
-                      "--eval-freq", 10, cwd=tmp_path)
-    assert "reward     r - 1 (--reward-transform minus-one); alpha 2.5; 2 evaluation episodes of 700 steps" in proc.stdout
-    (run,) = (tmp_path / "runs").iterdir()
-    scores = json.loads((run / "scores.json").read_text())
-    assert len(scores["normalized_scores"]) == 2 and set(scores["normalized_scores"]) <= {0.0, 100.0}
-    assert [e["step"] for e in scores["evaluations"]] == [10, 20]
-    checkpoint = da.load_checkpoint(str(run / "checkpoint.pt"), "divo_antmaze")
-    assert checkpoint["step"] == 20 and checkpoint["args"]["alpha"] == 2.5 and checkpoint["args"]["gamma"] == 0.995
-    proc = run_script("divo_antmaze.py", "--resume", run / "checkpoint.pt", "--total-timesteps", 30, "--no-cuda", cwd=tmp_path)
-    assert "at step 20" in proc.stdout and "step 30/30" in proc.stdout
-    assert da.load_checkpoint(str(run / "checkpoint.pt"), "divo_antmaze")["step"] == 30
-    assert not glob.glob(os.path.join(tempfile.gettempdir(), "d4rl_antmaze_*"))
-
-
-def test_bad_antmaze_inputs(tmp_path):
-    antmaze_file(tmp_path / "flat.hdf5", goal_rewards=False)
-    proc = run_script("divo_antmaze.py", *TINY, "--dataset-path", tmp_path / "flat.hdf5", cwd=tmp_path, check=False)
-    assert proc.returncode == 1 and "has no goal rewards" in proc.stderr
-    write_d4rl_file(tmp_path / "hopper.hdf5")
-    proc = run_script("divo_antmaze.py", *TINY, "--dataset-path", tmp_path / "hopper.hdf5", cwd=tmp_path, check=False)
-    assert proc.returncode == 1 and "'observations' has shape (95, 11), expected (95, 29)" in proc.stderr
-    proc = run_script("divo_antmaze.py", "--env-id", "antmaze-medium-v2", cwd=tmp_path, check=False)
-    assert proc.returncode == 1 and "unknown --env-id 'antmaze-medium-v2'" in proc.stderr
-    assert not (tmp_path / "runs").exists()
-
-
-def test_threaded_evaluation_gives_the_same_returns_and_observations():
-    envs = [make_env("umaze") for _ in range(5)]
-    for env in envs:
-        env.horizon = 30
-    torch.manual_seed(1)
-    actor = da.Actor(29, 8, 16, 1)
-    serial = da.evaluate(actor, envs, np.zeros(29), np.ones(29), seed=3, threads=1)
-    last = [env.observation() for env in envs]
-    threaded = da.evaluate(actor, envs, np.zeros(29), np.ones(29), seed=3, threads=3)
-    assert np.array_equal(serial, threaded)
-    assert all(np.array_equal(a, env.observation()) for a, env in zip(last, envs))
-    assert [env.t for env in envs] == [30] * 5

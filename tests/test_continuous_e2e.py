@@ -13,22 +13,16 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import divo_continuous as dc
-from conftest import ROOT, run_script
+from conftest import ROOT, only_run, refused, run_script, write_d4rl_file
+from divo_utils.runs import load_checkpoint
 
 TINY = ["--env-id", "hopper-medium-v2", "--hidden-dim", "32", "--num-layers", "2", "--batch-size", "64",
         "--eval-episodes", "2", "--log-freq", "20", "--no-cuda"]
 
 
-def only_run(cwd):
-    (run,) = os.listdir(cwd / "runs")
-    return cwd / "runs" / run
-
-
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
     """60 steps in one go, evaluated at 30 and 60: the reference for the tests below."""
-    from conftest import write_d4rl_file
-
     cwd = tmp_path_factory.mktemp("straight")
     write_d4rl_file(cwd / "data.hdf5", episode_lengths=(120, 90, 150, 140), terminal_episodes=(1,))
     proc = run_script("divo_continuous.py", *TINY, "--dataset-path", cwd / "data.hdf5", "--total-timesteps", 60,
@@ -45,11 +39,15 @@ def test_training_writes_scores_checkpoint_and_logs(straight_run):
 
     scores = json.loads((run / "scores.json").read_text())
     assert scores["step"] == 60 and len(scores["returns"]) == 2
+    assert (scores["script"], scores["mode"], scores["task"]) == ("divo_continuous", "divo", "data")  # for tools/report.py
+    assert json.loads((run / "args.json").read_text())["script"] == "divo_continuous"
     np.testing.assert_allclose(scores["normalized_scores"], dc.normalized_score("hopper", scores["returns"]))
     assert [e["step"] for e in scores["evaluations"]] == [30, 60]
 
-    checkpoint = dc.load_checkpoint(str(run / "checkpoint.pt"), "divo_continuous")
+    checkpoint = load_checkpoint(str(run / "checkpoint.pt"), "divo_continuous")
     assert checkpoint["step"] == 60 and checkpoint["env_id"] == "hopper-medium-v2"
+    assert (checkpoint["kind"], checkpoint["obs_dim"], checkpoint["act_dim"], checkpoint["num_transitions"]) == \
+        ("divo_continuous", 11, 3, 497)
     assert set(checkpoint["agent"]) >= {"actor", "critic", "value", "diffusion", "actor_optimizer", "diffusion_optimizer"}
     # 60 iterations, the actor and the targets every second one (--policy-freq 2): the optimisers' step counts
     steps = {name: {int(state["step"]) for state in checkpoint["agent"][name]["state"].values()}
@@ -73,13 +71,13 @@ def test_resumed_run_continues_exactly_where_it_stopped(straight_run, tmp_path):
     data = cwd / "data.hdf5"
     run_script("divo_continuous.py", *TINY, "--dataset-path", data, "--total-timesteps", 30, "--eval-freq", 30, cwd=tmp_path)
     checkpoint = only_run(tmp_path) / "checkpoint.pt"
-    assert dc.load_checkpoint(str(checkpoint), "divo_continuous")["step"] == 30
+    assert load_checkpoint(str(checkpoint), "divo_continuous")["step"] == 30
     # resume with only --resume and a longer horizon: every other argument comes from the checkpoint
     proc = run_script("divo_continuous.py", "--resume", checkpoint, "--total-timesteps", 60, "--no-cuda", cwd=tmp_path)
     assert "resumed" in proc.stdout and "at step 30" in proc.stdout
     assert "step 40/60" in proc.stdout and "step 20/60" not in proc.stdout
-    resumed = dc.load_checkpoint(str(checkpoint), "divo_continuous")
-    straight = dc.load_checkpoint(str(only_run(cwd) / "checkpoint.pt"), "divo_continuous")
+    resumed = load_checkpoint(str(checkpoint), "divo_continuous")
+    straight = load_checkpoint(str(only_run(cwd) / "checkpoint.pt"), "divo_continuous")
     assert resumed["step"] == 60
     for name, state in straight["agent"].items():
         if name.endswith("optimizer"):
@@ -103,7 +101,7 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(straight_run, tmp_pat
     out = proc.stdout.read()
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM, out
     assert "resume with: python divo_continuous.py --resume runs/" in out
-    step = dc.load_checkpoint(str(only_run(tmp_path) / "checkpoint.pt"), "divo_continuous")["step"]
+    step = load_checkpoint(str(only_run(tmp_path) / "checkpoint.pt"), "divo_continuous")["step"]
     assert step >= 20
 
 
@@ -112,30 +110,27 @@ def test_resume_refuses_another_task_and_keeps_the_checkpoint(straight_run, tmp_
     checkpoint = only_run(cwd) / "checkpoint.pt"
     before = checkpoint.read_bytes()
     proc = run_script("divo_continuous.py", "--resume", checkpoint, "--env-id", "walker2d-medium-v2", cwd=cwd, check=False)
-    assert proc.returncode == 1
-    assert "does not match this run: --env-id 'walker2d-medium-v2' here, 'hopper-medium-v2' in the checkpoint" in proc.stderr
-    from conftest import write_d4rl_file
-
+    assert refused(proc, "does not match this run: --env-id 'walker2d-medium-v2' here, 'hopper-medium-v2' in the "
+                         "checkpoint"), proc.stderr
     write_d4rl_file(tmp_path / "other.hdf5", seed=5)
     proc = run_script("divo_continuous.py", "--resume", checkpoint, "--dataset-path", tmp_path / "other.hdf5",
                       "--total-timesteps", 90, cwd=cwd, check=False)
-    assert proc.returncode == 1 and "was trained on another dataset" in proc.stderr
+    assert refused(proc, "was trained on another dataset"), proc.stderr
     assert checkpoint.read_bytes() == before
 
 
 def test_bad_command_lines_fail_with_one_clear_message(tmp_path):
     proc = run_script("divo_continuous.py", "--env-id", "hopper-medum-v2", cwd=tmp_path, check=False)
-    assert proc.returncode == 1 and proc.stderr.strip().startswith("error: unknown --env-id 'hopper-medum-v2'")
-    assert "did you mean hopper-medium-v2" in proc.stderr and "Traceback" not in proc.stderr
+    assert refused(proc, "error: unknown --env-id 'hopper-medum-v2'") and "did you mean hopper-medium-v2" in proc.stderr
     proc = run_script("divo_continuous.py", "--env-id", "hopper-medium-v2", "--dataset-path", tmp_path / "none.hdf5",
                       cwd=tmp_path, check=False)
-    assert proc.returncode == 1 and "no dataset file at" in proc.stderr and "Traceback" not in proc.stderr
+    assert refused(proc, "no dataset file at"), proc.stderr
     assert not (tmp_path / "runs").exists()
 
 
 def test_help_documents_every_argument(tmp_path):
     out = run_script("divo_continuous.py", "--help", cwd=tmp_path).stdout
-    for field in dc.RunArgs.__dataclass_fields__:
+    for field in dc.Args.__dataclass_fields__:
         assert f"--{field.replace('_', '-')}" in out, field
     assert "zeta of eq. (10)" in out
 

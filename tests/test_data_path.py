@@ -12,7 +12,11 @@ import torch
 import divo_antmaze as da
 import divo_continuous as dc
 import pad_pretrain as pp
-from conftest import FakeEnv
+from conftest import FakeEnv, only_run
+from divo_utils import RUN_FILES
+from divo_utils.args import check_env_id
+from divo_utils.data import load_d4rl_file
+from divo_utils.runs import load_checkpoint
 from test_wiring import ROWS, hand_file, traced_main
 
 # D4RL's reference returns (random, expert), from d4rl/infos.py; the same for every dataset of a robot.
@@ -32,7 +36,7 @@ def test_file_to_batch(m, tmp_path, monkeypatch):
     """qlearning_dataset -> to_device -> sample_batch on hand_file: the transitions of KEPT, next state = next row
     (normalised with the same statistics as the state), not_done = 1 - terminal, rewards as stored."""
     data = hand_file(tmp_path / "hand.hdf5", 11, 3)
-    raw = m.load_d4rl_file(str(tmp_path / "hand.hdf5"), 11, 3)
+    raw = load_d4rl_file(str(tmp_path / "hand.hdf5"), 11, 3)
     transitions = m.qlearning_dataset(raw)
     mean, std = hand_statistics(data)
     device_data = m.to_device(transitions, np.arange(len(KEPT)), mean, std, torch.device("cpu"))
@@ -66,7 +70,11 @@ def test_the_main_block_trains_on_the_transitions_it_should(m, tmp_path, monkeyp
     mean, std = hand_statistics(data)
     np.testing.assert_allclose(ns["obs_mean"], mean, rtol=1e-5)
     np.testing.assert_allclose(ns["obs_std"], std, rtol=1e-5)
-    np.testing.assert_allclose(ns["run_info"]["obs_mean"].numpy(), mean, rtol=1e-5)  # what checkpoints keep
+    np.testing.assert_allclose(ns["run"].info["obs_mean"].numpy(), mean, rtol=1e-5)  # what checkpoints keep
+    kind = m.__name__
+    checkpoint = load_checkpoint(str(only_run(tmp_path) / RUN_FILES[kind][0]), kind)  # and the one written
+    np.testing.assert_allclose(checkpoint["obs_mean"].numpy(), mean, rtol=1e-5)
+    np.testing.assert_allclose(checkpoint["obs_std"].numpy(), std, rtol=1e-5)
     actions = np.clip(data["actions"][KEPT], -1, 1)
     drawn = set()
     for s, a, r, s_next, not_done in trace["batches"]:
@@ -136,7 +144,7 @@ def test_evaluate_normalises_every_observation(m):
 def test_locomotion_scores_against_d4rl_reference_returns():
     assert len(dc.ENV_IDS) == 18
     for env_id in dc.ENV_IDS:
-        robot = dc.check_env_id(env_id)
+        robot = check_env_id(env_id, "divo_continuous")
         low, high = D4RL_REFERENCE[env_id.split("-")[0]]
         returns = np.array([low, high, 1234.5, -50.0])
         np.testing.assert_allclose(dc.normalized_score(robot, returns), 100 * (returns - low) / (high - low),
@@ -146,7 +154,8 @@ def test_locomotion_scores_against_d4rl_reference_returns():
 
 def test_antmaze_scores_against_d4rl_reference_returns():
     low, high = D4RL_REFERENCE["antmaze"]
-    assert len(da.ENV_IDS) == 6 and all(da.check_env_id(env_id) in ("umaze", "medium", "large") for env_id in da.ENV_IDS)
+    assert len(da.ENV_IDS) == 6
+    assert all(check_env_id(env_id, "divo_antmaze") in ("umaze", "medium", "large") for env_id in da.ENV_IDS)
     returns = np.array([1.0, 0.0, 1.0, 1.0])
     np.testing.assert_allclose(da.normalized_score(returns), 100 * (returns - low) / (high - low))
     assert da.normalized_score(returns).mean() == 75.0

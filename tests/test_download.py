@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-import divo_continuous as dc
 from conftest import write_d4rl_file
+from divo_utils import InputError, data
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +55,10 @@ def server(tmp_path_factory):
 def test_complete_download_lands_in_place(server, tmp_path):
     url, body, _ = server
     dest = tmp_path / "cache" / "hopper_medium-v2.hdf5"
-    dc.download(f"{url}/good.hdf5", str(dest))
+    data.download(f"{url}/good.hdf5", str(dest))
     assert dest.read_bytes() == body
     assert os.listdir(dest.parent) == [dest.name]  # no temporary file left
-    assert dc.load_d4rl_file(str(dest), 11, 3)["observations"].shape == (95, 11)
+    assert data.load_d4rl_file(str(dest), 11, 3)["observations"].shape == (95, 11)
 
 
 @pytest.mark.parametrize("name, reason", [
@@ -70,8 +70,8 @@ def test_complete_download_lands_in_place(server, tmp_path):
 def test_failed_download_leaves_nothing_and_says_what_to_do(server, tmp_path, name, reason):
     url, _, hits = server
     dest = tmp_path / "cache" / "hopper_medium-v2.hdf5"
-    with pytest.raises(dc.InputError, match=reason) as error:
-        dc.download(f"{url}/{name}", str(dest))
+    with pytest.raises(InputError, match=reason) as error:
+        data.download(f"{url}/{name}", str(dest))
     assert f"/{name}" in hits
     assert "try again later" in str(error.value) and "--dataset-path" in str(error.value)
     assert os.listdir(dest.parent) == []  # neither the file nor a partial one
@@ -79,6 +79,6 @@ def test_failed_download_leaves_nothing_and_says_what_to_do(server, tmp_path, na
 
 def test_unreachable_server(tmp_path):
     dest = tmp_path / "x.hdf5"
-    with pytest.raises(dc.InputError, match="could not download"):
-        dc.download("http://127.0.0.1:9/none.hdf5", str(dest), timeout=5)  # port 9: nothing listens
+    with pytest.raises(InputError, match="could not download"):
+        data.download("http://127.0.0.1:9/none.hdf5", str(dest), timeout=5)  # port 9: nothing listens
     assert not dest.exists()

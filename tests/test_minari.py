@@ -16,7 +16,10 @@ from minari.data_collector import EpisodeBuffer
 import divo_antmaze as da
 import divo_continuous as dc
 import pad_pretrain as pp
-from conftest import ROOT, run_script
+from conftest import ROOT, only_run, run_script
+from divo_utils import InputError, data, envs
+from divo_utils.args import check_env_id
+from divo_utils.runs import load_checkpoint
 
 gym.register_envs(gymnasium_robotics)
 TINY = ["--hidden-dim", "16", "--num-layers", "1", "--batch-size", "32", "--eval-episodes", "1", "--log-freq", "2",
@@ -59,7 +62,7 @@ def store(tmp_path_factory):
     episodes = [rollout(hopper, seed) for seed in range(8)]
     minari.create_dataset_from_buffers(HOPPER, episodes, env=hopper, ref_min_score=-20.0, ref_max_score=3000.0, **about)
     minari.create_dataset_from_buffers(HOPPER_RAW, episodes, env=hopper, **about)
-    with da.private_tempdir("test_antmaze_"):  # gymnasium-robotics leaves an xml file in the temp folder
+    with envs.private_tempdir("test_antmaze_"):  # gymnasium-robotics leaves an xml file in the temp folder
         maze = gym.make("AntMaze_UMaze-v4", continuing_task=True, reset_target=False, max_episode_steps=20)
         maze.action_space.seed(0)
         # reset in the goal's cell: seeds 6, 10 and 49 start within 0.45 of the goal, so some steps have reward 1
@@ -74,7 +77,6 @@ def store(tmp_path_factory):
 
 
 
-
 @pytest.fixture
 def in_store(store, monkeypatch):
     """The module's Minari store, for Minari's functions called in this process."""
@@ -82,32 +84,39 @@ def in_store(store, monkeypatch):
     return store
 
 
-def only_run(cwd):
-    (run,) = (cwd / "runs").iterdir()
-    return run
-
-
 # ----------------------------------------------------------------------------------------------
 # Ids
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("module, env_id, message", [
+    (dc, "D4RL/antmaze/umaze-v1", "run divo_antmaze.py --env-id D4RL/antmaze/umaze-v1"),
+    (da, "mujoco/hopper/medium-v0", "run divo_continuous.py --env-id mujoco/hopper/medium-v0"),
+    (da, "D4RL/antmaze/diverse-v1", "must name its maze first"),
+    (dc, "mujoco/hopper/medium", "not a Minari dataset id: write namespace/name-vN"),
+    (da, "D4RL/antmaze/medium", "not a Minari dataset id: write namespace/name-vN"),
+    (pp, "mujoco/hopper/medium", "not a Minari dataset id: write namespace/name-vN"),
+], ids=["continuous-antmaze", "antmaze-locomotion", "antmaze-no-maze", "continuous-bad", "antmaze-bad", "pad-bad"])
+def test_each_script_refuses_a_minari_id_it_cannot_take(module, env_id, message):
+    """The check of the script's kind, and the script's own arguments, which run it."""
+    with pytest.raises(InputError, match=message):
+        check_env_id(env_id, module.__name__)
+    with pytest.raises(InputError, match=message):
+        module.Args(env_id=env_id)
+
+
 def test_minari_ids_pick_the_script_the_maze_and_the_domain_defaults():
-    assert dc.check_env_id("mujoco/hopper/medium-v0") is None and dc.check_env_id("hopper-medium-v2") == "hopper"
-    with pytest.raises(SystemExit, match="run divo_antmaze.py --env-id D4RL/antmaze/umaze-v1"):
-        dc.check_env_id("D4RL/antmaze/umaze-v1")
-    assert da.check_env_id("D4RL/antmaze/large-diverse-v1") == "large"
-    with pytest.raises(SystemExit, match="run divo_continuous.py --env-id mujoco/hopper/medium-v0"):
-        da.check_env_id("mujoco/hopper/medium-v0")
-    with pytest.raises(SystemExit, match="must name its maze first"):
-        da.check_env_id("D4RL/antmaze/diverse-v1")
-    with pytest.raises(SystemExit, match="not a Minari dataset id: write namespace/name-vN"):
-        dc.check_env_id("mujoco/hopper/medium")
-    assert pp.check_env_id("D4RL/antmaze/umaze-v1") == "antmaze"
-    assert pp.check_env_id("mujoco/walker2d/expert-v0") == "locomotion"
+    assert check_env_id("mujoco/hopper/medium-v0", "divo_continuous") is None
+    assert check_env_id("hopper-medium-v2", "divo_continuous") == "hopper"
+    assert check_env_id("D4RL/antmaze/large-diverse-v1", "divo_antmaze") == "large"
+    assert check_env_id("D4RL/antmaze/umaze-v1", "pad_pretrain") == "antmaze"
+    assert check_env_id("mujoco/walker2d/expert-v0", "pad_pretrain") == "locomotion"
+    assert dc.Args(env_id="mujoco/hopper/medium-v0").env_id == "mujoco/hopper/medium-v0"
+    assert da.Args(env_id="D4RL/antmaze/large-diverse-v1").alpha == 20.0
     assert da.Args(env_id="D4RL/antmaze/medium-play-v1").alpha == 7.5
     assert pp.Args(env_id="D4RL/antmaze/umaze-v1").gamma == 0.995
     assert pp.Args(env_id="mujoco/hopper/medium-v0").gamma == 0.99
-    with pytest.raises(SystemExit, match="--dataset-path reads a D4RL-format file"):
-        dc.RunArgs(env_id="mujoco/hopper/medium-v0", dataset_path="x.hdf5")
+    for module, env_id in ((dc, "mujoco/hopper/medium-v0"), (da, "D4RL/antmaze/umaze-v1"), (pp, "mujoco/hopper/medium-v0")):
+        with pytest.raises(InputError, match="--dataset-path reads a D4RL-format file"):
+            module.Args(env_id=env_id, dataset_path="x.hdf5")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,7 +139,7 @@ def test_episodes_become_transitions_with_d4rls_semantics_and_the_last_steps(tmp
     dataset = hand_dataset("hand/two-v0", [
         episode(a_obs, [[0.1], [0.2], [0.3]], [1.0, 2.0, 3.0], [False, False, True], [False, False, False]),
         episode(b_obs, [[0.4], [0.5]], [4.0, 5.0], [False, False], [False, True])])
-    rows = dc.minari_rows(dataset, obs_dim=2, act_dim=1)
+    rows = data.minari_rows(dataset, obs_dim=2, act_dim=1)
     t = dc.qlearning_dataset(rows)  # D4RL's own function makes the transitions
     np.testing.assert_array_equal(t["observations"], np.concatenate([a_obs[:3], b_obs[:2]]))
     np.testing.assert_array_equal(t["next_observations"], np.concatenate([a_obs[1:], b_obs[1:]]))
@@ -149,16 +158,35 @@ def test_episodes_become_transitions_with_d4rls_semantics_and_the_last_steps(tmp
         np.testing.assert_array_equal(t_d4rl[key], t[key][:4])
     np.testing.assert_array_equal(t_d4rl["next_observations"][2], b_obs[0])
     np.testing.assert_array_equal(t["next_observations"][2], a_obs[3])
-    # the same rows and transitions in every script (the PAD checkpoint's fingerprint must match DIVO's)
-    assert pp.dataset_fingerprint(pp.minari_rows(dataset, 2, 1)) == da.dataset_fingerprint(da.minari_rows(dataset, 2, 1))
+    # the same transitions in every script's qlearning_dataset (the PAD checkpoint's data must be DIVO's)
+    for module in (da, pp):
+        for key, value in module.qlearning_dataset(rows).items():
+            np.testing.assert_array_equal(value, t[key], err_msg=f"{module.__name__}: {key}")
+
+
+@pytest.mark.parametrize("dataset_id, divo", [(HOPPER, dc), (ANTMAZE, da)], ids=["locomotion", "antmaze"])
+def test_pretraining_and_divo_load_the_same_rows_of_a_minari_dataset(in_store, tmp_path, monkeypatch, dataset_id, divo):
+    """load_task of pad_pretrain.py and of the DIVO script of the dataset's domain: the same rows, sizes and fingerprint
+    (a PAD checkpoint is accepted only on the data it was trained on)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the maze's xml files
+    pad = data.load_task(pp.Args(env_id=dataset_id), "pad_pretrain")
+    task = data.load_task(divo.Args(env_id=dataset_id, eval_episodes=1), divo.__name__)
+    try:
+        assert pad.fingerprint == task.fingerprint == data.dataset_fingerprint(pad.rows)
+        assert (pad.obs_dim, pad.act_dim) == (task.obs_dim, task.act_dim) == data.minari_dims(minari.load_dataset(dataset_id))
+        assert pad.envs == [] and len(task.envs) == 1
+        for key, value in pad.rows.items():
+            np.testing.assert_array_equal(value, task.rows[key], err_msg=key)
+    finally:
+        task.close()
 
 
 def test_dict_observations_are_flattened_as_gymnasium_flattens_them(in_store):
     """AntMaze: [achieved_goal (x, y), desired_goal, observation (qpos[2:15], qvel)], D4RL's 29 numbers plus the goal."""
     dataset = minari.load_dataset(ANTMAZE)
     first = next(dataset.iterate_episodes())
-    rows = da.flatten_observations(dataset.observation_space, first.observations)
-    assert rows.shape == (21, 31) and da.minari_dims(dataset) == (31, 8)
+    rows = data.flatten_observations(dataset.observation_space, first.observations)
+    assert rows.shape == (21, 31) and data.minari_dims(dataset) == (31, 8)
     for t in (0, 7, 20):
         step = {key: value[t] for key, value in first.observations.items()}
         np.testing.assert_array_equal(rows[t], gym.spaces.flatten(dataset.observation_space, step))
@@ -173,14 +201,14 @@ def test_bad_minari_data_is_refused_with_one_message(tmp_path, monkeypatch):
     broken[1, 0] = np.nan
     dataset = hand_dataset("hand/nan-v0", [episode(obs, [[0.0]] * 2, [0.0, 0.0], [False, True], [False, False]),
                                            episode(broken, [[0.0]] * 2, [0.0, 0.0], [False, True], [False, False])])
-    with pytest.raises(SystemExit, match=r"1 step\(s\) of 'observations' hold NaN or inf \(first in episode 1\)"):
-        dc.minari_rows(dataset, 2, 1)
-    with pytest.raises(SystemExit, match="has 2 numbers in its observations, its evaluation env 11"):
-        dc.minari_rows(dataset, 11, 1)
+    with pytest.raises(InputError, match=r"1 step\(s\) of 'observations' hold NaN or inf \(first in episode 1\)"):
+        data.minari_rows(dataset, 2, 1)
+    with pytest.raises(InputError, match="has 2 numbers in its observations, its evaluation env 11"):
+        data.minari_rows(dataset, 11, 1)
     discrete = hand_dataset("hand/discrete-v0", [episode(obs, [0, 1], [0.0, 0.0], [False, True], [False, False])],
                             act_space=gym.spaces.Discrete(2))
-    with pytest.raises(SystemExit, match="DIVO needs continuous ones"):
-        dc.minari_rows(discrete, 2, 1)
+    with pytest.raises(InputError, match="DIVO needs continuous ones"):
+        data.minari_rows(discrete, 2, 1)
 
 
 def test_a_failed_download_leaves_nothing_behind(tmp_path, monkeypatch):
@@ -193,8 +221,8 @@ def test_a_failed_download_leaves_nothing_behind(tmp_path, monkeypatch):
         raise ConnectionError("Name or service not known\nmore detail")
 
     monkeypatch.setattr(minari, "download_dataset", half_download)
-    with pytest.raises(SystemExit) as error:
-        dc.load_minari_dataset("mujoco/hopper/medium-v0")
+    with pytest.raises(InputError) as error:
+        data.load_minari_dataset("mujoco/hopper/medium-v0")
     message = str(error.value)
     assert message.startswith("error: the Minari dataset mujoco/hopper/medium-v0 is not in Minari's local store")
     assert "(ConnectionError: Name or service not known)" in message and "minari download mujoco/hopper/medium-v0" in message
@@ -205,20 +233,20 @@ def test_a_failed_download_leaves_nothing_behind(tmp_path, monkeypatch):
 # The dataset's own evaluation env and score
 # ----------------------------------------------------------------------------------------------
 def test_score_uses_the_datasets_reference_returns_or_is_the_return(in_store, capsys):
-    metric, score = dc.minari_scorer(minari.load_dataset(HOPPER))  # ref_min_score -20, ref_max_score 3000
+    metric, score = data.minari_scorer(minari.load_dataset(HOPPER))  # ref_min_score -20, ref_max_score 3000
     assert metric == "normalized_score"
     np.testing.assert_allclose(score(np.array([-20.0, 1490.0, 3000.0])), [0.0, 50.0, 100.0])
-    metric, score = dc.minari_scorer(minari.load_dataset(HOPPER_RAW))
+    metric, score = data.minari_scorer(minari.load_dataset(HOPPER_RAW))
     assert metric == "return" and "no ref_min_score" in capsys.readouterr().out
     np.testing.assert_array_equal(score(np.array([12.5, -3.0])), [12.5, -3.0])
-    fields = dc.score_fields(metric, score(np.array([12.5, -3.0])), np.array([12.5, -3.0]))
+    fields = data.score_fields(metric, score(np.array([12.5, -3.0])), np.array([12.5, -3.0]))
     assert fields == {"metric": "return", "return_mean": 4.75, "return_std": 7.75, "returns": [12.5, -3.0]}
 
 
 def test_antmaze_evaluation_ends_at_the_goal_with_reward_1(in_store, tmp_path, monkeypatch):
     """The dataset's maze with continuing_task=False: the return is 1 for a success, as in D4RL; no file left behind."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    (env,) = da.make_minari_mazes(minari.load_dataset(ANTMAZE), 1)
+    (env,) = envs.make_minari_mazes(minari.load_dataset(ANTMAZE), 1)
     obs, _ = env.reset(seed=49, options={"goal_cell": np.array([1, 1]), "reset_cell": np.array([1, 1])})
     assert obs.shape == (31,) and np.linalg.norm(obs[:2] - obs[2:4]) <= 0.45  # starts at the goal
     _, reward, terminated, truncated, _ = env.step(np.zeros(8))
@@ -243,7 +271,7 @@ def test_divo_continuous_trains_evaluates_and_resumes_on_a_minari_dataset(store,
     scores = json.loads((run / "scores.json").read_text())
     assert scores["env_id"] == HOPPER and scores["task"] == HOPPER and len(scores["returns"]) == 2
     np.testing.assert_allclose(scores["normalized_scores"], 100 * (np.array(scores["returns"]) + 20.0) / 3020.0)
-    checkpoint = dc.load_checkpoint(str(run / "checkpoint.pt"), "divo_continuous")
+    checkpoint = load_checkpoint(str(run / "checkpoint.pt"), "divo_continuous")
     assert checkpoint["obs_dim"] == 11 and checkpoint["num_transitions"] == 238  # every step of the 8 episodes
 
     proc = run_script("divo_continuous.py", "--resume", run / "checkpoint.pt", "--total-timesteps", 6, cwd=tmp_path,
@@ -251,7 +279,7 @@ def test_divo_continuous_trains_evaluates_and_resumes_on_a_minari_dataset(store,
     assert "resumed" in proc.stdout and "at step 4" in proc.stdout and "step 6/6" in proc.stdout
     resumed = json.loads((run / "scores.json").read_text())
     assert [e["step"] for e in resumed["evaluations"]] == [2, 4, 6]
-    assert dc.load_checkpoint(str(run / "checkpoint.pt"), "divo_continuous")["dataset_sha1"] == checkpoint["dataset_sha1"]
+    assert load_checkpoint(str(run / "checkpoint.pt"), "divo_continuous")["dataset_sha1"] == checkpoint["dataset_sha1"]
 
 
 def test_divo_antmaze_and_pad_pretrain_on_a_minari_antmaze(store, tmp_path):
@@ -260,7 +288,7 @@ def test_divo_antmaze_and_pad_pretrain_on_a_minari_antmaze(store, tmp_path):
     (tmp_path / "tmp").mkdir()
     run_script("pad_pretrain.py", "--env-id", ANTMAZE, "--hidden-dim", "16", "--num-layers", "1", "--batch-size", "32",
                "--total-timesteps", 2, "--holdout", 10, "--log-freq", 2, "--no-cuda", cwd=tmp_path, env=env)
-    pad = pp.load_checkpoint(str(only_run(tmp_path) / "pad_checkpoint.pt"), "pad_pretrain")
+    pad = load_checkpoint(str(only_run(tmp_path) / "pad_checkpoint.pt"), "pad_pretrain")
     assert pad["obs_dim"] == 31 and pad["args"]["gamma"] == 0.995 and pad["args"]["reward_transform"] == "minus-one"
     pad_path = only_run(tmp_path) / "pad_checkpoint.pt"
     (tmp_path / "pad.pt").write_bytes(pad_path.read_bytes())

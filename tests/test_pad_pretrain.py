@@ -3,16 +3,19 @@
 import copy
 import json
 import shutil
-import struct
 
 import numpy as np
 import pytest
 import torch
 
-import divo_continuous as dc
 import pad_pretrain as pp
-from conftest import perturb, run_script, write_d4rl_file
-from test_divo_antmaze import antmaze_file
+from conftest import only_run, perturb, png_size, refused, run_script, write_d4rl_file
+from divo_utils import ANTMAZE_IDS, LOCOMOTION_IDS, InputError
+from divo_utils.args import check_env_id
+from divo_utils.data import D4RL_DIMS, dataset_url, load_task
+from divo_utils.diagnostics import mmd_rbf, wasserstein_per_dim
+from divo_utils.runs import load_checkpoint
+from test_antmaze_e2e import antmaze_file
 
 PAD_TINY = ["--hidden-dim", "32", "--num-layers", "2", "--batch-size", "64", "--log-freq", "20", "--holdout", "40",
             "--no-cuda"]
@@ -68,27 +71,40 @@ def test_pretraining_pad_weights_are_binary_advantage_times_strength():
 def test_distances():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(500, 3, generator=g)
-    assert pp.wasserstein_per_dim(x, x).abs().max() == 0
-    torch.testing.assert_close(pp.wasserstein_per_dim(x, x + torch.tensor([0.5, 0.0, -1.0])), torch.tensor([0.5, 0.0, 1.0]))
-    assert pp.mmd_rbf(x, x, 1.0).abs() < 1e-6
-    assert pp.mmd_rbf(x, x + 1.0, 1.0) > 0.1 > pp.mmd_rbf(x, torch.randn(500, 3, generator=g), 1.0)
+    assert wasserstein_per_dim(x, x).abs().max() == 0
+    torch.testing.assert_close(wasserstein_per_dim(x, x + torch.tensor([0.5, 0.0, -1.0])), torch.tensor([0.5, 0.0, 1.0]))
+    assert mmd_rbf(x, x, 1.0).abs() < 1e-6
+    assert mmd_rbf(x, x + 1.0, 1.0) > 0.1 > mmd_rbf(x, torch.randn(500, 3, generator=g), 1.0)
 
 
-def test_domain_defaults_and_ids():
-    assert pp.check_env_id("antmaze-large-play-v2") == "antmaze" and pp.check_env_id("hopper-medium-v2") == "locomotion"
-    assert pp.dataset_dims("antmaze-umaze-v2") == (29, 8) and pp.dataset_dims("walker2d-expert-v2") == (17, 6)
-    assert pp.dataset_url("antmaze-umaze-v2") == dc.D4RL_URL.replace("gym_mujoco_v2", "ant_maze_v2") + \
-        "/Ant_maze_u-maze_noisy_multistart_False_multigoal_False_sparse_fixed.hdf5"
-    assert pp.dataset_url("hopper-medium-replay-v2") == dc.dataset_url("hopper-medium-replay-v2")
+def test_domain_defaults_and_ids(tmp_path):
+    def domain(env_id):
+        return check_env_id(env_id, "pad_pretrain")
+
+    assert domain("antmaze-large-play-v2") == "antmaze" and domain("hopper-medium-v2") == "locomotion"
+    assert all(domain(i) == "locomotion" for i in LOCOMOTION_IDS) and all(domain(i) == "antmaze" for i in ANTMAZE_IDS)
+    with pytest.raises(InputError, match="unknown --env-id 'hopper-medum-v2'; did you mean hopper-medium-v2"):
+        domain("hopper-medum-v2")
+    assert D4RL_DIMS["antmaze"] == (29, 8) and D4RL_DIMS["walker2d"] == (17, 6)
+    # pretraining takes the sizes of the id's domain (no env is built): AntMaze's, and walker2d's
+    antmaze_file(tmp_path / "am.hdf5")
+    write_d4rl_file(tmp_path / "w.hdf5", obs_dim=17, act_dim=6)
+    for env_id, path, dims in [("antmaze-umaze-v2", "am.hdf5", (29, 8)), ("walker2d-expert-v2", "w.hdf5", (17, 6))]:
+        task = load_task(pp.Args(env_id=env_id, dataset_path=str(tmp_path / path), cuda=False), "pad_pretrain")
+        assert (task.obs_dim, task.act_dim) == dims and task.envs == [] and task.kind == "pad_pretrain"
+    assert dataset_url("antmaze-umaze-v2") == "http://rail.eecs.berkeley.edu/datasets/offline_rl/ant_maze_v2/" \
+        "Ant_maze_u-maze_noisy_multistart_False_multigoal_False_sparse_fixed.hdf5"
+    assert dataset_url("hopper-medium-replay-v2") == \
+        "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/hopper_medium_replay-v2.hdf5"
     assert pp.DOMAIN_DEFAULTS["antmaze"] == {"gamma": 0.995, "critic_lr": 1e-4, "expectile": 0.9,
                                              "reward_transform": "minus-one"}
-
-
-def png_size(path):
-    """Width and height from a PNG's IHDR chunk (after checking the signature)."""
-    head = path.read_bytes()[:24]
-    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR"
-    return struct.unpack(">II", head[16:24])
+    assert pp.DOMAIN_DEFAULTS["locomotion"] == {"gamma": 0.99, "critic_lr": 3e-4, "expectile": 0.7,
+                                                "reward_transform": "none"}
+    for env_id, defaults in [("antmaze-umaze-v2", pp.DOMAIN_DEFAULTS["antmaze"]),
+                             ("hopper-medium-v2", pp.DOMAIN_DEFAULTS["locomotion"])]:
+        args = pp.Args(env_id=env_id, cuda=False)
+        assert {name: getattr(args, name) for name in defaults} == defaults
+    assert pp.Args(env_id="antmaze-umaze-v2", gamma=0.9, cuda=False).gamma == 0.9  # given values win
 
 
 @pytest.fixture(scope="module")
@@ -97,14 +113,13 @@ def pretrained(tmp_path_factory):
     write_d4rl_file(cwd / "hopper.hdf5", episode_lengths=(120, 90, 150, 140), terminal_episodes=(1,))
     proc = run_script("pad_pretrain.py", "--env-id", "hopper-medium-v2", "--dataset-path", cwd / "hopper.hdf5",
                       *PAD_TINY, "--total-timesteps", 60, "--diag-freq", 30, cwd=cwd)
-    (run,) = (cwd / "runs").iterdir()
-    return cwd, run, proc
+    return cwd, only_run(cwd), proc
 
 
 def test_pretraining_writes_checkpoint_diagnostics_and_figure(pretrained):
     _, run, proc = pretrained
     assert "sample-to-data distance on held-out positive-advantage states: Wasserstein" in proc.stdout
-    checkpoint = pp.load_checkpoint(str(run / "pad_checkpoint.pt"), "pad_pretrain")
+    checkpoint = load_checkpoint(str(run / "pad_checkpoint.pt"), "pad_pretrain")
     assert checkpoint["step"] == 60 and checkpoint["obs_dim"] == 11
     assert {"diffusion", "critic", "critic_target", "value", "obs_mean", "obs_std", "args"} <= set(checkpoint)
     assert checkpoint["args"]["diffusion_steps"] == 5 and checkpoint["args"]["gamma"] == 0.99
@@ -120,7 +135,7 @@ def test_pretraining_writes_checkpoint_diagnostics_and_figure(pretrained):
 
 def test_divo_continuous_starts_from_the_checkpoint_frozen_or_fine_tuned(pretrained):
     cwd, run, _ = pretrained
-    pad = pp.load_checkpoint(str(run / "pad_checkpoint.pt"), "pad_pretrain")
+    pad = load_checkpoint(str(run / "pad_checkpoint.pt"), "pad_pretrain")
     common = ["--env-id", "hopper-medium-v2", "--dataset-path", cwd / "hopper.hdf5", *DIVO_TINY, "--total-timesteps", 20,
               "--eval-freq", 0, "--pad-checkpoint", run / "pad_checkpoint.pt"]
     for freeze in (True, False):
@@ -128,8 +143,8 @@ def test_divo_continuous_starts_from_the_checkpoint_frozen_or_fine_tuned(pretrai
         out.mkdir()
         proc = run_script("divo_continuous.py", *common, *(["--freeze-pad"] if freeze else []), cwd=out)
         assert "loaded the PAD model, critics and value net" in proc.stdout
-        (divo_run,) = (out / "runs").iterdir()
-        agent = dc.load_checkpoint(str(divo_run / "checkpoint.pt"), "divo_continuous")["agent"]
+        divo_run = only_run(out)
+        agent = load_checkpoint(str(divo_run / "checkpoint.pt"), "divo_continuous")["agent"]
         same = [torch.equal(agent["diffusion"][k], v) for k, v in pad["diffusion"].items()]
         assert all(same) if freeze else not all(same)
         assert not torch.equal(agent["critic"]["net.0.weight"], pad["critic"]["net.0.weight"])  # trained on
@@ -148,18 +163,18 @@ def test_divo_refuses_a_checkpoint_that_does_not_match(pretrained, tmp_path):
     ]
     for extra, message in cases:
         proc = run_script("divo_continuous.py", "--env-id", "hopper-medium-v2", *DIVO_TINY, *extra, cwd=tmp_path, check=False)
-        assert proc.returncode == 1 and message in proc.stderr, proc.stderr
+        assert refused(proc, message), proc.stderr
     torch.save({"kind": "divo_continuous"}, tmp_path / "divo.pt")
-    with pytest.raises(dc.InputError, match="checkpoint of divo_continuous, not of pad_pretrain.py"):
-        dc.load_checkpoint(str(tmp_path / "divo.pt"), "pad_pretrain")
+    with pytest.raises(InputError, match="checkpoint of divo_continuous, not of pad_pretrain.py"):
+        load_checkpoint(str(tmp_path / "divo.pt"), "pad_pretrain")
 
 
 def test_antmaze_pretraining_feeds_divo_antmaze(tmp_path):
     antmaze_file(tmp_path / "am.hdf5")
     run_script("pad_pretrain.py", "--env-id", "antmaze-umaze-v2", "--dataset-path", tmp_path / "am.hdf5", *PAD_TINY,
                "--total-timesteps", 20, "--diag-freq", 0, cwd=tmp_path)
-    (run,) = (tmp_path / "runs").iterdir()
-    pad = pp.load_checkpoint(str(run / "pad_checkpoint.pt"), "pad_pretrain")
+    run = only_run(tmp_path)
+    pad = load_checkpoint(str(run / "pad_checkpoint.pt"), "pad_pretrain")
     assert pad["args"]["gamma"] == 0.995 and pad["args"]["expectile"] == 0.9 and pad["args"]["reward_transform"] == "minus-one"
     common = ["--env-id", "antmaze-umaze-v2", "--dataset-path", tmp_path / "am.hdf5", *DIVO_TINY, "--total-timesteps", 10,
               "--eval-freq", 0, "--pad-checkpoint", run / "pad_checkpoint.pt"]
@@ -168,7 +183,7 @@ def test_antmaze_pretraining_feeds_divo_antmaze(tmp_path):
     proc = run_script("divo_antmaze.py", *common, "--freeze-pad", cwd=out)
     assert "loaded the PAD model" in proc.stdout
     proc = run_script("divo_antmaze.py", *common, "--reward-transform", "none", cwd=out, check=False)
-    assert proc.returncode == 1 and "--reward-transform 'none' here, 'minus-one' in the checkpoint" in proc.stderr
+    assert refused(proc, "--reward-transform 'none' here, 'minus-one' in the checkpoint"), proc.stderr
 
 
 def test_pretraining_resumes(pretrained, tmp_path):
@@ -178,5 +193,5 @@ def test_pretraining_resumes(pretrained, tmp_path):
     proc = run_script("pad_pretrain.py", "--resume", copy_dir / "pad_checkpoint.pt", "--total-timesteps", 80,
                       "--dataset-path", cwd / "hopper.hdf5", "--no-cuda", cwd=tmp_path)
     assert "at step 60" in proc.stdout and "step 80/80" in proc.stdout
-    resumed = pp.load_checkpoint(str(copy_dir / "pad_checkpoint.pt"), "pad_pretrain")
+    resumed = load_checkpoint(str(copy_dir / "pad_checkpoint.pt"), "pad_pretrain")
     assert resumed["step"] == 80 and [row["step"] for row in resumed["diagnostics"]] == [0, 30, 60, 80]

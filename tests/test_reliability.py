@@ -21,22 +21,11 @@ from torch.utils.tensorboard import SummaryWriter
 import divo_antmaze as da
 import divo_continuous as dc
 import pad_pretrain as pp
-from conftest import run_script, write_d4rl_file
+from conftest import folder_bytes, refused, run_script, write_d4rl_file
+from divo_utils import InputError, data, diagnostics, runs
 
 TINY = ["--env-id", "hopper-medium-v2", "--hidden-dim", "16", "--num-layers", "1", "--batch-size", "32",
         "--eval-episodes", "1", "--log-freq", "10", "--no-cuda", "--no-legacy-inertia"]
-
-
-def refused(proc, message):
-    """The process stopped with exactly one line on stderr, starting with `error:` and containing `message`."""
-    lines = proc.stderr.strip().splitlines()
-    return proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
-
-
-def snapshot(folder):
-    """Every file under `folder` with its bytes, but the lock file (it names the last process that held the run)."""
-    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
-            for d, _, files in os.walk(folder) for f in files if f != "lock"}
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +65,8 @@ def finished_run(tmp_path_factory):
 ])
 def test_every_script_refuses_out_of_range_arguments(module, name, value, message):
     env_id = "antmaze-umaze-v2" if module is da else "hopper-medium-v2"
-    with pytest.raises(module.InputError) as error:
-        module.RunArgs(env_id=env_id, **{name: value})
+    with pytest.raises(InputError) as error:
+        module.Args(env_id=env_id, **{name: value})
     assert message in str(error.value)
 
 
@@ -88,7 +77,6 @@ def test_every_script_refuses_out_of_range_arguments(module, name, value, messag
     ({"eval_episodes": 0}, "--eval-episodes 0 is out of range: it must lie in [1, inf)"),
     ({"num_candidates": 0}, "--num-candidates 0 is out of range"),
     ({"policy_freq": 0}, "--policy-freq 0 is out of range"),
-    ({"adpo_margin": -1.0}, "--adpo-margin -1.0 is out of range"),
     ({"freeze_pad": True}, "--freeze-pad keeps a pretrained diffusion model fixed: pass --pad-checkpoint too"),
     ({"freeze_pad": True, "pad_checkpoint": "p.pt", "pad": False}, "--freeze-pad would not train it"),
     ({"adpo": False, "num_candidates": 4, "pad": False}, "these would have no effect: --num-candidates, --no-pad"),
@@ -96,16 +84,17 @@ def test_every_script_refuses_out_of_range_arguments(module, name, value, messag
 ])
 def test_divo_scripts_refuse_nonsense_combinations(module, overrides, message):
     env_id = "antmaze-umaze-v2" if module is da else "hopper-medium-v2"
-    with pytest.raises(module.InputError) as error:
-        module.RunArgs(env_id=env_id, **overrides)
+    with pytest.raises(InputError) as error:
+        module.Args(env_id=env_id, **overrides)
     assert message in str(error.value)
 
 
 def test_the_defaults_and_the_modes_pass():
     assert dc.Args().alpha == 2.5 and da.Args().alpha == 7.5 and da.Args(env_id="antmaze-large-play-v2").alpha == 20.0
     assert pp.Args(env_id="antmaze-umaze-v2").gamma == 0.995 and pp.Args().expectile == 0.7
-    assert dc.run_mode(dc.Args(adpo=False)) == "td3bc" and dc.run_mode(dc.Args(pad=False)) == "divo-no-pad"
-    assert dc.task_name(dc.RunArgs(dataset_path="/x/hopper-medium-dev.hdf5")) == "hopper-medium-dev"
+    assert runs.run_mode(dc.Args(adpo=False)) == "td3bc" and runs.run_mode(dc.Args(pad=False)) == "divo-no-pad"
+    assert runs.run_mode(da.Args()) == "divo"
+    assert runs.task_name(dc.Args(dataset_path="/x/hopper-medium-dev.hdf5")) == "hopper-medium-dev"
 
 
 def test_bad_command_lines_exit_before_any_file(tmp_path):
@@ -126,19 +115,29 @@ def test_bad_command_lines_exit_before_any_file(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- data files
-@pytest.mark.parametrize("module", [dc, da, pp])
-def test_zero_transitions_and_bad_flags_are_refused_by_every_script(module, tmp_path):
-    obs_dim, act_dim = (29, 8) if module is da else (11, 3)
+@pytest.mark.parametrize("obs_dim, act_dim", [(11, 3), (29, 8)], ids=["locomotion", "antmaze"])
+def test_zero_transitions_and_bad_flags_are_refused(obs_dim, act_dim, tmp_path):
     path = tmp_path / "d.hdf5"
     write_d4rl_file(path, obs_dim=obs_dim, act_dim=act_dim, episode_lengths=(5, 5), timeouts=np.ones(10, bool))
-    with pytest.raises(module.InputError, match="yields no transitions: every row but the last is a timeout"):
-        module.load_d4rl_file(str(path), obs_dim, act_dim)
+    with pytest.raises(InputError, match="yields no transitions: every row but the last is a timeout"):
+        data.load_d4rl_file(str(path), obs_dim, act_dim)
     for column, value, shown in (("terminals", 0.5, "0.5"), ("timeouts", np.nan, "nan"), ("terminals", 2, "2.0")):
         flags = np.zeros(10)
         flags[3] = value
         write_d4rl_file(path, obs_dim=obs_dim, act_dim=act_dim, episode_lengths=(5, 5), **{column: flags})
-        with pytest.raises(module.InputError, match=f"'{column}' must hold only 0/1 .*row 3 holds {shown}"):
-            module.load_d4rl_file(str(path), obs_dim, act_dim)
+        with pytest.raises(InputError, match=f"'{column}' must hold only 0/1 .*row 3 holds {shown}"):
+            data.load_d4rl_file(str(path), obs_dim, act_dim)
+
+
+@pytest.mark.parametrize("column, row, value", [("observations", 4, np.nan), ("actions", 0, -np.inf), ("rewards", 8, np.nan)])
+def test_nan_or_inf_in_a_column_is_refused_naming_it_and_its_first_row(tmp_path, column, row, value):
+    path = tmp_path / "d.hdf5"
+    values = write_d4rl_file(path, episode_lengths=(5, 5))[column]
+    values[row] = value
+    values[row + 1] = value  # two bad rows: the first is named
+    write_d4rl_file(path, episode_lengths=(5, 5), **{column: values})
+    with pytest.raises(InputError, match=rf"d.hdf5: 2 row\(s\) of '{column}' hold NaN or inf \(first at row {row}\)"):
+        data.load_d4rl_file(str(path), 11, 3)
 
 
 @pytest.mark.parametrize("case, message", [
@@ -157,8 +156,8 @@ def test_files_that_are_not_d4rl_arrays_are_refused(tmp_path, case, message):
                 f.create_group("rewards")["x"] = np.zeros(3)
             else:
                 f["actions"] = np.array([b"hello"] * 95)
-    with pytest.raises(dc.InputError, match=message):
-        dc.load_d4rl_file(str(path), 11, 3)
+    with pytest.raises(InputError, match=message):
+        data.load_d4rl_file(str(path), 11, 3)
 
 
 def test_unwritable_dataset_cache_and_runs_folder_are_refused_before_any_work(tmp_path):
@@ -196,23 +195,22 @@ def test_too_few_transitions_for_meaningful_diagnostics_are_refused(tmp_path):
                       "0", "--no-cuda", cwd=tmp_path, check=False)
     assert refused(proc, "d.hdf5 yields 1 transition(s) (D4RL's qlearning_dataset); training needs at least 20"), proc.stderr
     assert not (tmp_path / "runs").exists()
-    for module in (dc, da):
-        module.check_transitions(np.zeros((20, 3), np.float32), "f")
-        with pytest.raises(module.InputError, match="f yields 19 transition"):
-            module.check_transitions(np.zeros((19, 3), np.float32), "f")
+    data.check_transitions(np.zeros((20, 3), np.float32), "f")
+    with pytest.raises(InputError, match="f yields 19 transition"):
+        data.check_transitions(np.zeros((19, 3), np.float32), "f")
 
 
 def test_every_logged_value_is_checked_so_nan_samples_stop_the_run(tmp_path):
     """A sampler that makes NaN (its schedule broken behind the argument check's back) gives NaN ADPO diagnostics:
     the run stops with their names at the logging sync, and nothing of that step is logged."""
     agent = dc.DIVO(11, 3, dc.Args(hidden_dim=8, num_layers=1), torch.device("cpu"))
-    data = {"observations": torch.randn(100, 11), "actions": torch.rand(100, 3) * 2 - 1, "rewards": torch.zeros(100)}
-    diagnostics = dc.Diagnostics(data, data, seed=0)
+    rows = {"observations": torch.randn(100, 11), "actions": torch.rand(100, 3) * 2 - 1, "rewards": torch.zeros(100)}
+    contest = diagnostics.Diagnostics(rows, rows, 0, dc.adpo_target)
     writer = SummaryWriter(str(tmp_path))
-    dc.log_scalars(writer, 5, diagnostics.contest(agent), "none yet")
+    runs.log_scalars(writer, 5, contest.contest(agent), "none yet")
     agent.diffusion = dc.Diffusion(11, 3, 5, 0.1, 1000.0, 8, 1)  # --beta-max 1000, which check_args refuses
-    with pytest.raises(dc.InputError, match=r"diverged by step 10: .*adpo/candidate_distance = nan.*not finite"):
-        dc.log_scalars(writer, 10, diagnostics.contest(agent), "none yet")
+    with pytest.raises(InputError, match=r"diverged by step 10: .*adpo/candidate_distance = nan.*not finite"):
+        runs.log_scalars(writer, 10, contest.contest(agent), "none yet")
     writer.close()
     assert [e.step for e in EventAccumulator(str(tmp_path)).Reload().Scalars("adpo/candidate_distance")] == [5]
 
@@ -225,12 +223,12 @@ def test_a_dataset_open_for_writing_in_another_process_is_named_so(tmp_path):
                                "print('open', flush=True); time.sleep(120)", str(path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "open"
-        with pytest.raises(dc.InputError, match="d.hdf5 is open for writing in another process .HDF5 file lock.: wait"):
-            dc.load_d4rl_file(str(path), 11, 3)
+        with pytest.raises(InputError, match="d.hdf5 is open for writing in another process .HDF5 file lock.: wait"):
+            data.load_d4rl_file(str(path), 11, 3)
     finally:
         holder.kill()
         holder.wait()
-    assert len(dc.load_d4rl_file(str(path), 11, 3)["rewards"]) == 95
+    assert len(data.load_d4rl_file(str(path), 11, 3)["rewards"]) == 95
 
 
 def test_a_frozen_pad_model_of_another_gamma_is_refused(tmp_path):
@@ -247,9 +245,9 @@ def test_a_frozen_pad_model_of_another_gamma_is_refused(tmp_path):
 # ---------------------------------------------------------------------------------------------- run folders
 def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(dc.time, "time", lambda: 1_700_000_000.5)
-    args = dc.RunArgs(env_id="hopper-medium-v2", seed=3)
-    names = [dc.make_run_dir(args)[0].run_name for _ in range(3)]
+    monkeypatch.setattr(runs.time, "time", lambda: 1_700_000_000.5)
+    args = dc.Args(env_id="hopper-medium-v2", seed=3)
+    names = [runs.make_run_dir(args, "divo_continuous")[0].run_name for _ in range(3)]
     base = "hopper-medium-v2__divo_continuous__3__1700000000"
     assert names == [base, f"{base}-1", f"{base}-2"]
     assert sorted(os.listdir(tmp_path / "runs")) == sorted(names)
@@ -257,24 +255,24 @@ def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeyp
 
 def test_an_existing_run_name_is_refused_and_left_untouched(finished_run):
     cwd, run = finished_run
-    before = snapshot(run)
+    before = folder_bytes(run)
     proc = run_script("divo_continuous.py", *TINY, "--dataset-path", cwd / "data.hdf5", "--total-timesteps", 20,
                       "--run-name", "done", cwd=cwd, check=False)
     assert refused(proc, "runs/done exists: choose another --run-name, or continue that run with --resume "
                          "runs/done/checkpoint.pt"), proc.stderr
-    assert snapshot(run) == before
+    assert folder_bytes(run) == before
 
 
 def test_resuming_a_finished_run_or_going_back_in_time_is_refused(finished_run):
     cwd, run = finished_run
-    before = snapshot(run)
+    before = folder_bytes(run)
     proc = run_script("divo_continuous.py", "--resume", run / "checkpoint.pt", "--no-cuda", cwd=cwd, check=False)
     assert refused(proc, "checkpoint.pt is finished (40 of 40 steps; its results are in"), proc.stderr
     assert "pass --total-timesteps larger than 40" in proc.stderr
     proc = run_script("divo_continuous.py", "--resume", run / "checkpoint.pt", "--total-timesteps", 30, "--no-cuda", cwd=cwd,
                       check=False)
     assert refused(proc, "checkpoint.pt is at step 40, beyond --total-timesteps (40 of 30 steps"), proc.stderr
-    assert snapshot(run) == before
+    assert folder_bytes(run) == before
     assert json.loads((run / "scores.json").read_text())["evaluations"][-1]["step"] == 40  # no duplicate entry
 
 
@@ -303,7 +301,7 @@ def test_a_stale_partial_checkpoint_is_removed_when_the_run_resumes(finished_run
                       "--dataset-path", cwd / "data.hdf5", cwd=tmp_path)
     assert "a partial checkpoint left by an interrupted save" in proc.stdout
     assert not (copy / "checkpoint.pt.tmp").exists()
-    assert dc.load_checkpoint(str(copy / "checkpoint.pt"), "divo_continuous")["step"] == 50
+    assert runs.load_checkpoint(str(copy / "checkpoint.pt"), "divo_continuous")["step"] == 50
 
 
 def test_divergence_stops_with_the_step_and_the_loss_and_keeps_the_last_good_checkpoint(finished_run, tmp_path):
@@ -315,12 +313,12 @@ def test_divergence_stops_with_the_step_and_the_loss_and_keeps_the_last_good_che
     for state in checkpoint["agent"]["critic_optimizer"]["state"].values():
         state["exp_avg_sq"].fill_(-1.0)
     torch.save(checkpoint, copy / "checkpoint.pt")
-    before = snapshot(copy)
+    before = folder_bytes(copy)
     proc = run_script("divo_continuous.py", "--resume", copy / "checkpoint.pt", "--total-timesteps", 80, "--no-cuda",
                       "--dataset-path", cwd / "data.hdf5", "--checkpoint-freq", 5, cwd=tmp_path, check=False)
     assert refused(proc, "training diverged by step 45: losses/qf_loss = nan"), proc.stderr
     assert "the critic network's weights" in proc.stderr and f"({copy / 'checkpoint.pt'} (step 40))" in proc.stderr
-    after = snapshot(copy)
+    after = folder_bytes(copy)
     assert after["checkpoint.pt"] == before["checkpoint.pt"] and "scores.json" in after
     assert json.loads(after["scores.json"]) == json.loads(before["scores.json"])  # the old, valid scores
     assert not any(name.endswith(".tmp") for name in after)
@@ -329,28 +327,29 @@ def test_divergence_stops_with_the_step_and_the_loss_and_keeps_the_last_good_che
 def test_check_finite_names_the_loss_or_the_network():
     agent = dc.DIVO(5, 3, dc.Args(hidden_dim=8, num_layers=1), torch.device("cpu"))
     ok = {"losses/qf_loss": torch.tensor(1.0), "losses/pad_loss": torch.tensor(0.5)}
-    assert dc.check_finite(7, ok, agent, "none yet") == {"losses/qf_loss": 1.0, "losses/pad_loss": 0.5}
-    with pytest.raises(dc.InputError, match=r"diverged by step 7: losses/pad_loss = inf not finite.*\(none yet\)"):
-        dc.check_finite(7, {**ok, "losses/pad_loss": torch.tensor(float("inf"))}, agent, "none yet")
+    assert runs.check_finite(7, ok, agent, "none yet") == {"losses/qf_loss": 1.0, "losses/pad_loss": 0.5}
+    with pytest.raises(InputError, match=r"diverged by step 7: losses/pad_loss = inf not finite.*\(none yet\)"):
+        runs.check_finite(7, {**ok, "losses/pad_loss": torch.tensor(float("inf"))}, agent, "none yet")
     with torch.no_grad():
         agent.value.net[0].weight[0, 0] = float("nan")
-    with pytest.raises(dc.InputError, match="diverged by step 9: the value network's weights not finite"):
-        dc.check_finite(9, ok, agent, "none yet")
+    with pytest.raises(InputError, match="diverged by step 9: the value network's weights not finite"):
+        runs.check_finite(9, ok, agent, "none yet")
 
 
 def test_a_foreign_checkpoint_is_refused_in_one_line(tmp_path):
     """torch's refusal of a pickle it does not trust spans many lines: only its first is kept."""
     torch.save({"kind": argparse.Namespace(run="not ours")}, tmp_path / "c.pt")
-    with pytest.raises(pp.InputError) as error:
-        pp.load_checkpoint(str(tmp_path / "c.pt"), "pad_pretrain")
+    with pytest.raises(InputError) as error:
+        runs.load_checkpoint(str(tmp_path / "c.pt"), "pad_pretrain")
     assert "cannot read checkpoint" in str(error.value) and len(str(error.value).splitlines()) == 1
 
 
 def test_scores_json_is_strict_json(tmp_path):
-    dc.write_json(str(tmp_path / "a.json"), {"x": 1.5})
+    runs.write_json(str(tmp_path / "a.json"), {"x": 1.5}, "c.pt")
     assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1.5}
     with pytest.raises(ValueError):
-        dc.write_json(str(tmp_path / "b.json"), {"x": float("nan")})
+        runs.write_json(str(tmp_path / "b.json"), {"x": float("nan")}, "c.pt")
+    assert sorted(os.listdir(tmp_path)) == ["a.json"]  # nothing of the refused file, not even a partial one
 
 
 # ---------------------------------------------------------------------------------------------- pad_pretrain
@@ -364,7 +363,7 @@ def test_pad_pretrain_ends_without_a_holdout_and_refuses_a_holdout_too_large(tmp
     proc = run_script("pad_pretrain.py", *common, "--holdout", "0", "--run-name", "p", cwd=tmp_path)
     assert "diagnostics on 497 training ones (--holdout 0)" in proc.stdout
     run = tmp_path / "runs" / "p"
-    assert pp.load_checkpoint(str(run / "pad_checkpoint.pt"), "pad_pretrain")["step"] == 20
+    assert runs.load_checkpoint(str(run / "pad_checkpoint.pt"), "pad_pretrain")["step"] == 20
     diagnostics = json.loads((run / "pad_diagnostics.json").read_text())
     assert diagnostics["heldout"] is False and diagnostics["heldout_transitions"] == 497
     assert (run / "pad_samples.png").stat().st_size > 1000
@@ -372,8 +371,8 @@ def test_pad_pretrain_ends_without_a_holdout_and_refuses_a_holdout_too_large(tmp
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the file-as-folder trick is checked on Linux")
 def test_check_writable_tries_the_nearest_existing_folder_and_creates_nothing(tmp_path):
-    dc.check_writable(str(tmp_path / "not" / "yet"), "fix")
+    runs.check_writable(str(tmp_path / "not" / "yet"), "fix")
     assert os.listdir(tmp_path) == []
     (tmp_path / "f").write_text("")
-    with pytest.raises(dc.InputError, match="f is a file, not a folder; fix"):
-        dc.check_writable(str(tmp_path / "f" / "below"), "fix")
+    with pytest.raises(InputError, match="f is a file, not a folder; fix"):
+        runs.check_writable(str(tmp_path / "f" / "below"), "fix")

@@ -2,7 +2,6 @@
 
 import json
 import os
-import struct
 import subprocess
 import sys
 
@@ -11,7 +10,8 @@ import pytest
 import torch
 from scipy.stats import trim_mean
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, png_size
+
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import report  # noqa: E402
 
@@ -173,12 +173,6 @@ def test_aggregates_match_hand_computation(result):
         for key in ("median", "iqm", "mean", "optimality_gap"):
             assert label[key]["ci_low"] <= label[key]["estimate"] <= label[key]["ci_high"]
         assert label["iqm"]["ci_low"] < label["iqm"]["ci_high"]  # real bootstrap intervals, not points
-
-
-def png_size(path):
-    data = open(path, "rb").read(24)
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", f"{path} is not a PNG"
-    return struct.unpack(">II", data[16:24])
 
 
 @pytest.mark.parametrize("name", ["aggregate.png", "profiles.png", "curves.png"])
@@ -375,3 +369,12 @@ def test_every_interval_is_the_same_on_a_rerun_and_the_global_numpy_generator_is
     assert outcomes[0] == outcomes[1]
     # and the seed matters: another seed gives other intervals (the bootstrap is not degenerate here)
     assert json.dumps(report.compare_labels(runs, "td3bc", REPS, seed=1), default=float) != outcomes[0][0]
+
+
+def test_the_file_names_it_reads_are_those_the_divo_scripts_write():
+    """report.py reads args.json, scores.json (a finished run) and checkpoint.pt (an unfinished one's step) by name: they
+    are the names divo_utils gives the DIVO scripts' files; pretraining's are others (and its runs are left out)."""
+    from divo_utils import RUN_FILES
+
+    assert RUN_FILES["divo_continuous"] == RUN_FILES["divo_antmaze"] == ("checkpoint.pt", "scores.json")
+    assert "scores.json" not in RUN_FILES["pad_pretrain"] and "checkpoint.pt" not in RUN_FILES["pad_pretrain"]

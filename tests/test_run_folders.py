@@ -15,9 +15,8 @@ import time
 import pytest
 import torch
 
-import divo_continuous as dc
-import pad_pretrain as pp
-from conftest import ROOT, run_script, write_d4rl_file
+from conftest import ROOT, refused, run_script, write_d4rl_file
+from divo_utils import runs
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import report  # noqa: E402
@@ -26,12 +25,6 @@ TINY = ["--env-id", "hopper-medium-v2", "--hidden-dim", "16", "--num-layers", "1
         "--eval-episodes", "1", "--log-freq", "10", "--no-cuda", "--no-legacy-inertia", "--eval-freq", "20",
         "--checkpoint-freq", "20"]
 KILL_AT = os.path.join(ROOT, "tests", "kill_at.py")
-
-
-def refused(proc, message):
-    """The process stopped with exactly one line on stderr, starting with `error:` and containing `message`."""
-    lines = proc.stderr.strip().splitlines()
-    return proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
 
 
 def results(run):
@@ -88,7 +81,7 @@ def test_a_second_writer_is_refused_and_a_killed_writer_leaves_no_lock(reference
         first.wait()
     (unfinished,) = report.collect_runs([str(tmp_path / "runs")])
     assert not unfinished.finished and unfinished.progress.startswith("step ")
-    step = dc.load_checkpoint(str(run / "checkpoint.pt"), "divo_continuous")["step"]
+    step = runs.load_checkpoint(str(run / "checkpoint.pt"), "divo_continuous")["step"]
     proc = run_script("divo_continuous.py", "--resume", run / "checkpoint.pt", "--total-timesteps", step + 20, "--no-cuda",
                       "--dataset-path", cwd / "data.hdf5", cwd=tmp_path)  # the kernel freed the lock of the killed run
     assert f"resumed ref at step {step:,}" in proc.stdout
@@ -130,7 +123,7 @@ def test_pad_pretrain_killed_before_its_diagnostics_file_finishes_on_resume(refe
             "--no-cuda", "--run-name", "p"]
     assert kill_at("pad_diagnostics.json", "pad_pretrain.py", *args, cwd=tmp_path).returncode == -signal.SIGKILL
     run = tmp_path / "runs" / "p"
-    assert pp.load_checkpoint(str(run / "pad_checkpoint.pt"), "pad_pretrain")["step"] == 40
+    assert runs.load_checkpoint(str(run / "pad_checkpoint.pt"), "pad_pretrain")["step"] == 40
     assert not (run / "pad_diagnostics.json").exists() and (run / "pad_samples.png").exists()
     run_script("pad_pretrain.py", "--resume", run / "pad_checkpoint.pt", "--no-cuda", cwd=tmp_path)
     diagnostics = json.loads((run / "pad_diagnostics.json").read_text())

@@ -1,11 +1,14 @@
-"""--cudagraphs checked without a GPU, and on a GPU when there is one.
+"""--compile and --cudagraphs (divo_utils.speed, run once: the three scripts share it) checked without a GPU, and on
+a GPU when there is one.
 
-On the CPU: (1) one whole iteration, batch sampling included, makes no host sync and no data-dependent shape
-outside the optimisers (whose internals `capturable=True` makes graph-safe on a GPU), so it can be captured as a
-CUDA graph, in every mode; the same guard counts its aten ops and its kernel-launching ops (what a GPU pays for).
-(2) The graph path's machinery (warm-up, state saved and written back in place, static output tensors) computes
-exactly what the plain path computes. (3) Fused Adam, the default, against PyTorch's for-loop Adam. On a GPU: eager
-against real CUDA graphs over 50 iterations, and a whole tiny run with --cudagraphs that checkpoints and resumes.
+--compile: the compiled update functions compute what eager ones do; speed_up wraps the step as the flags say.
+--cudagraphs, on the CPU: (1) one whole iteration of each script's agent, batch sampling included, makes no host sync
+and no data-dependent shape outside the optimisers (whose internals `capturable=True` makes graph-safe on a GPU), so
+it can be captured as a CUDA graph, in every mode; the same guard counts its aten ops and its kernel-launching ops
+(what a GPU pays for). (2) The graph path's machinery (warm-up, state saved and written back in place, static output
+tensors) computes exactly what the plain path computes. (3) Fused Adam, the default, against PyTorch's for-loop Adam.
+On a GPU: eager against real CUDA graphs over 50 iterations, and a whole tiny run with --cudagraphs that checkpoints
+and resumes.
 """
 
 import collections
@@ -22,7 +25,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import divo_antmaze as da
 import divo_continuous as dc
 import pad_pretrain as pp
-from conftest import run_script, write_d4rl_file
+from conftest import run_script, tiny_data, write_d4rl_file
+from divo_utils.runs import agent_state, load_agent_state, load_checkpoint, networks, optimizers
+from divo_utils.speed import GraphedTrainStep, compile_updates, speed_up, training_state
+from test_algorithm import batch, small_agent
 
 aten = torch.ops.aten
 # Ops that wait for the GPU or whose output shape depends on the data: neither can live in a CUDA graph.
@@ -83,11 +89,9 @@ def guarded(step):
     return guard
 
 
-def tiny_data(n=500, obs_dim=5, act_dim=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {"observations": torch.randn(n, obs_dim, generator=g), "actions": torch.rand(n, act_dim, generator=g) * 2 - 1,
-            "rewards": torch.randn(n, generator=g), "next_observations": torch.randn(n, obs_dim, generator=g),
-            "not_done": (torch.rand(n, generator=g) > 0.01).float()}
+def capture_data(**kwargs):
+    """conftest's tiny_data with these tests' sizes (500 transitions, 1% terminal) unless told otherwise."""
+    return tiny_data(**{"n": 500, "done_rate": 0.01, **kwargs})
 
 
 def train_step_of(module, agent, data, batch_size):
@@ -99,7 +103,7 @@ def train_step_of(module, agent, data, batch_size):
 
 VARIANTS = {
     "divo": {}, "td3bc (--no-adpo)": {"adpo": False}, "--no-pad": {"pad": False}, "--num-candidates 4": {"num_candidates": 4},
-    "--adpo-margin 1": {"adpo_margin": 1.0}, "--freeze-pad": {"freeze_pad": True},
+    "--freeze-pad": {"freeze_pad": True, "pad_checkpoint": "pad_checkpoint.pt"},  # Args wants the checkpoint's name
 }
 
 
@@ -113,7 +117,7 @@ def divo_agent(module, variant="divo", obs_dim=5, hidden_dim=16, num_layers=2, d
 def test_an_iteration_makes_no_host_sync_outside_the_optimisers(module, variant):
     """Both scripts' DIVO classes are the same text (test_drift.py): the variants are checked on one."""
     agent = divo_agent(module, variant)
-    train_step = train_step_of(module, agent, tiny_data(), 64)
+    train_step = train_step_of(module, agent, capture_data(), 64)
     for actor_step in (False, True):
         guard = guarded(lambda: train_step(actor_step))
         assert not guard.violations, f"{variant}, actor step {actor_step}: {guard.violations}"
@@ -122,7 +126,7 @@ def test_an_iteration_makes_no_host_sync_outside_the_optimisers(module, variant)
 
 def test_a_pretraining_iteration_makes_no_host_sync():
     pretrainer = pp.PADPretrainer(5, 3, pp.Args(hidden_dim=16, num_layers=2), torch.device("cpu"))
-    guard = guarded(train_step_of(pp, pretrainer, tiny_data(), 64))
+    guard = guarded(train_step_of(pp, pretrainer, capture_data(), 64))
     assert not guard.violations and guard.counts["inside", "aten"] > 0
 
 
@@ -141,9 +145,9 @@ def test_ops_per_iteration(capsys):
     not counted), on the CPU, hopper's shapes and the default depth: aten ops and kernel-launching ops (aten ops that
     are not views), outside and inside the optimisers' steps, with and without the actor step; printed (the README
     quotes them). DIVO's average over one iteration with and one without the actor step, optimisers included: about
-    451 aten ops and 265 kernel-launching ones (the code before fused Adam and the sampler's precomputed steps:
-    about 794 and 565 by this counter)."""
-    data, counts = tiny_data(obs_dim=11), {}
+    447 aten ops and 260 kernel-launching ones (451 and 264 while the scripts computed --adpo-margin's penalty; the
+    code before fused Adam and the sampler's precomputed steps: about 794 and 565 by this counter)."""
+    data, counts = capture_data(obs_dim=11), {}
     for name, variant in (("DIVO", "divo"), ("TD3+BC backbone", "td3bc (--no-adpo)")):
         torch.manual_seed(0)
         agent = divo_agent(dc, variant, obs_dim=11, hidden_dim=32, num_layers=3)
@@ -179,12 +183,12 @@ def test_fused_adam_trains_as_pytorchs_for_loop_adam():
     learning rate (3e-4): a wrong learning rate, bias correction or epsilon would be hundreds of times the tolerance.
     (A sample whose advantage is within rounding of the dataset action's could switch sides in eq. (12) and make
     larger differences; with these seeds none does.)"""
-    data = tiny_data()
+    data = capture_data()
 
     def build(for_loop: bool):
         torch.manual_seed(0)
         agent = divo_agent(dc, "divo")
-        for name, optimizer in dc.optimizers(agent).items():
+        for name, optimizer in optimizers(agent).items():
             assert optimizer.defaults["fused"]
             if for_loop:
                 group = optimizer.param_groups[0]
@@ -201,23 +205,74 @@ def test_fused_adam_trains_as_pytorchs_for_loop_adam():
         assert metrics[0].keys() == metrics[1].keys()
         for key in metrics[0]:
             torch.testing.assert_close(metrics[1][key], metrics[0][key], rtol=1e-5, atol=1e-6)
-    for name, net in dc.networks(fused).items():
+    for name, net in networks(fused).items():
         for key, value in net.state_dict().items():
-            torch.testing.assert_close(dc.networks(for_loop)[name].state_dict()[key], value, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(networks(for_loop)[name].state_dict()[key], value, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- --compile
+def test_compiled_updates_compute_the_same_losses_and_weights(monkeypatch):
+    """--compile: the same losses and parameters as eager on the same batches and seeds.
+
+    The "aot_eager" backend runs TorchDynamo's graph capture and AOTAutograd (where a compiled update could
+    diverge from eager) without inductor's C++ build, which takes minutes on a small CPU.
+    """
+    eager, compiled = small_agent(), small_agent()
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn: real_compile(fn, backend="aot_eager"))
+    compile_updates(compiled)
+    assert all(hasattr(getattr(compiled, name), "_torchdynamo_orig_callable") for name in
+               ("update_critic", "update_value", "update_pad", "adpo_candidates", "update_actor"))
+    for step in range(4):
+        torch.manual_seed(100 + step)
+        m_eager = eager.update(batch(seed=step), actor_step=step % 2 == 0)
+        torch.manual_seed(100 + step)
+        m_compiled = compiled.update(batch(seed=step), actor_step=step % 2 == 0)
+        assert m_eager.keys() == m_compiled.keys()
+        for key in m_eager:
+            torch.testing.assert_close(m_compiled[key], m_eager[key], rtol=1e-5, atol=1e-6)
+    for name, module in networks(eager).items():
+        for key, value in module.state_dict().items():
+            torch.testing.assert_close(networks(compiled)[name].state_dict()[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_speed_up_wraps_the_step_as_the_flags_say(monkeypatch):
+    """What the scripts' main blocks call: without --compile and --cudagraphs the step itself, the agent untouched;
+    with --compile the same step, the agent's update functions compiled (DIVO's five parts; a pretrainer's update);
+    with --cudagraphs the step in a GraphedTrainStep that saves and restores the agent's training state."""
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn: compiled.append(fn.__name__) or fn)
+    agent = small_agent()
+
+    def step(actor_step):
+        return agent.update(batch(), actor_step)
+
+    assert speed_up(step, agent, agent.args, torch.device("cpu")) is step and compiled == []
+    agent.args.compile = True
+    assert speed_up(step, agent, agent.args, torch.device("cpu")) is step
+    assert compiled == ["update_critic", "update_value", "update_pad", "adpo_candidates", "update_actor"]
+    compiled.clear()
+    agent.args.compile, agent.args.cudagraphs = False, True  # (Args refuses --cudagraphs without a GPU)
+    graphed = speed_up(step, agent, agent.args, torch.device("cpu"))
+    assert isinstance(graphed, GraphedTrainStep) and graphed.step is step and compiled == []
+    assert [id(t) for t in graphed.state()] == [id(t) for t in training_state(agent)]  # the agent's state, saved
+    pretrainer = pp.PADPretrainer(5, 3, pp.Args(hidden_dim=16, num_layers=2, compile=True), torch.device("cpu"))
+    speed_up(step, pretrainer, pretrainer.args, torch.device("cpu"))
+    assert compiled == ["update"]
 
 
 # ---------------------------------------------------------------------------------------------- graph path, CPU
-@pytest.mark.parametrize("variant", ["divo", "td3bc (--no-adpo)", "--adpo-margin 1"])
+@pytest.mark.parametrize("variant", ["divo", "td3bc (--no-adpo)", "--num-candidates 4"])
 def test_the_graph_path_computes_exactly_what_the_plain_path_computes(variant):
     """Warm-up, state written back in place, static outputs: bit-identical losses, weights, optimiser states, RNG."""
     def build():
         torch.manual_seed(0)
         return divo_agent(dc, variant)
 
-    data = tiny_data()
+    data = capture_data()
     plain, graphed = build(), build()
     plain_step = train_step_of(dc, plain, data, 64)
-    graphed_step = dc.GraphedTrainStep(train_step_of(dc, graphed, data, 64), lambda: dc.training_state(graphed),
+    graphed_step = GraphedTrainStep(train_step_of(dc, graphed, data, 64), lambda: training_state(graphed),
                                        torch.device("cpu"))
     runs = {}
     for name, agent, step_fn in (("plain", plain, plain_step), ("graphed", graphed, graphed_step)):
@@ -227,27 +282,27 @@ def test_the_graph_path_computes_exactly_what_the_plain_path_computes(variant):
             metrics = step_fn(step % 2 == 0)
             history.append({key: value.clone() for key, value in metrics.items()})
             if name == "graphed" and step == 0:
-                addresses = [t.data_ptr() for t in dc.training_state(agent)]
+                addresses = [t.data_ptr() for t in training_state(agent)]
         runs[name] = history, torch.get_rng_state()
     assert set(graphed_step.graphs) == {(True,), (False,)}
     for a, b in zip(runs["plain"][0], runs["graphed"][0]):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(runs["plain"][1], runs["graphed"][1])  # the RNG stream continues as in eager mode
-    for (key, a), b in zip(dc.agent_state(plain).items(), dc.agent_state(graphed).values()):
+    for (key, a), b in zip(agent_state(plain).items(), agent_state(graphed).values()):
         assert str(a) == str(b), key  # weights and optimiser states, bit for bit (exact decimal print of every entry)
-    assert [t.data_ptr() for t in dc.training_state(graphed)][: len(addresses)] == addresses  # written back in place
+    assert [t.data_ptr() for t in training_state(graphed)][: len(addresses)] == addresses  # written back in place
 
 
 def test_the_graph_path_resumes_from_a_checkpoint_of_the_plain_path():
     torch.manual_seed(0)
-    data, plain = tiny_data(), divo_agent(dc)
+    data, plain = capture_data(), divo_agent(dc)
     plain_step = train_step_of(dc, plain, data, 64)
     for step in range(4):
         plain_step(step % 2 == 0)
-    saved, rng = copy.deepcopy(dc.agent_state(plain)), torch.get_rng_state()  # as torch.save and torch.load would
+    saved, rng = copy.deepcopy(agent_state(plain)), torch.get_rng_state()  # as torch.save and torch.load would
     resumed = divo_agent(dc)
-    dc.load_agent_state(resumed, saved)
-    graphed_step = dc.GraphedTrainStep(train_step_of(dc, resumed, data, 64), lambda: dc.training_state(resumed),
+    load_agent_state(resumed, saved)
+    graphed_step = GraphedTrainStep(train_step_of(dc, resumed, data, 64), lambda: training_state(resumed),
                                        torch.device("cpu"))
     results = []
     for step_fn in (plain_step, graphed_step):
@@ -267,10 +322,10 @@ def gpu_history(data: dict, graphs: bool, steps: int = 50) -> tuple[list[dict], 
     agent = divo_agent(dc, obs_dim=11, hidden_dim=256, num_layers=3, device=device)  # capturable Adam on a GPU
     train_step = train_step_of(dc, agent, data, 256)
     if graphs:
-        train_step = dc.GraphedTrainStep(train_step, lambda: dc.training_state(agent), device)
+        train_step = GraphedTrainStep(train_step, lambda: training_state(agent), device)
     torch.manual_seed(1)
     history = [{k: v.clone() for k, v in train_step(step % 2 == 0).items()} for step in range(steps)]
-    return history, dc.agent_state(agent)
+    return history, agent_state(agent)
 
 
 @cuda
@@ -280,7 +335,7 @@ def test_cuda_graphs_match_eager_on_the_gpu():
     from both in Adam alone: its bias correction is computed on the host, not on the GPU, so the last bits differ
     and training amplifies them (the same H200: within rtol 1e-3, atol 1e-4 but for one loss at 1.2e-3 after 50
     iterations). Batches drawn from a wrongly advanced RNG would differ in every metric from the first iteration."""
-    data = {k: v.to("cuda") for k, v in tiny_data(n=5000, obs_dim=11).items()}
+    data = {k: v.to("cuda") for k, v in capture_data(n=5000, obs_dim=11).items()}
     (graphed, graphed_weights), (eager, eager_weights) = (gpu_history(data, graphs) for graphs in (True, False))
     for a, b in zip(graphed, eager):
         for key in b:
@@ -300,7 +355,7 @@ def test_a_tiny_cuda_run_with_graphs_trains_checkpoints_and_resumes(tmp_path):
     run_script("divo_continuous.py", *tiny, "--total-timesteps", 30, "--run-name", "halves", cwd=tmp_path)
     run_script("divo_continuous.py", "--resume", tmp_path / "runs/halves/checkpoint.pt", "--total-timesteps", 60,
                "--cuda", "--cudagraphs", cwd=tmp_path)
-    straight, halves = (dc.load_checkpoint(str(tmp_path / f"runs/{n}/checkpoint.pt"), "divo_continuous")
+    straight, halves = (load_checkpoint(str(tmp_path / f"runs/{n}/checkpoint.pt"), "divo_continuous")
                         for n in ("straight", "halves"))
     assert straight["step"] == halves["step"] == 60
     for name in ("actor", "critic", "diffusion"):

@@ -274,6 +274,27 @@ def test_env_ids_match_the_scripts():
     assert set(sweep.SUITES["locomotion"]) <= set(sweep.LOCOMOTION_IDS) and sweep.SUITES["antmaze"] == list(sweep.ANTMAZE_IDS)
 
 
+def test_the_sweep_reads_the_scripts_names_and_limits_without_torch():
+    """The ids, file names and limits come from divo_utils' torch-free package: the sweep starts without torch or MuJoCo,
+    and knows each script's finished file and checkpoint as the scripts write them."""
+    import divo_utils
+
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('sweep', sys.argv[1]); "
+            "spec.loader.exec_module(importlib.util.module_from_spec(spec)); "
+            "print(sorted(m for m in ('torch', 'mujoco', 'gymnasium', 'h5py', 'ray') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code, SWEEP], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", explain(proc)
+    sweep = load_sweep()
+    assert (sweep.LOCOMOTION_IDS, sweep.ANTMAZE_IDS) == (divo_utils.LOCOMOTION_IDS, divo_utils.ANTMAZE_IDS)
+    assert (sweep.MAX_LABEL, sweep.MAX_RUN_NAME, sweep.LOCK) == (divo_utils.MAX_EXP_NAME, divo_utils.MAX_NAME, "lock")
+    for script in ("divo_continuous", "divo_antmaze", "pad_pretrain"):
+        run = sweep.Run("hopper-medium-v2", 0, os.path.join(ROOT, f"{script}.py"), None, "r")
+        checkpoint, finished = divo_utils.RUN_FILES[script]
+        assert sweep.run_files(run) == (finished, checkpoint), script
+    assert sweep.run_files(sweep.Run("antmaze-umaze-v2", 0, sweep.script_of("antmaze-umaze-v2"), None, "r")) == \
+        ("scores.json", "checkpoint.pt")
+
+
 def test_a_run_folder_another_process_writes_is_left_alone(datasets, tmp_path):
     """A run that died before its first checkpoint is started again after its folder is removed, but a folder whose
     lock is held (a second sweep on the same --out, a user's --resume) is never removed nor restarted."""

@@ -2,7 +2,7 @@
 the one the actor's BC term pulls toward (a_bar recorded, the actor's gradient against a hand computation), lambda
 of eq. (13) is a constant of that gradient, the order critic -> value -> PAD -> ADPO -> actor with each step fed
 what the previous one returned, the delay of the actor and the targets in the script's own loop, and diagnostics
-that leave training's random numbers alone."""
+that leave training's random numbers alone (divo_utils.diagnostics, fed each script's agent and eq. 12)."""
 
 import copy
 
@@ -11,9 +11,13 @@ import pytest
 import torch
 
 import divo_antmaze as da
+import divo_utils.envs
 import pad_pretrain as pp
-from conftest import FakeEnv, run_main, write_d4rl_file
-from test_divo_continuous import DIVO_SCRIPTS, batch, small_agent
+from conftest import FakeEnv, run_main, tiny_data, write_d4rl_file
+from divo_utils import diagnostics as dg
+from divo_utils.diagnostics import Diagnostics
+from divo_utils.runs import networks
+from test_algorithm import DIVO_SCRIPTS, batch, small_agent
 
 
 @DIVO_SCRIPTS
@@ -54,7 +58,7 @@ def test_the_actor_imitates_the_target_adpo_picks(m, monkeypatch):
         lambda opt, args, kwargs: seen.update(grads=[p.grad.clone() for p in agent.actor.parameters()]))
     agent.update((s, a, r, s2, not_done), actor_step=True)
 
-    a_in, adv_in, candidates, cand_adv, penalty = seen["contest"]
+    a_in, adv_in, candidates, cand_adv = seen["contest"]
     assert torch.equal(a_in, a)
     with torch.no_grad():
         torch.testing.assert_close(adv_in, critic_t(s, a).min(dim=0).values - value(s))
@@ -131,11 +135,11 @@ def test_one_iteration_runs_critic_value_pad_then_adpo_and_actor(m, mode, withou
     if not agent.args.adpo:
         assert same(by_name["update_actor"][0], (s, a))
         return
-    (adv, v, q_data, _) = by_name["update_value"][1]
+    (adv, v, _) = by_name["update_value"][1]
     assert same(by_name["update_value"][0], (s, a))
     if "update_pad" in by_name:
         assert same(by_name["update_pad"][0], (s, a, adv))
-    assert same(by_name["adpo_candidates"][0], (s, v, q_data))
+    assert same(by_name["adpo_candidates"][0], (s, v))
     assert same(by_name["adpo_target"][0], (a, adv, *by_name["adpo_candidates"][1]))
     assert same(by_name["update_actor"][0], (s, by_name["adpo_target"][1][0]))
 
@@ -160,7 +164,8 @@ def hand_file(path, obs_dim, act_dim, goal=False):
 
 def traced_main(m, tmp_path, monkeypatch, *extra):
     """The script's main block, run on hand_file's data with tiny networks and a fake env (2 episodes of 4 steps);
-    the batches of every iteration, the actor_step flags, and the block's variables."""
+    the batches of every iteration, the actor_step flags, and the block's variables. divo_utils.data.load_task builds
+    the envs with what divo_utils.envs holds when it is called: the fake goes there."""
     monkeypatch.chdir(tmp_path)
     if m is pp:
         obs_dim, act_dim, argv = 11, 3, ["--env-id", "hopper-medium-v2", "--holdout", 0, "--diag-freq", 0]
@@ -192,7 +197,8 @@ def traced_main(m, tmp_path, monkeypatch, *extra):
             envs.append(FakeEnv(obs_dim, act_dim))
             return envs[-1]
 
-        names = {"DIVO": Recording, "D4RLAntMaze" if m is da else "make_eval_env": fake_env}
+        monkeypatch.setattr(divo_utils.envs, "D4RLAntMaze" if m is da else "make_eval_env", fake_env)
+        names = {"DIVO": Recording}
         trace["envs"] = envs
         argv += ["--eval-episodes", 2, "--eval-freq", 0, "--legacy-inertia" if m is da else "--no-legacy-inertia"]
     trace["namespace"] = run_main(m, argv, monkeypatch, **names)
@@ -210,17 +216,11 @@ def test_the_training_loop_steps_the_actor_every_policy_freq_iterations(m, tmp_p
     iterations 0, 3, 6 and nowhere else, read from the flags it passes and from the optimisers' step counts."""
     trace = traced_main(m, tmp_path, monkeypatch, "--policy-freq", 3, "--total-timesteps", 7)
     assert trace["flags"] == [True, False, False, True, False, False, True]
+    assert [len(env.seen) for env in trace["envs"]] == [4, 4]  # the final evaluation ran in the fake envs
     agent = trace["namespace"]["agent"]
     assert optimizer_steps(agent.actor_optimizer) == {3}
     assert optimizer_steps(agent.critic_optimizer) == optimizer_steps(agent.value_optimizer) == {7}
     assert optimizer_steps(agent.diffusion_optimizer) == {7}
-
-
-def tiny_data(n=300, obs_dim=5, act_dim=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {"observations": torch.randn(n, obs_dim, generator=g), "actions": torch.rand(n, act_dim, generator=g) * 2 - 1,
-            "rewards": torch.randn(n, generator=g), "next_observations": torch.randn(n, obs_dim, generator=g),
-            "not_done": (torch.rand(n, generator=g) > 0.05).float()}
 
 
 @DIVO_SCRIPTS
@@ -231,14 +231,14 @@ def test_diagnostics_leave_training_unchanged(m):
     runs = []
     for diagnose in (False, True):
         agent = small_agent(m)
-        diagnostics = m.Diagnostics(data, heldout, seed=0)
+        diagnostics = Diagnostics(data, heldout, 0, m.adpo_target)
         torch.manual_seed(1)
         for step in range(4):
             agent.update(m.sample_batch(data, 32), actor_step=step % 2 == 0)
             if diagnose:
                 diagnostics.contest(agent)
                 diagnostics.sample_quality(agent)
-        runs.append(({name: net.state_dict() for name, net in m.networks(agent).items()}, torch.get_rng_state()))
+        runs.append(({name: net.state_dict() for name, net in networks(agent).items()}, torch.get_rng_state()))
     (weights, rng), (weights_diagnosed, rng_diagnosed) = runs
     assert torch.equal(rng, rng_diagnosed)
     for name, state in weights.items():
@@ -250,5 +250,5 @@ def test_pretraining_diagnostics_leave_training_unchanged():
     s, a = torch.randn(40, 5), torch.rand(40, 3) * 2 - 1
     torch.manual_seed(1)
     before = torch.get_rng_state()
-    row = pp.diagnose(pretrainer, {"model": pretrainer.diffusion}, s, a, bandwidth=1.0)
+    row = dg.diagnose(pretrainer, {"model": pretrainer.diffusion}, s, a, bandwidth=1.0)
     assert np.isfinite(row["model_wasserstein"]) and torch.equal(torch.get_rng_state(), before)
