@@ -38,6 +38,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import tyro  # noqa: E402
 from rliable import library as rly  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # divo_utils (its package: no torch)
+from divo_utils import ANTMAZE_IDS, RUN_FILES  # noqa: E402
 from rliable import metrics, plot_utils  # noqa: E402
 
 
@@ -68,11 +71,9 @@ TABLE_I_BLOCKS: list[tuple[str, list[str]]] = [
         "halfcheetah-medium-replay-v2", "hopper-medium-replay-v2", "walker2d-medium-replay-v2",
         "halfcheetah-medium-expert-v2", "hopper-medium-expert-v2", "walker2d-medium-expert-v2",
     ]),
-    ("AntMaze", [
-        "antmaze-umaze-v2", "antmaze-umaze-diverse-v2", "antmaze-medium-play-v2",
-        "antmaze-medium-diverse-v2", "antmaze-large-play-v2", "antmaze-large-diverse-v2",
-    ]),
+    ("AntMaze", list(ANTMAZE_IDS)),
 ]
+CHECKPOINT, SCORES = RUN_FILES["divo_continuous"]  # a DIVO run's checkpoint and the file it writes last
 TABLE_I_TASKS: list[str] = [task for _, tasks in TABLE_I_BLOCKS for task in tasks]
 MINARI_BLOCK, RETURN_BLOCK = "Minari", "Minari, return"  # Minari ids hold a "/"; RETURN_BLOCK: no reference returns
 OTHER_BLOCK = "Other tasks"
@@ -206,7 +207,7 @@ def mode_of(args: dict) -> str:
 
 def checkpoint_progress(folder: str, total_timesteps: Optional[int]) -> str:
     """How far an unfinished run got, from the step of its checkpoint.pt."""
-    path = os.path.join(folder, "checkpoint.pt")
+    path = os.path.join(folder, CHECKPOINT)
     if not os.path.isfile(path):
         return "no checkpoint"
     import torch  # only needed for unfinished runs with a checkpoint; slow to import
@@ -224,7 +225,7 @@ def read_run(folder: str, label_key: str) -> Optional[Run]:
     args = read_json(os.path.join(folder, "args.json"))
     if args is None or args.get("script") == "pad_pretrain":  # a pretrained PAD model has no score
         return None
-    scores_path = os.path.join(folder, "scores.json")
+    scores_path = os.path.join(folder, SCORES)
     scores: dict = {}
     if os.path.isfile(scores_path):
         scores = read_json(scores_path)
