@@ -635,7 +635,7 @@ if __name__ == "__main__":
 
     # the last policy: evaluation, checkpoint, model; scores.json last (it marks a finished run)
     returns, scores = run_evaluation(args.total_timesteps, metrics)
-    if args.checkpoint_freq:
+    if args.checkpoint_freq or resumed:  # resumed: its checkpoint must agree with scores.json
         print(f"checkpoint: {checkpoint(args.total_timesteps, metrics)}")
     if args.save_model:
         run.save_model({"actor": agent.actor.state_dict()})

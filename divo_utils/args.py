@@ -19,6 +19,10 @@ RESUME_FREE_ARGS = {"resume", "cuda", "track", "wandb_project_name", "wandb_enti
                     "eval_threads", "diag_freq"}
 
 
+# Arguments that name files a run reads: stored as absolute paths, so that --resume works from any folder.
+PATH_ARGS = ("dataset_path", "pad_checkpoint")
+
+
 def check_env_id(env_id: str, kind: str) -> Optional[str]:
     """What a script needs to know of --env-id, or stop with the valid ids (and the script that takes it):
     divo_continuous: the robot (None for a Minari id); divo_antmaze: the maze ("umaze", "medium" or
@@ -122,7 +126,9 @@ def read_command_line(args_class, kind: str):
         if args.run_name and os.path.exists(os.path.join("runs", args.run_name)):
             raise InputError(f"runs/{args.run_name} exists: choose another --run-name, or continue that run with "
                              f"--resume runs/{args.run_name}/{checkpoint_name}")
-        return args, None
+        # the files a run reads, as absolute paths: the run resumes from any folder
+        return replace(args, **{name: os.path.abspath(getattr(args, name)) for name in PATH_ARGS
+                                if getattr(args, name, None)}), None
     folder = os.path.dirname(args.resume) or "."  # "." when resumed from inside the run's folder
     resume = os.path.join(folder, os.path.basename(args.resume))
     if not os.path.isfile(resume) and not os.path.isfile(os.path.join(folder, "args.json")):
@@ -131,11 +137,16 @@ def read_command_line(args_class, kind: str):
     lock_run(folder)  # held until this process ends
     checkpoint, saved = resume_point(resume, kind)
     values = {f.name: saved[f.name] for f in fields(args_class) if f.name in saved}
+    origin = os.path.dirname(os.path.dirname(os.path.abspath(folder)))  # where runs/{run_name} was made
+    for name in PATH_ARGS:  # a run made before paths were stored absolute: relative to where it was made
+        if values.get(name) and not os.path.isabs(values[name]):
+            values[name] = os.path.join(origin, values[name])
     values["run_name"] = values.get("run_name") or os.path.basename(os.path.abspath(folder))
     # --cudagraphs depends on this machine: it is checked once the command line (e.g. --no-cudagraphs) applies
     saved = args_class(**{**values, "resume": resume, "cudagraphs": False})
     saved.cudagraphs = values.get("cudagraphs", False)
     args = replace(tyro.cli(args_class, default=saved), resume=resume)
+    args = replace(args, **{name: os.path.abspath(getattr(args, name)) for name in PATH_ARGS if getattr(args, name, None)})
     names = [f.name for f in fields(args_class) if f.name not in RESUME_FREE_ARGS]
     refuse_mismatch(resume, {n: getattr(args, n) for n in names}, {n: getattr(saved, n) for n in names},
                     f"resume with `--resume {resume}` and the original arguments, or start a new run without --resume")

@@ -29,11 +29,24 @@ except ImportError:
     fcntl = None
 
 
+# Open a run's own files without following a symbolic link: a link would make a run write outside its folder.
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def refuse_link(path: str) -> None:
+    """Stop if `path` (a file of a run's folder) is a symbolic link: nothing outside a run folder is written."""
+    if os.path.islink(path):
+        raise InputError(f"{path} is a symbolic link (to {os.readlink(path)}); a run's folder holds only its own "
+                         f"files, and this one would write through the link: remove {path} and run again")
+
+
 def lock_run(folder: str) -> None:
     """Lock the run `folder` for this process's whole life (the kernel frees it however the process ends), or stop."""
-    try:
-        fd = os.open(os.path.join(folder, LOCK), os.O_RDWR | os.O_CREAT, 0o644)  # never closed: the lock lasts
+    refuse_link(os.path.join(folder, LOCK))
+    try:  # never closed: the lock lasts
+        fd = os.open(os.path.join(folder, LOCK), os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o644)
     except OSError as e:
+        refuse_link(os.path.join(folder, LOCK))  # made between the check and the open
         raise InputError(f"cannot write to {folder} ({e.strerror}): run where the run's folder can be written") from e
     if fcntl is None:
         return
@@ -52,12 +65,13 @@ def write_atomically(path: str, data: bytes, checkpoint: str) -> None:
     """Write `data` to `path` by renaming a complete copy: a crash never leaves a broken file in place of a good one,
     and a write that fails (a full disk) leaves nothing behind and stops with one line (resume from `checkpoint`)."""
     tmp = f"{path}.tmp"
+    refuse_link(tmp)
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | NOFOLLOW, 0o644), "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # a link at `path` is replaced, not followed
     except OSError as e:
-        if os.path.exists(tmp):
+        if os.path.exists(tmp) and not os.path.islink(tmp):
             os.remove(tmp)
         raise InputError(f"could not write {path} ({e.strerror or e}); nothing half-written was left. Free some disk "
                          f"space, then continue with --resume {checkpoint}") from e
@@ -69,8 +83,8 @@ def write_json(path: str, content: dict, checkpoint: str) -> None:
 
 
 def remove(path: str, why: str) -> None:
-    """Remove the file `path` if it is there, and say so."""
-    if os.path.isfile(path):
+    """Remove the file `path` if it is there (a link: the link itself, never its target), and say so."""
+    if os.path.isfile(path) or os.path.islink(path):
         os.remove(path)
         print(f"removed {path}, {why}")
 

@@ -107,6 +107,8 @@ def load_run(folder: str):
     if not args.adpo:
         raise ContestError(f"{folder} is a --no-adpo run: it has no diffusion model and no contest")
     data = args.dataset_path or default_dataset_path(args.env_id)
+    if not os.path.isabs(data):  # a run made before paths were stored absolute: relative to where it was made
+        data = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(folder))), data)
     if not os.path.isfile(data):
         raise ContestError(f"{folder} was trained on {data}, which is not there")
     obs_dim = len(payload["obs_mean"])

@@ -1,0 +1,106 @@
+"""A run's folder describes what is there, and nothing outside it is touched: links are never written through, its
+checkpoint and scores.json agree in every mode, and the files it reads are found from any folder."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import refused, run_script, write_d4rl_file
+from divo_utils import InputError
+from divo_utils.runs import lock_run, write_atomically
+
+TINY = ["--env-id", "hopper-medium-v2", "--hidden-dim", "16", "--num-layers", "1", "--batch-size", "32",
+        "--eval-episodes", "1", "--log-freq", "10", "--no-cuda"]
+
+
+def step_of(checkpoint) -> int:
+    return torch.load(checkpoint, map_location="cpu", weights_only=True)["step"]
+
+
+def test_a_lock_that_is_a_link_is_refused_and_its_target_left_alone(tmp_path):
+    target = tmp_path / "precious.txt"
+    target.write_text("do not touch\n")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    os.symlink(target, folder / "lock")
+    with pytest.raises(InputError, match="symbolic link"):
+        lock_run(str(folder))
+    assert target.read_text() == "do not touch\n"
+
+
+def test_a_write_never_goes_through_a_link(tmp_path):
+    target = tmp_path / "precious.txt"
+    target.write_text("do not touch\n")
+    os.symlink(target, tmp_path / "args.json.tmp")  # the temporary file of an atomic write
+    with pytest.raises(InputError, match="symbolic link"):
+        write_atomically(str(tmp_path / "args.json"), b"{}", "checkpoint.pt")
+    assert target.read_text() == "do not touch\n"
+    os.remove(tmp_path / "args.json.tmp")
+    os.symlink(target, tmp_path / "scores.json")  # the file itself: the link is replaced, its target untouched
+    write_atomically(str(tmp_path / "scores.json"), b"{}", "checkpoint.pt")
+    assert not os.path.islink(tmp_path / "scores.json") and target.read_text() == "do not touch\n"
+
+
+def test_resuming_a_run_whose_lock_is_a_link_is_refused_with_its_target_intact(tmp_path):
+    write_d4rl_file(tmp_path / "data.hdf5", episode_lengths=(40, 40))
+    run_script("divo_continuous.py", *TINY, "--dataset-path", tmp_path / "data.hdf5", "--total-timesteps", 10,
+               "--eval-freq", 0, "--checkpoint-freq", 10, "--run-name", "r", cwd=tmp_path)
+    target = tmp_path / "precious.txt"
+    target.write_text("do not touch\n")
+    os.remove(tmp_path / "runs/r/lock")
+    os.symlink(target, tmp_path / "runs/r/lock")
+    proc = run_script("divo_continuous.py", "--resume", "runs/r/checkpoint.pt", "--total-timesteps", 20, cwd=tmp_path,
+                      check=False)
+    assert refused(proc, "symbolic link"), proc.stderr
+    assert target.read_text() == "do not touch\n"
+
+
+@pytest.mark.parametrize("script", ["divo_continuous.py", "divo_antmaze.py"])
+def test_extending_a_run_without_checkpoints_leaves_a_checkpoint_that_agrees_with_its_scores(tmp_path, script):
+    if script == "divo_antmaze.py":
+        from test_antmaze_e2e import antmaze_file
+
+        antmaze_file(tmp_path / "data.hdf5")
+        tiny = ["--env-id", "antmaze-umaze-v2", *TINY[2:], "--eval-threads", "1"]
+    else:
+        write_d4rl_file(tmp_path / "data.hdf5", episode_lengths=(40, 40))
+        tiny = TINY
+    run_script(script, *tiny, "--dataset-path", tmp_path / "data.hdf5", "--total-timesteps", 10, "--eval-freq", 0,
+               "--checkpoint-freq", 10, "--run-name", "r", cwd=tmp_path)
+    run_script(script, "--resume", "runs/r/checkpoint.pt", "--total-timesteps", 20, "--checkpoint-freq", 0,
+               cwd=tmp_path)
+    scores = json.loads((tmp_path / "runs/r/scores.json").read_text())
+    assert scores["step"] == 20 and step_of(tmp_path / "runs/r/checkpoint.pt") == 20
+    # and the next --resume sees the run finished at 20, not at 10
+    proc = run_script(script, "--resume", "runs/r/checkpoint.pt", cwd=tmp_path, check=False)
+    assert refused(proc, "is finished (20 of 20 steps"), proc.stderr
+
+
+def test_a_run_on_a_relative_dataset_path_resumes_from_another_folder_and_from_inside_its_own(tmp_path):
+    (tmp_path / "work").mkdir()
+    write_d4rl_file(tmp_path / "work/data.hdf5", episode_lengths=(40, 40))
+    run_script("divo_continuous.py", *TINY, "--dataset-path", "data.hdf5", "--total-timesteps", 10, "--eval-freq", 0,
+               "--checkpoint-freq", 10, "--run-name", "r", cwd=tmp_path / "work")
+    saved = json.loads((tmp_path / "work/runs/r/args.json").read_text())
+    assert saved["dataset_path"] == str(tmp_path / "work/data.hdf5")  # stored absolute
+    run_script("divo_continuous.py", "--resume", "work/runs/r/checkpoint.pt", "--total-timesteps", 20, cwd=tmp_path)
+    run_script("divo_continuous.py", "--resume", "checkpoint.pt", "--total-timesteps", 30,
+               cwd=tmp_path / "work/runs/r")
+    assert json.loads((tmp_path / "work/runs/r/scores.json").read_text())["step"] == 30
+
+
+def test_a_run_made_with_a_relative_path_before_paths_were_absolute_still_resumes(tmp_path):
+    """A checkpoint whose arguments hold a relative --dataset-path (as runs of earlier versions do): resolved
+    against the folder the run was made in (the parent of runs/), from wherever --resume is given."""
+    (tmp_path / "work").mkdir()
+    write_d4rl_file(tmp_path / "work/data.hdf5", episode_lengths=(40, 40))
+    run_script("divo_continuous.py", *TINY, "--dataset-path", "data.hdf5", "--total-timesteps", 10, "--eval-freq", 0,
+               "--checkpoint-freq", 10, "--run-name", "r", cwd=tmp_path / "work")
+    path = tmp_path / "work/runs/r/checkpoint.pt"
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload["args"]["dataset_path"] = "data.hdf5"  # as an earlier version stored it
+    torch.save(payload, path)
+    run_script("divo_continuous.py", "--resume", "work/runs/r/checkpoint.pt", "--total-timesteps", 20, cwd=tmp_path)
+    assert json.loads((tmp_path / "work/runs/r/scores.json").read_text())["step"] == 20
