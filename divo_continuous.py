@@ -570,7 +570,7 @@ if __name__ == "__main__":
 
     # networks and optimisers
     agent = DIVO(task.obs_dim, task.act_dim, args, device)
-    start_step, evaluations = restore_run(agent, args, resumed, task.fingerprint)  # resume or PAD
+    start_step, evaluations, loaded = restore_run(agent, args, resumed, task.fingerprint)
 
     def train_step(actor_step: bool) -> dict[str, torch.Tensor]:
         """One training iteration: a batch drawn on the device, then DIVO's update, eq. (1)-(13)."""
@@ -581,7 +581,7 @@ if __name__ == "__main__":
     diagnostics = Diagnostics(data, heldout, args.seed, adpo_target) if args.adpo else None
 
     # tracking: the run's folder (new, or the resumed run's), TensorBoard, W&B
-    run = Run(args, "divo_continuous", run_mode(args), start_step)  # locked; args.json written
+    run = Run(args, "divo_continuous", run_mode(args), start_step, loaded)  # locked; args.json
     args = run.args
     run.describe(task, obs_mean, obs_std, len(data["rewards"]), device)  # what checkpoints record
     if args.track:

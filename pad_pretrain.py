@@ -428,7 +428,7 @@ if __name__ == "__main__":
     # networks and optimisers
     pretrainer = PADPretrainer(task.obs_dim, task.act_dim, args, device)
     initial_diffusion = copy.deepcopy(pretrainer.diffusion)  # the untrained model: "before"
-    start_step, history = restore_run(pretrainer, args, resumed, task.fingerprint, "diagnostics",
+    start_step, history, _ = restore_run(pretrainer, args, resumed, task.fingerprint, "diagnostics",
                                       initial_diffusion=initial_diffusion)
 
     def train_step() -> dict[str, torch.Tensor]:

@@ -290,6 +290,10 @@ def minari_scorer(dataset) -> tuple[str, Callable[[np.ndarray], np.ndarray]]:
     if low is None or high is None:
         print("score      the return: the dataset's metadata has no ref_min_score / ref_max_score to normalise it")
         return "return", lambda returns: np.asarray(returns, dtype=np.float64)
+    if not (np.isfinite(low) and np.isfinite(high) and high != low):  # the score would divide by zero, or be NaN
+        print(f"score      the return: the dataset's reference returns ref_min_score {low} and ref_max_score {high} "
+              "cannot normalise it (they must be finite and differ)")
+        return "return", lambda returns: np.asarray(returns, dtype=np.float64)
     print(f"score      normalised with the dataset's reference returns {low:.1f} (random) and {high:.1f} (expert)")
     return "normalized_score", lambda returns: 100.0 * minari.get_normalized_score(dataset, np.asarray(returns))
 

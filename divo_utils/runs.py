@@ -6,10 +6,12 @@ A run writes everything under runs/{run_name}/: args.json at once, TensorBoard e
 pretraining), which always describes the checkpoint beside it.
 """
 
+import hashlib
 import io
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import tempfile
@@ -127,17 +129,21 @@ def save_checkpoint(path: str, payload: dict, checkpoint: str, finished: Optiona
 
 
 def load_checkpoint(path: str, kind: str) -> dict:
-    """Read a checkpoint written by `kind` (a script name), or stop with what is wrong."""
+    """Read a checkpoint written by `kind` (a script name), or stop with what is wrong. The payload gets "file_sha1",
+    the SHA-1 of the bytes read (what was loaded, even if the file changes afterwards)."""
     if not os.path.isfile(path):
         raise InputError(f"no checkpoint at {path}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            raw = f.read()
+        payload = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
         raise InputError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]}); it is "
                          "partial or not a checkpoint of this project") from e
     found = payload.get("kind") if isinstance(payload, dict) else None
     if found != kind:
         raise InputError(f"{path} is a checkpoint of {found or 'something else'}, not of {kind}.py")
+    payload["file_sha1"] = hashlib.sha1(raw).hexdigest()
     return payload
 
 
@@ -172,8 +178,10 @@ def rng_state(device: torch.device) -> dict:
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
 
 
-def load_pretrained_pad(agent, args, fingerprint: str) -> None:
-    """--pad-checkpoint: start the diffusion model, critics and value net from a pad_pretrain.py checkpoint."""
+def load_pretrained_pad(agent, args, fingerprint: str) -> dict:
+    """--pad-checkpoint: start the diffusion model, critics and value net from a pad_pretrain.py checkpoint. Returns
+    what was loaded (its step, the SHA-1 of the file's bytes, whether that pretraining had finished), for args.json:
+    the path alone does not say, since a pretraining that still trains rewrites its checkpoint."""
     pad = load_checkpoint(args.pad_checkpoint, "pad_pretrain")
     names = ("diffusion_steps", "beta_min", "beta_max", "hidden_dim", "num_layers")
     names += ("gamma", "expectile") if args.freeze_pad else ()  # a frozen model keeps the advantages it learnt from
@@ -186,19 +194,28 @@ def load_pretrained_pad(agent, args, fingerprint: str) -> None:
                     same_data=pad["dataset_sha1"] == fingerprint)
     for name in ("diffusion", "critic", "critic_target", "value"):
         getattr(agent, name).load_state_dict(pad[name])
-    print(f"loaded the PAD model, critics and value net of {args.pad_checkpoint}"
-          + (" (diffusion model frozen)" if args.freeze_pad else ""))
+    total = pad["args"].get("total_timesteps")
+    finished = pad["step"] == total and os.path.isfile(
+        os.path.join(os.path.dirname(args.pad_checkpoint), RUN_FILES["pad_pretrain"][1]))
+    print(f"loaded the PAD model, critics and value net of {args.pad_checkpoint} (step {pad['step']:,}, SHA-1 "
+          f"{pad['file_sha1'][:12]})" + (" (diffusion model frozen)" if args.freeze_pad else ""))
+    if not finished:
+        print(f"warning: that pretraining has not finished (step {pad['step']:,} of {total:,}, or no "
+              f"{RUN_FILES['pad_pretrain'][1]} beside it): if it still trains, its checkpoint will change; this run "
+              "records the step and SHA-1 it loaded in its args.json")
+    return {"pad_checkpoint_step": pad["step"], "pad_checkpoint_sha1": pad["file_sha1"],
+            "pad_checkpoint_finished": finished}
 
 
 def restore_run(agent, args, checkpoint: Optional[dict], fingerprint: str, history: str = "evaluations",
-                **extra: nn.Module) -> tuple[int, list]:
+                **extra: nn.Module) -> tuple[int, list, dict]:
     """The step and history (evaluations, or pretraining's diagnostics) to start from: a resumed run's (networks,
     optimisers, RNG, and the `extra` modules saved under their names), or a new run's (with --pad-checkpoint, the
-    pretrained PAD model's)."""
+    pretrained PAD model's); and what the run started from (the PAD checkpoint loaded, see load_pretrained_pad)."""
     if checkpoint is None:
         if getattr(args, "pad_checkpoint", None):
-            load_pretrained_pad(agent, args, fingerprint)
-        return 0, []
+            return 0, [], load_pretrained_pad(agent, args, fingerprint)
+        return 0, [], {}
     refuse_mismatch(args.resume, {}, {}, "resume on the dataset it was trained on",
                     same_data=checkpoint["dataset_sha1"] == fingerprint)
     load_agent_state(agent, checkpoint["agent"] if "agent" in checkpoint else checkpoint)
@@ -209,7 +226,8 @@ def restore_run(agent, args, checkpoint: Optional[dict], fingerprint: str, histo
         torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
     print(f"resumed {args.run_name} at step {checkpoint['step']:,}")
     # a run stopped while writing its final files evaluates (or diagnoses) its last step again
-    return checkpoint["step"], [e for e in checkpoint[history] if e["step"] < args.total_timesteps]
+    return checkpoint["step"], [e for e in checkpoint[history] if e["step"] < args.total_timesteps], \
+        checkpoint.get("started_from", {})
 
 
 def make_run_dir(args, kind: str):
@@ -250,8 +268,9 @@ class Run:
     (--resume needs it) with the labels tools/report.py reads (script, mode, task), the checkpoint, and last the
     finished file. `last_checkpoint` names the newest checkpoint, for the messages that stop a run."""
 
-    def __init__(self, args, kind: str, mode: Optional[str], start_step: int):
+    def __init__(self, args, kind: str, mode: Optional[str], start_step: int, started_from: Optional[dict] = None):
         self.args, self.dir = make_run_dir(args, kind)
+        self.started_from = started_from or {}  # what restore_run loaded: kept in args.json and every checkpoint
         self.kind = kind
         self.labels = {"script": kind, **({"mode": mode, "task": task_name(args)} if mode else {})}
         checkpoint_name, finished_name = RUN_FILES[kind]
@@ -260,14 +279,23 @@ class Run:
         resumed = args.resume is not None
         self.last_checkpoint = f"{self.checkpoint_path} (step {start_step:,})" if resumed else "none yet"
         self.info, self.device = {}, torch.device("cpu")
-        self.write_json("args.json", {**asdict(self.args), **self.labels})
+        try:
+            self.write_json("args.json", {**asdict(self.args), **self.labels, **self.started_from})
+        except InputError as e:  # a full disk: a new run leaves no half-made folder behind
+            if resumed:
+                raise
+            shutil.rmtree(self.dir, ignore_errors=True)
+            why = getattr(e.__cause__, "strerror", None) or e.__cause__
+            raise InputError(f"could not write {os.path.join(self.dir, 'args.json')} ({why}); the run's new folder "
+                             "was removed again. Free some disk space, then run the same command again") from e
 
     def describe(self, task, obs_mean, obs_std, num_transitions: int, device: torch.device) -> None:
         """What every checkpoint records of the run besides its state: the script, arguments, data and the state
         normalisation (a saved actor needs it), and the device whose random stream it keeps."""
         self.device = device
         labels = self.labels if "mode" in self.labels else {}  # pretraining's checkpoints: without
-        self.info = {"kind": self.kind, "args": asdict(self.args), **labels, "env_id": self.args.env_id,
+        self.info = {"kind": self.kind, "args": asdict(self.args), **labels, "started_from": self.started_from,
+                     "env_id": self.args.env_id,
                      "obs_dim": task.obs_dim, "act_dim": task.act_dim, "dataset_sha1": task.fingerprint,
                      "num_transitions": num_transitions, "obs_mean": torch.tensor(obs_mean),
                      "obs_std": torch.tensor(obs_std)}

@@ -1,13 +1,19 @@
 """A run's folder describes what is there, and nothing outside it is touched: links are never written through, its
 checkpoint and scores.json agree in every mode, and the files it reads are found from any folder."""
 
+import hashlib
 import json
 import os
+import resource
+import shutil
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 
-from conftest import refused, run_script, write_d4rl_file
+from conftest import ROOT, refused, run_script, write_d4rl_file
 from divo_utils import InputError
 from divo_utils.runs import lock_run, write_atomically
 
@@ -104,3 +110,60 @@ def test_a_run_made_with_a_relative_path_before_paths_were_absolute_still_resume
     torch.save(payload, path)
     run_script("divo_continuous.py", "--resume", "work/runs/r/checkpoint.pt", "--total-timesteps", 20, cwd=tmp_path)
     assert json.loads((tmp_path / "work/runs/r/scores.json").read_text())["step"] == 20
+
+
+def test_equal_reference_returns_score_by_return_with_the_reason(capsys):
+    """A Minari dataset whose two reference returns are equal (or not finite) cannot normalise a score: the run is
+    scored by its return from the start, and says why, instead of dividing by zero and calling that divergence."""
+    from types import SimpleNamespace
+
+    from divo_utils.data import minari_scorer
+
+    for low, high in ((5.0, 5.0), (0.0, float("nan"))):
+        dataset = SimpleNamespace(storage=SimpleNamespace(metadata={"ref_min_score": low, "ref_max_score": high}))
+        metric, score = minari_scorer(dataset)
+        assert metric == "return" and "cannot normalise it" in capsys.readouterr().out
+        np.testing.assert_array_equal(score(np.array([1.0, 2.0])), [1.0, 2.0])
+
+
+def test_a_new_run_whose_args_json_cannot_be_written_leaves_no_folder_and_names_the_fix(tmp_path):
+    write_d4rl_file(tmp_path / "data.hdf5", episode_lengths=(40, 40))
+    command = [sys.executable, os.path.join(ROOT, "divo_continuous.py"), *TINY, "--dataset-path", "data.hdf5",
+               "--total-timesteps", "10", "--eval-freq", "0", "--run-name", "f"]
+
+    def tiny_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))  # the lock's line fits, args.json does not
+
+    proc = subprocess.run(command, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=300, preexec_fn=tiny_files)
+    assert refused(proc, "the run's new folder was removed again. Free some disk space, then run the same command "
+                         "again"), proc.stderr
+    assert not (tmp_path / "runs/f").exists()
+    subprocess.run(command, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), check=True, capture_output=True,
+                   timeout=300)  # the fix it names works
+    assert json.loads((tmp_path / "runs/f/scores.json").read_text())["step"] == 10
+
+
+def test_a_run_records_the_pad_checkpoint_it_loaded_and_says_when_that_pretraining_is_unfinished(tmp_path):
+    write_d4rl_file(tmp_path / "data.hdf5", episode_lengths=(40, 40))
+    sizes = ["--hidden-dim", "16", "--num-layers", "1", "--batch-size", "32", "--no-cuda"]
+    run_script("pad_pretrain.py", "--env-id", "hopper-medium-v2", "--dataset-path", "data.hdf5", *sizes,
+               "--total-timesteps", 10, "--holdout", 0, "--run-name", "pad", cwd=tmp_path)
+    pad = tmp_path / "runs/pad/pad_checkpoint.pt"
+    sha1 = hashlib.sha1(pad.read_bytes()).hexdigest()
+    common = [*TINY, "--dataset-path", "data.hdf5", "--total-timesteps", 10, "--eval-freq", 0]
+    out = run_script("divo_continuous.py", *common, "--pad-checkpoint", pad, "--run-name", "a", cwd=tmp_path).stdout
+    assert "warning" not in out and f"(step 10, SHA-1 {sha1[:12]})" in out
+    saved = json.loads((tmp_path / "runs/a/args.json").read_text())
+    assert (saved["pad_checkpoint_step"], saved["pad_checkpoint_sha1"], saved["pad_checkpoint_finished"]) == (10, sha1, True)
+    # the same checkpoint without its pretraining's finished file: a pretraining still under way, or killed
+    (tmp_path / "unfinished").mkdir()
+    shutil.copy(pad, tmp_path / "unfinished/pad_checkpoint.pt")
+    out = run_script("divo_continuous.py", *common, "--pad-checkpoint", "unfinished/pad_checkpoint.pt", "--run-name", "b",
+                     cwd=tmp_path).stdout
+    assert "warning: that pretraining has not finished" in out
+    saved = json.loads((tmp_path / "runs/b/args.json").read_text())
+    assert saved["pad_checkpoint_finished"] is False and saved["pad_checkpoint_sha1"] == sha1
+    # and a resumed run keeps the record
+    run_script("divo_continuous.py", "--resume", "runs/b/checkpoint.pt", "--total-timesteps", 20, cwd=tmp_path)
+    assert json.loads((tmp_path / "runs/b/args.json").read_text())["pad_checkpoint_sha1"] == sha1
