@@ -229,14 +229,19 @@ def minari_rows(dataset, obs_dim: int, act_dim: int) -> dict[str, np.ndarray]:
         raise InputError(f"{where} has observations {space} and actions {dataset.action_space}; DIVO needs "
                          "continuous ones (Box spaces, or for observations a Dict of them)")
     rows = {key: [] for key in HDF5_COLUMNS}
-    for episode in dataset.iterate_episodes():
-        steps = len(episode)  # its observations hold one more: the final one
-        actions = np.reshape(episode.actions, (steps, -1))
-        rows["observations"].append(flatten_observations(space, episode.observations))
-        rows["actions"].append(np.concatenate([actions, np.zeros_like(actions[:1])]))
-        rows["rewards"].append(np.append(episode.rewards, 0.0))
-        rows["terminals"].append(np.append(episode.terminations, False))
-        rows["timeouts"].append(np.arange(steps + 1) == steps)
+    try:
+        for episode in dataset.iterate_episodes():
+            steps = len(episode)  # its observations hold one more: the final one
+            actions = np.reshape(episode.actions, (steps, -1))
+            rows["observations"].append(flatten_observations(space, episode.observations))
+            rows["actions"].append(np.concatenate([actions, np.zeros_like(actions[:1])]))
+            rows["rewards"].append(np.append(episode.rewards, 0.0))
+            rows["terminals"].append(np.append(episode.terminations, False))
+            rows["timeouts"].append(np.arange(steps + 1) == steps)
+    except (OSError, KeyError, ValueError, TypeError) as e:  # a truncated or damaged file: h5py's errors vary
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise InputError(f"cannot read the episodes of {where} at {dataset.spec.data_path} ({type(e).__name__}: "
+                         f"{first}): the dataset is partial or corrupt; delete its folder to download it anew") from e
     if not rows["rewards"]:
         raise InputError(f"{where} holds no episodes")
     data = {key: np.concatenate(parts).astype(HDF5_COLUMNS[key]) for key, parts in rows.items()}

@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import asdict, replace
@@ -279,6 +280,8 @@ class Run:
         resumed = args.resume is not None
         self.last_checkpoint = f"{self.checkpoint_path} (step {start_step:,})" if resumed else "none yet"
         self.info, self.device = {}, torch.device("cpu")
+        self.resumed, self.saved = resumed, False
+        sys.excepthook = self.out_of_memory  # an uncaught out-of-memory error: one line, and no half-made folder
         try:
             self.write_json("args.json", {**asdict(self.args), **self.labels, **self.started_from})
         except InputError as e:  # a full disk: a new run leaves no half-made folder behind
@@ -300,6 +303,23 @@ class Run:
                      "num_transitions": num_transitions, "obs_mean": torch.tensor(obs_mean),
                      "obs_std": torch.tensor(obs_std)}
 
+    def out_of_memory(self, kind, error, trace) -> None:
+        """sys.excepthook while the run lives: out of (GPU or host) memory ends the run with one line that names the
+        fix; a new run that wrote no checkpoint yet removes its folder, so that the same command can run again.
+        Every other error keeps Python's traceback."""
+        if not (issubclass(kind, MemoryError) or isinstance(error, torch.OutOfMemoryError) or (
+                issubclass(kind, RuntimeError) and "can't allocate memory" in str(error))):
+            return sys.__excepthook__(kind, error, trace)
+        first = (str(error).strip().splitlines() or [""])[0]
+        if not self.resumed and not self.saved:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            where = f"the run's new folder {self.dir} was removed again"
+        else:
+            where = f"the run's folder keeps its last checkpoint ({self.last_checkpoint})"
+        print(f"error: out of memory ({kind.__name__}: {first}); {where}. Lower --batch-size or --hidden-dim "
+              f"(batch {self.args.batch_size}, width {self.args.hidden_dim}), or free memory on the device",
+              file=sys.stderr)
+
     def write_json(self, name: str, content: dict) -> None:
         """A JSON file of the run's folder, written atomically."""
         write_json(os.path.join(self.dir, name), content, self.checkpoint_path)
@@ -318,7 +338,7 @@ class Run:
         self.check(step, metrics, agent)
         payload = {**self.info, "step": step, **state, "rng": rng_state(self.device)}
         save_checkpoint(self.checkpoint_path, payload, self.checkpoint_path, self.finished_path)
-        self.last_checkpoint = f"{self.checkpoint_path} (step {step:,})"
+        self.last_checkpoint, self.saved = f"{self.checkpoint_path} (step {step:,})", True
         return self.last_checkpoint
 
     def save_model(self, state: dict) -> None:

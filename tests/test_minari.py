@@ -360,3 +360,18 @@ def test_report_keeps_minari_tasks_in_their_own_blocks(tmp_path):
     assert rows["test/hopper/unscored-v0"].cells["divo"].mean == 1234.5
     _, tasks, _, _ = report.aggregate_inputs(runs)
     assert "test/hopper/unscored-v0" not in tasks and "mujoco/hopper/medium-v0" in tasks
+
+
+def test_a_truncated_minari_file_is_one_clear_line(store, tmp_path, monkeypatch):
+    """A dataset whose data file was cut short (an interrupted copy or download) is refused with the dataset, its
+    file and the fix, not a traceback from h5py."""
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(copy))
+    (data_file,) = (copy / HOPPER).rglob("*.hdf5")
+    data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])
+    with pytest.raises(InputError) as error:
+        data.minari_rows(data.load_minari_dataset(HOPPER), 11, 3)
+    message = str(error.value)
+    assert message.startswith("error: ") and "\n" not in message
+    assert f"the Minari dataset {HOPPER}" in message and "partial or corrupt" in message, message

@@ -167,3 +167,15 @@ def test_a_run_records_the_pad_checkpoint_it_loaded_and_says_when_that_pretraini
     # and a resumed run keeps the record
     run_script("divo_continuous.py", "--resume", "runs/b/checkpoint.pt", "--total-timesteps", 20, cwd=tmp_path)
     assert json.loads((tmp_path / "runs/b/args.json").read_text())["pad_checkpoint_sha1"] == sha1
+
+
+def test_out_of_memory_is_one_line_and_a_new_run_leaves_no_folder(tmp_path):
+    """A --batch-size too large for memory: one line naming the fix, and no half-made folder, so that the same command
+    with a smaller batch runs (instead of being refused because its folder exists)."""
+    write_d4rl_file(tmp_path / "data.hdf5", episode_lengths=(40, 40))
+    common = [*TINY, "--dataset-path", "data.hdf5", "--total-timesteps", 10, "--eval-freq", 0, "--run-name", "big"]
+    proc = run_script("divo_continuous.py", *common, "--batch-size", 10**11, cwd=tmp_path, check=False)
+    assert refused(proc, "out of memory"), proc.stderr
+    assert "Lower --batch-size or --hidden-dim" in proc.stderr and not (tmp_path / "runs/big").exists()
+    run_script("divo_continuous.py", *common, cwd=tmp_path)
+    assert (tmp_path / "runs/big/scores.json").exists()
