@@ -65,6 +65,8 @@ class Args:
     """the entity (team) of wandb's project"""
     save_model: bool = False
     """whether to save the final actor (with its observation normalisation) to `runs/{run_name}`"""
+    capture_video: bool = False
+    """whether to film the final policy (one evaluation episode) to `runs/{run_name}/videos`"""
 
     # Algorithm specific arguments
     env_id: str = "antmaze-medium-play-v2"
@@ -536,11 +538,6 @@ def normalized_score(returns: np.ndarray) -> np.ndarray:
     return 100.0 * np.asarray(returns, dtype=np.float64)
 
 
-# the reward learned from, as the run says it
-REWARDS = {"minus-one": "r - 1 (--reward-transform minus-one)",
-           "none": "r (--reward-transform none)"}
-
-
 def transform_rewards(rewards: np.ndarray, transform: str) -> np.ndarray:
     """The rewards learned from: r, or r - 1 (0 at the goal, -1 elsewhere) for AntMaze [IQL]."""
     return rewards - 1.0 if transform == "minus-one" else rewards
@@ -557,7 +554,6 @@ def evaluate(actor: nn.Module, envs: list, obs_mean, obs_std, seed: int, threads
     runs on that many cores. Each env has its own state and generator: the result is the same.
     """
     device = next(actor.parameters()).device
-    actor.eval()
     obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(envs)])
     returns, alive = np.zeros(len(envs)), np.ones(len(envs), dtype=bool)
     torch_threads = torch.get_num_threads()
@@ -580,7 +576,6 @@ def evaluate(actor: nn.Module, envs: list, obs_mean, obs_std, seed: int, threads
                     returns[i] += reward
                     alive[i] = not (terminated or truncated)
     torch.set_num_threads(torch_threads)
-    actor.train()
     return returns
 
 
@@ -599,8 +594,6 @@ if __name__ == "__main__":
     transitions = qlearning_dataset(task.rows)
     print(task.summary(transitions))
     transitions["rewards"] = transform_rewards(transitions["rewards"], args.reward_transform)
-    print(f"reward     {REWARDS[args.reward_transform]}; "
-          f"alpha {args.alpha}; {len(task.envs)} evaluation episodes of {task.horizon} steps")
     data, heldout, obs_mean, obs_std = prepare_data(transitions, args, device, task.path)
 
     # networks and optimisers
@@ -623,7 +616,7 @@ if __name__ == "__main__":
         import wandb
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=args.run_name, id=args.run_name, resume="allow",
-                   save_code=True)
+                   save_code=True, monitor_gym=args.capture_video)  # W&B uploads the videos
     writer = SummaryWriter(run.dir, purge_step=start_step if resumed else None)
     writer.add_text("hyperparameters", markdown_table(vars(args)))
 
@@ -673,6 +666,8 @@ if __name__ == "__main__":
     returns, scores = run_evaluation(args.total_timesteps, metrics)
     if args.checkpoint_freq or resumed:  # resumed: its checkpoint must agree with scores.json
         print(f"checkpoint: {checkpoint(args.total_timesteps, metrics)}")
+    if args.capture_video:  # one episode of its own filmed to runs/{run_name}/videos
+        evaluate(agent.actor, [task.video_env(run.dir)], obs_mean, obs_std, args.seed + 10_000)
     if args.save_model:
         run.save_model({"actor": agent.actor.state_dict()})
     run.finish({**run.labels, "env_id": args.env_id, "run_name": args.run_name,

@@ -11,7 +11,6 @@ checkpoints, D4RL and Minari loading, evaluation envs, CUDA graphs, diagnostics)
 
 Run:
     python divo_continuous.py --env-id halfcheetah-medium-expert-v2 --cuda
-    python divo_continuous.py --env-id hopper-medium-v2 --dataset-path my_hopper.hdf5
     python divo_continuous.py --env-id hopper-medium-v2 --no-adpo   # the TD3+BC backbone alone
     python divo_continuous.py --resume runs/<run_name>/checkpoint.pt
 """
@@ -58,6 +57,8 @@ class Args:
     """the entity (team) of wandb's project"""
     save_model: bool = False
     """whether to save the final actor (with its observation normalisation) to `runs/{run_name}`"""
+    capture_video: bool = False
+    """whether to film the final policy (one evaluation episode) to `runs/{run_name}/videos`"""
 
     # Algorithm specific arguments
     env_id: str = "halfcheetah-medium-expert-v2"
@@ -517,9 +518,8 @@ def sample_batch(data: dict[str, torch.Tensor], batch_size: int) -> tuple[torch.
     return tuple(data[key][idx] for key in keys)
 
 
-# D4RL's reference returns (random, expert) per robot (D4RL's infos.py)
-REF_SCORES = {"halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3),
-              "walker2d": (1.629008, 4592.3)}
+REF_SCORES = {"halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3),  # D4RL's
+              "walker2d": (1.629008, 4592.3)}  # reference returns (random, expert), its infos.py
 
 
 def normalized_score(robot: str, returns: np.ndarray) -> np.ndarray:
@@ -535,7 +535,6 @@ def normalized_score(robot: str, returns: np.ndarray) -> np.ndarray:
 def evaluate(actor: nn.Module, envs: list, obs_mean, obs_std, seed: int) -> np.ndarray:
     """One episode per env, side by side, with the deterministic actor; the episode returns."""
     device = next(actor.parameters()).device
-    actor.eval()
     obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(envs)])
     returns, alive = np.zeros(len(envs)), np.ones(len(envs), dtype=bool)
     while alive.any():
@@ -547,7 +546,6 @@ def evaluate(actor: nn.Module, envs: list, obs_mean, obs_std, seed: int) -> np.n
             obs[i], reward, terminated, truncated, _ = envs[i].step(action)
             returns[i] += reward
             alive[i] = not (terminated or truncated)
-    actor.train()
     return returns
 
 
@@ -588,7 +586,7 @@ if __name__ == "__main__":
         import wandb
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=args.run_name, id=args.run_name, resume="allow",
-                   save_code=True)
+                   save_code=True, monitor_gym=args.capture_video)  # W&B uploads the videos
     writer = SummaryWriter(run.dir, purge_step=start_step if resumed else None)
     writer.add_text("hyperparameters", markdown_table(vars(args)))
 
@@ -637,6 +635,8 @@ if __name__ == "__main__":
     returns, scores = run_evaluation(args.total_timesteps, metrics)
     if args.checkpoint_freq or resumed:  # resumed: its checkpoint must agree with scores.json
         print(f"checkpoint: {checkpoint(args.total_timesteps, metrics)}")
+    if args.capture_video:  # one episode of its own filmed to runs/{run_name}/videos
+        evaluate(agent.actor, [task.video_env(run.dir)], obs_mean, obs_std, args.seed + 10_000)
     if args.save_model:
         run.save_model({"actor": agent.actor.state_dict()})
     run.finish({**run.labels, "env_id": args.env_id, "run_name": args.run_name,

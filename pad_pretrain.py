@@ -31,7 +31,7 @@ import torch.nn as nn
 from torch.utils.tensorboard import SummaryWriter
 
 from divo_utils.args import check_common, check_env_id, check_ranges, parse_args
-from divo_utils.data import check_transitions, load_task, split_holdout
+from divo_utils.data import REWARD_LABELS, check_transitions, load_task, split_holdout
 from divo_utils.diagnostics import before_after, diagnose, median_distance, plot_samples
 from divo_utils.runs import Run, StopSignal, agent_state, markdown_table, progress_line, restore_run
 from divo_utils.speed import speed_up
@@ -46,6 +46,8 @@ DOMAIN_DEFAULTS = {
 
 @dataclass
 class Args:
+    """Pretrain PAD's behaviour model (there is no policy to film: --capture-video is the DIVO scripts')."""
+
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
@@ -393,11 +395,6 @@ def sample_batch(data: dict[str, torch.Tensor], batch_size: int) -> tuple[torch.
     return tuple(data[key][idx] for key in keys)
 
 
-# the reward learned from, as the run says it
-REWARDS = {"minus-one": "r - 1 (--reward-transform minus-one)",
-           "none": "r (--reward-transform none)"}
-
-
 def transform_rewards(rewards: np.ndarray, transform: str) -> np.ndarray:
     """The rewards learned from: r, or r - 1 (0 at the goal, -1 elsewhere) for AntMaze [IQL]."""
     return rewards - 1.0 if transform == "minus-one" else rewards
@@ -421,7 +418,7 @@ if __name__ == "__main__":
     data, heldout, obs_mean, obs_std = prepare_data(transitions, args, device, task.path)
     s_ho, a_ho = heldout["observations"], heldout["actions"]
     bandwidth = median_distance(torch.cat([s_ho, a_ho], 1))  # the MMD kernel's bandwidth
-    print(f"reward     {REWARDS[args.reward_transform]}; "
+    print(f"reward     {REWARD_LABELS[args.reward_transform]}; "
           f"{len(data['rewards']):,} transitions to train on, diagnostics on {len(s_ho):,} "
           + ("held-out ones" if args.holdout else "training ones (--holdout 0)"))
 

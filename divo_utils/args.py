@@ -96,6 +96,10 @@ def check_common(args, diffusion_class) -> None:
     for message, refused in problems.items():
         if refused:
             raise InputError(message)
+    if getattr(args, "capture_video", False):
+        from divo_utils.video import check_video
+
+        check_video()  # renders offscreen and writes MP4, or one line naming the fix
 
 
 def parse_args(args_class, kind: str):

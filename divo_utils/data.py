@@ -15,6 +15,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import gymnasium as gym
 import h5py
 import numpy as np
 
@@ -32,6 +33,8 @@ ANTMAZE_FILES = {
 }
 HDF5_COLUMNS = {"observations": np.float32, "actions": np.float32, "rewards": np.float32, "terminals": bool,
                 "timeouts": bool}
+# The reward learned from (--reward-transform), as the messages say it
+REWARD_LABELS = {"minus-one": "r - 1 (--reward-transform minus-one)", "none": "r (--reward-transform none)"}
 # Observation and action sizes of D4RL's datasets
 D4RL_DIMS = {"halfcheetah": (17, 6), "hopper": (11, 3), "walker2d": (17, 6), "antmaze": (29, 8)}
 
@@ -386,6 +389,9 @@ class Task:
     score: Optional[Callable[[np.ndarray], np.ndarray]]  # episode returns -> the metric
     minari: object = None  # the Minari dataset, or None for a D4RL file
     horizon: int = 0  # the evaluation episodes' length (AntMaze)
+    name: str = ""  # the robot (locomotion) or maze (AntMaze) of a D4RL task
+    note: str = ""  # a last line for the summary (AntMaze: the reward, alpha and the evaluation episodes)
+    legacy_inertia: bool = False  # D4RL's link masses in the evaluation envs
 
     @property
     def chart(self) -> str:
@@ -401,8 +407,24 @@ class Task:
         """A few lines about the data, given its transitions (the script's qlearning_dataset of `rows`)."""
         if self.minari is not None:
             env = self.envs[0] if self.kind == "divo_continuous" else None
-            return minari_summary(self.minari, self.rows, transitions, env)
-        return dataset_summary(self.path, self.rows, transitions, self.kind, self.score)
+            return "\n".join(filter(None, [minari_summary(self.minari, self.rows, transitions, env), self.note]))
+        return "\n".join(filter(None, [dataset_summary(self.path, self.rows, transitions, self.kind, self.score),
+                                        self.note]))
+
+    def video_env(self, run_dir: str) -> gym.Env:
+        """An evaluation env like the others that films every episode into `run_dir`/videos (--capture-video;
+        AntMaze: a top view of the maze, the ant and the goal)."""
+        from divo_utils import envs as eval_envs
+        from divo_utils.video import SIZE, filmed
+
+        render = {"render_mode": "rgb_array", "width": SIZE, "height": SIZE}
+        if self.minari is not None:
+            env = eval_envs.make_minari_env(self.minari, **render)
+        elif self.domain == "antmaze":
+            env = eval_envs.D4RLAntMaze(self.name, self.horizon, self.legacy_inertia, **render)
+        else:
+            env = eval_envs.make_eval_env(self.name, self.legacy_inertia, **render)
+        return filmed(env, os.path.join(run_dir, "videos"), "final")
 
     def close(self) -> None:
         """Close the evaluation envs."""
@@ -434,13 +456,16 @@ def load_task(args, kind: str, d4rl_score: Optional[Callable[[np.ndarray], np.nd
     metric, score = "normalized_score", d4rl_score
     if kind == "divo_continuous" and minari:
         metric, score = minari_scorer(minari)
-    task = Task(rows, path, dataset_fingerprint(rows), obs_dim, act_dim, kind, domain, envs, metric, score, minari)
+    task = Task(rows, path, dataset_fingerprint(rows), obs_dim, act_dim, kind, domain, envs, metric, score, minari,
+                name=robot, legacy_inertia=getattr(args, "legacy_inertia", False))
     if kind == "divo_antmaze":  # the mazes once the data are known to be good: each takes a while to build
         maze = args.env_id.split("/")[-1].split("-")[0] if minari else args.env_id.split("-")[1]
-        task.horizon = eval_envs.antmaze_horizon(maze)
+        task.horizon, task.name = eval_envs.antmaze_horizon(maze), maze
         if minari:
             task.envs = eval_envs.make_minari_mazes(minari, episodes)
             task.horizon = task.envs[0].spec.max_episode_steps
         else:
             task.envs = [eval_envs.D4RLAntMaze(maze, task.horizon, args.legacy_inertia) for _ in range(episodes)]
+        task.note = (f"reward     {REWARD_LABELS[args.reward_transform]}; alpha {args.alpha}; {len(task.envs)} "
+                     f"evaluation episodes of {task.horizon} steps")
     return task

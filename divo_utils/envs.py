@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import warnings
 import xml.etree.ElementTree as ET
 from typing import Optional
@@ -40,11 +41,12 @@ def restore_legacy_inertia(model: mujoco.MjModel, data: mujoco.MjData, xml_path:
     mujoco.mj_setConst(model, data)
 
 
-def make_eval_env(robot: str, legacy_inertia: bool) -> gym.Env:
-    """One D4RL-faithful evaluation env (1000-step limit, D4RL observation and reward)."""
+def make_eval_env(robot: str, legacy_inertia: bool, **render) -> gym.Env:
+    """One D4RL-faithful evaluation env (1000-step limit, D4RL observation and reward); `render`: gymnasium's
+    render_mode, width and height, for --capture-video."""
     with warnings.catch_warnings():  # v4 is deliberate: v5 changed Hopper's reward and Walker2d's friction
         warnings.filterwarnings("ignore", message=".*is out of date.*")
-        env = gym.make(GYM_IDS[robot])
+        env = gym.make(GYM_IDS[robot], **render)
     if legacy_inertia:
         restore_legacy_inertia(env.unwrapped.model, env.unwrapped.data, env.unwrapped.fullpath)
     return env
@@ -116,8 +118,12 @@ class D4RLAntMaze(gym.Env):
 
     observation_space = gym.spaces.Box(-np.inf, np.inf, (ANTMAZE_OBS_DIM,), np.float64)
     action_space = gym.spaces.Box(-1.0, 1.0, (ANTMAZE_ACT_DIM,), np.float32)
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 10}  # dt = 0.1 s
 
-    def __init__(self, maze: str, horizon: int, legacy_inertia: bool = True):
+    def __init__(self, maze: str, horizon: int, legacy_inertia: bool = True, render_mode: Optional[str] = None,
+                 width: int = 480, height: int = 480):
+        self.render_mode, self.size, self.renderers = render_mode, (height, width), {}
+        self.extent = 4.0 * max(len(ANTMAZE_MAPS[maze]), len(ANTMAZE_MAPS[maze][0]))  # the maze's larger side, m
         AntMazeEnv = import_ant_maze_env()
         rows = ANTMAZE_MAPS[maze]
         start, goal = ((i, row.index(c)) for c in "rg" for i, row in enumerate(rows) if c in row)
@@ -165,7 +171,25 @@ class D4RLAntMaze(gym.Env):
         success = bool(np.linalg.norm(obs[:2] - self.goal) <= 0.5)
         return obs, float(success), success, self.t >= self.horizon, {}
 
+    def render(self) -> Optional[np.ndarray]:
+        """A top view of the whole maze, the ant and the goal marker (render_mode "rgb_array")."""
+        if self.render_mode != "rgb_array":
+            return None
+        # one renderer per thread: an OpenGL context is current in one thread (evaluate steps envs in a pool)
+        renderer = self.renderers.get(threading.get_ident())
+        if renderer is None:
+            renderer = self.renderers[threading.get_ident()] = mujoco.Renderer(self.model, *self.size)
+        camera = mujoco.MjvCamera()  # a free camera above the maze's centre (the world origin), looking down
+        camera.lookat[:], camera.distance = (0.0, 0.0, 0.0), 1.25 * self.extent
+        camera.elevation, camera.azimuth = -90.0, 90.0
+        renderer.update_scene(self.data, camera)
+        return renderer.render()
+
     def close(self) -> None:
+        for renderer in self.renderers.values():
+            with contextlib.suppress(Exception):  # a context made current in another thread may refuse to go
+                renderer.close()
+        self.renderers.clear()
         self.env.close()
 
 

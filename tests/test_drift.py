@@ -24,7 +24,7 @@ SHARED = {
     # DIVO itself: the actor, eq. (12), one iteration, and the arguments --no-adpo refuses
     DIVO: ("Actor", "adpo_target", "DIVO", "ADPO_ONLY_ARGS"),
     # AntMaze's reward, learned from by divo_antmaze.py and by pad_pretrain.py's AntMaze pretraining
-    ("divo_antmaze.py", "pad_pretrain.py"): ("transform_rewards", "REWARDS"),
+    ("divo_antmaze.py", "pad_pretrain.py"): ("transform_rewards",),
 }
 UTILS = ("__init__", "args", "runs", "data", "envs", "speed", "diagnostics")
 
