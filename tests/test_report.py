@@ -378,3 +378,85 @@ def test_the_file_names_it_reads_are_those_the_divo_scripts_write():
 
     assert RUN_FILES["divo_continuous"] == RUN_FILES["divo_antmaze"] == ("checkpoint.pt", "scores.json")
     assert "scores.json" not in RUN_FILES["pad_pretrain"] and "checkpoint.pt" not in RUN_FILES["pad_pretrain"]
+
+
+def test_a_seed_run_twice_is_one_seed_the_latest_finished(tmp_path, capsys):
+    """Two finished runs of one (task, label, seed) (a rerun, a copied folder) are one seed: the later finished one is in
+    the cell, the other is listed with the reason, and a warning names both."""
+    runs_dir = tmp_path / "runs"
+    for name, seed, score, finished_at in [("first", 0, 10.0, 1000), ("rerun", 0, 30.0, 2000), ("other", 1, 50.0, 1500)]:
+        folder = write_run(runs_dir, name, run_args("hopper-medium-v2", seed), {"seed": seed, "normalized_score_mean": score})
+        os.utime(folder / "scores.json", (finished_at, finished_at))
+    runs = report.collect_runs([str(runs_dir)])
+    err = capsys.readouterr().err
+    cell = rows_by_name(report.build_table(runs))["hopper-medium-v2"].cells["divo"]
+    assert (cell.n, cell.mean) == (2, pytest.approx(40.0))  # seeds 0 (the rerun's 30) and 1, not 3 "seeds"
+    assert "first" in err and "rerun" in err and "seed 0" in err
+    report.make_report(runs, str(tmp_path / "out"), reps=REPS, profile_reps=20)
+    text = (tmp_path / "out" / "table.md").read_text()
+    assert "| hopper-medium-v2 | 40.0 ± 10.0 (2) |" in text
+    left_out = "- first: hopper-medium-v2, divo, finished, but seed 0 again: rerun (finished later) is the one in the table"
+    assert left_out in text
+
+
+def test_a_cell_holds_runs_of_one_length(tmp_path, capsys):
+    """Scored by the last policy, runs of 100 and 200 steps are not pooled: the length with the most seeds stays (ties: the
+    longer), the others are listed with the reason. With --at-step every run is scored at the same step: all stay."""
+    runs_dir = tmp_path / "runs"
+    cells = {"hopper-medium-v2": [(0, 100, 10.0), (1, 100, 20.0), (2, 100, 30.0), (3, 200, 90.0)],  # 100 has most seeds
+             "walker2d-medium-v2": [(0, 100, 10.0), (1, 200, 60.0), (2, 200, 80.0), (3, 100, 30.0)]}  # a tie: 200 stays
+    for task, cell in cells.items():
+        for seed, length, score in cell:
+            write_run(runs_dir, f"{task}__divo__{seed}", run_args(task, seed, total_timesteps=length),
+                      {"seed": seed, "step": length, "normalized_score_mean": score,
+                       "evaluations": evaluations(score, steps=(50, length))})
+    runs = report.collect_runs([str(runs_dir)])
+    err = capsys.readouterr().err
+    rows = rows_by_name(report.build_table(runs))
+    hopper, walker = rows["hopper-medium-v2"].cells["divo"], rows["walker2d-medium-v2"].cells["divo"]
+    assert (hopper.n, hopper.mean) == (3, pytest.approx(20.0)) and (walker.n, walker.mean) == (2, pytest.approx(70.0))
+    assert "hopper-medium-v2__divo__3" in err and "different lengths" in err and "--at-step" in err
+    left_out = {r.run_name: r.progress for r in runs if not r.finished}
+    assert set(left_out) == {"hopper-medium-v2__divo__3", "walker2d-medium-v2__divo__0", "walker2d-medium-v2__divo__3"}
+    assert left_out["hopper-medium-v2__divo__3"].startswith("finished, but 200 steps: the cell holds its runs of 100")
+    at_step = report.collect_runs([str(runs_dir)], at_step=[50])  # every run scored at step 50: lengths do not matter
+    assert sum(r.finished for r in at_step) == 8
+    assert rows_by_name(report.build_table(at_step))["hopper-medium-v2"].cells["divo"].n == 4
+
+
+def test_your_own_file_named_like_a_d4rl_dataset_is_not_d4rl(tmp_path):
+    """--dataset-path my/hopper-medium-v2.hdf5: the user's data, whatever the file's name: not in Table I's D4RL row, nor
+    in the Gym average or Total, but in the other tasks under its file's name."""
+    runs_dir = tmp_path / "runs"
+    write_run(runs_dir, "d4rl", run_args("hopper-medium-v2", 0), {"normalized_score_mean": 50.0})
+    for seed, path, score in [(1, "/home/me/my/hopper-medium-v2.hdf5", 90.0), (2, "hopper-medium-v2.hdf5", 70.0)]:
+        args = {**run_args("hopper-medium-v2", seed), "dataset_path": path}  # absolute (new runs) or a file name (results/)
+        write_run(runs_dir, f"mine{seed}", args, {"task": "hopper-medium-v2", "normalized_score_mean": score})
+    runs = report.collect_runs([str(runs_dir)])
+    table = report.build_table(runs)
+    assert [row.name for row in table.rows] == ["hopper-medium-v2", "Gym average", "Total",
+                                                "hopper-medium-v2.hdf5", "Other tasks average"]
+    rows = rows_by_name(table)
+    assert (rows["hopper-medium-v2"].cells["divo"].n, rows["hopper-medium-v2"].cells["divo"].mean) == (1, 50.0)
+    assert rows["Total"].cells["divo"].mean == 50.0 and rows["Gym average"].cells["divo"].mean == 50.0
+    assert rows["hopper-medium-v2.hdf5"].cells["divo"].mean == pytest.approx(80.0)
+    assert report.aggregate_inputs(runs)[1] == ["hopper-medium-v2", "hopper-medium-v2.hdf5"]
+
+
+def test_returns_have_a_table_and_a_caption_of_their_own(tmp_path):
+    """A Minari dataset scored by its return is not under the caption of normalised scores: it has its own heading."""
+    runs_dir = tmp_path / "runs"
+    write_run(runs_dir, "d4rl", run_args("hopper-medium-v2", 0), {"normalized_score_mean": 50.0})
+    args = {"exp_name": "divo", "seed": 0, "env_id": "test/hopper/unscored-v0", "dataset_path": None}
+    write_run(runs_dir, "minari", args, {"task": "test/hopper/unscored-v0", "metric": "return", "return_mean": 1234.5})
+    runs = report.collect_runs([str(runs_dir)])
+    report.make_report(runs, str(tmp_path / "out"), reps=REPS, profile_reps=20)
+    lines = (tmp_path / "out" / "table.md").read_text().splitlines()
+    main_table = lines[:lines.index("")]
+    assert "| hopper-medium-v2 | 50.0 ± 0.0 (1) |" in main_table
+    assert not any("unscored" in line for line in main_table)
+    heading = lines.index(f"### {report.RETURN_BLOCK}: returns, not normalised scores")
+    row = lines.index("| test/hopper/unscored-v0 | 1234.5 ± 0.0 (1) |")
+    assert heading < row and lines[heading + 2] == "| Task | divo |"
+    caption = next(line for line in lines[row:] if line.startswith("Cells:"))
+    assert "return" in caption and "normalised score" not in caption.split(";")[0]

@@ -3,7 +3,8 @@
 Every run of divo_continuous.py / divo_antmaze.py writes `runs/{run_name}/` with `args.json` (at the start) and
 `scores.json` (last, when every file of the run is final); pad_pretrain.py's runs have no score and are left out.
 This script groups the runs by a label (the `exp_name` by default) and by task, treats the seeds of one (label, task)
-as independent runs, and writes into `--out`:
+as independent runs (one run per seed and, scored by the last policy, one length per cell: the others are listed, see
+select_runs), and writes into `--out`:
 
     table.md        the paper's Table I layout: mean ± std over seeds per task, block averages, unfinished runs
     aggregate.json  median, IQM, mean and optimality gap with 95% stratified bootstrap CIs (rliable)
@@ -40,7 +41,7 @@ import tyro  # noqa: E402
 from rliable import library as rly  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # divo_utils (its package: no torch)
-from divo_utils import ANTMAZE_IDS, RUN_FILES  # noqa: E402
+from divo_utils import ANTMAZE_IDS, LOCOMOTION_IDS, RUN_FILES  # noqa: E402
 from rliable import metrics, plot_utils  # noqa: E402
 
 
@@ -112,6 +113,10 @@ class Run:
     """for an unfinished run: "step S / T" of its last checkpoint, "no checkpoint" or "broken checkpoint (...)" """
     metric: str = "normalized_score"
     """what `score` is: a normalised score, or ("return") the return of a Minari dataset without reference returns"""
+    length: Optional[int] = None
+    """the gradient step of the policy its final score is of: scores.json's `step` (older runs: --total-timesteps)"""
+    finished_at: float = 0.0
+    """when it finished: the modification time of its scores.json"""
 
 
 def check_args(args: Args) -> None:
@@ -189,11 +194,24 @@ def check_scores(scores: dict) -> Optional[str]:
     return None
 
 
+D4RL_IDS = frozenset(LOCOMOTION_IDS + ANTMAZE_IDS)  # the D4RL datasets a run can download
+
+
 def task_of(args: dict) -> str:
     """The dataset's name: the file stem of `dataset_path` for a user's own file, else the D4RL env id."""
     if args.get("dataset_path"):
         return os.path.splitext(os.path.basename(args["dataset_path"]))[0]
     return str(args.get("env_id", "unknown-task"))
+
+
+def own_data_name(task: str, dataset_path: str) -> str:
+    """The name of a run's task on the user's own file (`dataset_path`): the user's data are never D4RL's, so a file
+    named like a D4RL dataset (my/hopper-medium-v2.hdf5) is a task of its own under its file's name
+    (hopper-medium-v2.hdf5), outside Table I, not a D4RL id; other files keep their stem (`task`)."""
+    if task not in D4RL_IDS:
+        return task
+    name = os.path.basename(dataset_path)
+    return name if name != task else f"{name} (your file)"
 
 
 def mode_of(args: dict) -> str:
@@ -243,17 +261,22 @@ def read_run(folder: str, label_key: str) -> Optional[Run]:
         label = f"(no {label_key})"
         warn(f"{os.path.join(folder, 'args.json')} has no '{label_key}'; its run is labelled {label}")
     run_name = scores.get("run_name", args.get("run_name", os.path.basename(folder)))
-    task = scores.get("task", task_of(args))
+    task = str(scores.get("task", task_of(args)))
+    if args.get("dataset_path"):  # a local file (null for D4RL's downloaded data and Minari's)
+        task = own_data_name(task, str(args["dataset_path"]))
     mode = scores.get("mode", args.get("mode", mode_of(args)))
     seed = scores.get("seed", args.get("seed"))
     total_timesteps = args.get("total_timesteps")
-    run = Run(path=folder, run_name=str(run_name), label=label, task=str(task), mode=str(mode),
+    run = Run(path=folder, run_name=str(run_name), label=label, task=task, mode=str(mode),
               seed=seed if isinstance(seed, int) else None,
               total_timesteps=total_timesteps if isinstance(total_timesteps, int) else None,
               finished=os.path.isfile(scores_path))
     if run.finished:
         run.score, run.metric = float(scores[score_key(scores)]), scores.get("metric", run.metric)
         run.evaluations = scores.get("evaluations", [])
+        step = scores.get("step")
+        run.length = step if isinstance(step, int) and not isinstance(step, bool) else run.total_timesteps
+        run.finished_at = os.path.getmtime(scores_path)
     else:
         run.progress = checkpoint_progress(folder, run.total_timesteps)
     return run
@@ -286,20 +309,65 @@ def split_labels_by_mode(runs: list[Run]) -> None:
             run.label = f"{run.label} [{run.mode}]"
 
 
-def collect_runs(dirs: list[str], label_key: str = "exp_name") -> list[Run]:
-    """All runs (finished or not) under `dirs`, labelled by args.json's `label_key` (split by mode when mixed)."""
+def steps(length: Optional[int]) -> str:
+    return "an unknown number of steps" if length is None else f"{length:,} step{'s' * (length != 1)}"
+
+
+def leave_out(run: Run, reason: str) -> None:
+    """Take a finished run out of the table; table.md lists it with `reason`."""
+    run.finished, run.progress = False, f"finished, but {reason}"
+
+
+def select_runs(runs: list[Run], at_step: Optional[list[int]] = None) -> list[Run]:
+    """Make each cell (label, task) one run per seed, of one length; leave the other runs out, each with its reason
+    (listed in table.md) and a warning. Nothing is pooled silently:
+
+    - runs scored by their last policy (no `at_step`) are of one length: the length (scores.json's `step`) with the
+      most seeds stays, ties to the longer; with `at_step` every run is scored at the same steps, and training up to a
+      step does not depend on --total-timesteps, so runs of any length share a cell;
+    - one run per seed (a rerun, a copied folder): the last to finish (scores.json's time, then the run name) stays."""
+    for (label, task), cell in group_runs(runs).items():
+        where = f"{label} on {task}"
+        if not at_step:
+            seeds_of: dict[Optional[int], set] = {}
+            for run in cell:
+                seeds_of.setdefault(run.length, set()).add(run.seed)
+            if len(seeds_of) > 1:
+                kept = max(seeds_of, key=lambda n: (len(seeds_of[n]), -1 if n is None else n))
+                others = [run for run in cell if run.length != kept]
+                for run in others:
+                    leave_out(run, f"{steps(run.length)}: the cell holds its runs of {steps(kept)} (one length per cell)")
+                cell = [run for run in cell if run.length == kept]
+                found = ", ".join(f"{steps(n)}: {len(s)} seed{'s' * (len(s) != 1)}" for n, s in seeds_of.items())
+                warn(f"{where}: runs of different lengths ({found}); kept those of {steps(kept)} (the most seeds, ties "
+                     f"to the longer), left out {', '.join(run.run_name for run in others)}: pass only the folders of "
+                     "one length, or score every run at the same step with --at-step")
+        by_seed: dict[Optional[int], list[Run]] = {}
+        for run in cell:
+            by_seed.setdefault(run.seed, []).append(run)
+        for seed, same in by_seed.items():
+            if len(same) > 1:
+                *others, kept_run = sorted(same, key=lambda r: (r.finished_at, r.run_name, r.path))
+                seed_words = "an unknown seed" if seed is None else f"seed {seed}"
+                for run in others:
+                    leave_out(run, f"{seed_words} again: {kept_run.run_name} (finished later) is the one in the table")
+                warn(f"{where}: {len(same)} finished runs of {seed_words} (a rerun or a copied folder) count as one seed: "
+                     f"kept {kept_run.run_name} (finished last), left out {', '.join(run.run_name for run in others)}")
+    return runs
+
+
+def collect_runs(dirs: list[str], label_key: str = "exp_name", at_step: Optional[list[int]] = None) -> list[Run]:
+    """All runs (finished or not) under `dirs`, labelled by args.json's `label_key` (split by mode when mixed), scored
+    at `at_step` if given, with each cell made one run per seed of one length (select_runs: the others are listed)."""
     runs = []
     for folder in find_run_folders(dirs):
         run = read_run(folder, label_key)
         if run is not None:
             runs.append(run)
     split_labels_by_mode(runs)
-    for (label, task), cell in group_runs(runs).items():
-        seeds = [r.seed for r in cell]
-        if len(set(seeds)) < len(seeds):
-            warn(f"label {label!r} on {task} has several finished runs with the same seed (seeds {seeds}); "
-                 "each counts as a seed")
-    return runs
+    if at_step:
+        score_at_step(runs, at_step)
+    return select_runs(runs, at_step)
 
 
 def group_runs(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
@@ -338,6 +406,8 @@ class Row:
     cells: dict[str, Cell]
     """label -> cell; a label without runs on this task has no cell"""
     average: bool = False
+    metric: str = "normalized_score"
+    """"return" for a task scored by its return (RETURN_BLOCK): table.md puts those rows in a table of their own"""
 
 
 @dataclass
@@ -354,9 +424,12 @@ def build_table(runs: list[Run]) -> Table:
     means = cells["mean"].unstack()  # task x label, NaN where a label has no run of a task
     labels = list(means.columns)
 
+    returns = returns_tasks(runs)
+
     def task_row(task: str) -> Row:
         return Row(task, {label: Cell(float(cell["mean"]), float(cell["std"]), int(cell["n"]))
-                          for (_, label), cell in cells.loc[[task]].iterrows()})
+                          for (_, label), cell in cells.loc[[task]].iterrows()},
+                   metric="return" if task in returns else "normalized_score")
 
     def average_row(name: str, tasks: list[str]) -> Row:
         """Per label, the mean of its per-task means over the `tasks` it has."""
@@ -374,7 +447,6 @@ def build_table(runs: list[Run]) -> Table:
     if table_i_present:
         rows.append(average_row("Total", table_i_present))
     others = sorted(set(means.index) - set(TABLE_I_TASKS))
-    returns = returns_tasks(runs)
     blocks = {MINARI_BLOCK: [t for t in others if "/" in t and t not in returns], RETURN_BLOCK: sorted(returns),
               OTHER_BLOCK: [t for t in others if "/" not in t]}
     for block, block_tasks in blocks.items():
@@ -400,37 +472,81 @@ def format_cell(cell: Optional[Cell], average: bool) -> str:
     return f"{cell.mean:.1f}"
 
 
-def scored_at(steps: list[int]) -> str:
+def scored_at(steps: list[int], metric: str = "D4RL normalised score") -> str:
     """What a cell's score is, in words, for --at-step."""
     if len(steps) == 1:
-        return f"D4RL normalised score at step {steps[0]:,} (its evaluation there, from its history"
-    return (f"D4RL normalised score averaged over its evaluations at steps {', '.join(f'{s:,}' for s in steps)} "
+        return f"{metric} at step {steps[0]:,} (its evaluation there, from its history; the"
+    return (f"{metric} averaged over its evaluations at steps {', '.join(f'{s:,}' for s in steps)} "
             "(from its history; each evaluation the")
 
 
-def format_table(table: Table, runs: list[Run], at_step: Optional[list[int]] = None) -> str:
-    """table.md: the markdown table, what its numbers are, and the runs it leaves out."""
-    lines = ["| Task | " + " | ".join(table.labels) + " |", "|:--|" + "--:|" * len(table.labels)]
-    for row in table.rows:
+def markdown_table(labels: list[str], rows: list[Row]) -> list[str]:
+    lines = ["| Task | " + " | ".join(labels) + " |", "|:--|" + "--:|" * len(labels)]
+    for row in rows:
         name = f"**{row.name}**" if row.average else row.name
-        cells = [format_cell(row.cells.get(label), row.average) for label in table.labels]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(format_cell(row.cells.get(label), row.average) for label in labels) + " |")
+    return lines
+
+
+def lengths_line(finished: list[Run]) -> str:
+    """How long the runs in the table trained, per label when they differ."""
+    def counted(runs: list[Run]) -> str:
+        counts: dict[Optional[int], int] = {}
+        for run in runs:
+            counts[run.length] = counts.get(run.length, 0) + 1
+        if len(counts) == 1:
+            return steps(next(iter(counts)))
+        return ", ".join(f"{steps(n)} ({c} run{'s' * (c != 1)})"
+                         for n, c in sorted(counts.items(), key=lambda item: -1 if item[0] is None else item[0]))
+
+    if len({run.length for run in finished}) <= 1:
+        return f"Length: every run in the table trained for {counted(finished)} (--total-timesteps)."
+    labels = sorted({run.label for run in finished})
+    return "Lengths (--total-timesteps): " + "; ".join(
+        f"{label}: {counted([run for run in finished if run.label == label])}" for label in labels) + "."
+
+
+def format_table(table: Table, runs: list[Run], at_step: Optional[list[int]] = None) -> str:
+    """table.md: the markdown table, what its numbers are, the table of returns, and the runs it leaves out."""
+    scored = [row for row in table.rows if row.metric != "return"]
+    returns = [row for row in table.rows if row.metric == "return"]
     finished = [r for r in runs if r.finished]
     unfinished = [r for r in runs if not r.finished]
+    one_length = ("each cell holds runs of one length, scored by their last policy" if not at_step else
+                  "runs of any length, all scored at the same steps: training up to a step does not depend on "
+                  "--total-timesteps")
+    lines: list[str] = []
+    if scored:
+        lines += markdown_table(table.labels, scored) + [
+            "",
+            "Cells: mean ± standard deviation over seeds of each run's "
+            + (scored_at(at_step) if at_step else
+               "final D4RL normalised score (the last policy's")
+            + " mean over its evaluation episodes; AntMaze: 100 x success rate); the std is the population std (ddof=0); "
+            f"(n) is the number of seeds (distinct seeds: a rerun of a seed counts once; {one_length}).",
+            "Average rows: the mean of a label's per-task means over the block's tasks in this table that it has; "
+            "\"(k of m tasks)\" marks a label that lacks some of them. Total: all Table-I tasks present (D4RL's own data "
+            f"only). {MINARI_BLOCK}: Minari datasets, normalised with each dataset's own reference returns (AntMaze: 100 x "
+            f"success rate). {OTHER_BLOCK}: datasets outside Table I, among them your own files (never D4RL's, whatever "
+            "their name: a file named like a D4RL dataset is listed under its file name). Neither is in Total."
+            + (f" {RETURN_BLOCK}: below, in a table of their own." if returns else ""),
+        ]
+    if returns:
+        if lines:
+            lines.append("")
+        lines += [f"### {RETURN_BLOCK}: returns, not normalised scores", ""] + markdown_table(table.labels, returns) + [
+            "",
+            "Cells: mean ± standard deviation over seeds of each run's "
+            + (scored_at(at_step, "return") if at_step else "final return (the last policy's")
+            + " mean episode return; these Minari datasets have no reference returns to normalise it); the std is the "
+            f"population std (ddof=0); (n) is the number of seeds ({one_length}). Returns of different tasks are on "
+            "different scales: no average, and not in Total, the aggregates, the profiles or --versus.",
+        ]
     lines += [
         "",
-        "Cells: mean ± standard deviation over seeds of each run's "
-        + (scored_at(at_step) if at_step else
-           "final D4RL normalised score (the last policy's")
-        + " mean over its evaluation episodes; AntMaze: 100 x success rate); the std is the population std (ddof=0); "
-        "(n) is the number of seeds.",
-        "Average rows: the mean of a label's per-task means over the block's tasks in this table that it has; "
-        "\"(k of m tasks)\" marks a label that lacks some of them. Total: all Table-I tasks present. "
-        f"{MINARI_BLOCK}: Minari datasets, normalised with each dataset's own reference returns (AntMaze: 100 x success "
-        f"rate); {RETURN_BLOCK}: Minari datasets without reference returns, scored by the return itself (no average, "
-        f"not in the aggregates). {OTHER_BLOCK}: datasets outside Table I (e.g. your own files). Neither is in Total.",
+        lengths_line(finished),
         "",
-        f"The table uses {len(finished)} finished run{'s' * (len(finished) != 1)}.",
+        f"The table{'s use' if scored and returns else ' uses'} {len(finished)} finished run{'s' * (len(finished) != 1)}.",
     ]
     if unfinished:
         lines += ["", f"Runs not in the table (unfinished: no scores.json; or as noted): {len(unfinished)}", ""]
@@ -684,6 +800,7 @@ def make_report(runs: list[Run], out_dir: str, reps: int = 2000, profile_reps: i
     if not any(run.finished for run in runs):
         raise ReportError("no finished run (scores.json) among the run folders: train first, "
                           "or pass the folder that holds your runs")
+    select_runs(runs, at_step)  # runs made otherwise than by collect_runs: one run per seed, one length per cell
     os.makedirs(out_dir, exist_ok=True)
     written: dict[str, str] = {}
 
@@ -749,9 +866,7 @@ def main() -> None:
     args = tyro.cli(Args)
     try:
         check_args(args)
-        runs = collect_runs(args.runs_dirs, args.label_key)
-        if args.at_step is not None:
-            runs = score_at_step(runs, args.at_step)
+        runs = collect_runs(args.runs_dirs, args.label_key, args.at_step)
         if not any(run.finished for run in runs):
             raise ReportError(f"no finished run (scores.json) under {', '.join(args.runs_dirs)}: train first, "
                               "or pass the folder that holds your runs")
