@@ -46,7 +46,7 @@ DOMAIN_DEFAULTS = {
 
 @dataclass
 class Args:
-    """Pretrain PAD's behaviour model (there is no policy to film: --capture-video is the DIVO scripts')."""
+    """Pretrain PAD's behaviour model (no policy to film: --capture-video is the DIVO scripts')."""
 
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
