@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, run_script, write_d4rl_file
+from conftest import ROOT, only_run, run_script, write_d4rl_file
 from divo_utils.data import load_d4rl_file
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -76,6 +76,72 @@ def test_contest_on_a_tiny_run_and_refusals(trained, monkeypatch, capsys):
             adpo_contest.main(adpo_contest.Args(runs=runs, samples=samples))
         assert str(refusal.value.code).startswith("error: ") and message in str(refusal.value.code)
         assert capsys.readouterr().out == ""  # refused before any contest
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"margins": [-1.0]}, "--margins takes finite numbers >= 0, got -1"),
+    ({"margins": [0.0, float("nan")]}, "--margins takes finite numbers >= 0, got 0 nan"),
+    ({"margins": [float("inf")]}, "--margins takes finite numbers >= 0, got inf"),
+    ({"margins": [0.0], "num_candidates": [0]}, "--num-candidates takes counts of at least 1, got 0"),
+    ({"margins": [0.0], "num_candidates": [2, -1]}, "--num-candidates takes counts of at least 1, got 2 -1"),
+    ({"margins": [0.0], "num_candidates": []}, "--num-candidates needs at least one count"),
+])
+def test_bad_margins_and_candidate_counts_are_one_error_line_before_any_work(trained, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(trained)
+    with pytest.raises(SystemExit) as refusal:
+        adpo_contest.main(adpo_contest.Args(runs=["runs/divo"], samples=300, **args))
+    assert str(refusal.value.code).startswith("error: ") and message in str(refusal.value.code)
+    assert capsys.readouterr().out == ""  # refused before any contest
+
+
+def hopper_minari_store(path, dataset_id: str) -> None:
+    """A Minari store at `path` with a small Hopper-v5 dataset of random actions (reference returns given)."""
+    import gymnasium as gym
+    import minari
+    import numpy as np
+    from minari.data_collector import EpisodeBuffer
+
+    env = gym.make("Hopper-v5", max_episode_steps=40)
+    env.action_space.seed(0)
+    episodes = []
+    for seed in range(6):
+        obs, _ = env.reset(seed=seed)
+        observations, actions, rewards, terminations, truncations = [obs], [], [], [], []
+        while not terminations or not (terminations[-1] or truncations[-1]):
+            actions.append(env.action_space.sample())
+            obs, reward, terminated, truncated, _ = env.step(actions[-1])
+            for values, value in zip((observations, rewards, terminations, truncations),
+                                     (obs, reward, terminated, truncated)):
+                values.append(value)
+        episodes.append(EpisodeBuffer(observations=np.stack(observations), actions=np.asarray(actions, np.float32),
+                                      rewards=rewards, terminations=terminations, truncations=truncations))
+    with pytest.MonkeyPatch.context() as patch:  # Minari writes into $MINARI_DATASETS_PATH
+        patch.setenv("MINARI_DATASETS_PATH", str(path))
+        minari.create_dataset_from_buffers(dataset_id, episodes, env=env, eval_env=env.spec, ref_min_score=-20.0,
+                                           ref_max_score=3000.0, algorithm_name="random", author="tests",
+                                           author_email="tests@example.org", code_permalink="tests",
+                                           description="random actions")
+
+
+def test_contest_on_a_run_of_a_minari_dataset(tmp_path):
+    """A run trained on a Minari dataset: the contest reads the same rows from Minari's store; without the dataset in
+    the store, one line says so."""
+    store, dataset_id = tmp_path / "store", "test/hopper/random-v0"
+    hopper_minari_store(store, dataset_id)
+    env = {"MINARI_DATASETS_PATH": str(store)}
+    run_script("divo_continuous.py", "--env-id", dataset_id, "--hidden-dim", "16", "--num-layers", "1", "--batch-size",
+               "32", "--eval-episodes", "1", "--total-timesteps", "4", "--eval-freq", "0", "--log-freq", "2", "--no-cuda",
+               "--run-name", "minari", cwd=tmp_path, env=env)
+    assert only_run(tmp_path).name == "minari"
+    out = run_script("tools/adpo_contest.py", "runs/minari", "--samples", "100", "--margins", "0", "1", cwd=tmp_path,
+                     env=env).stdout
+    assert "runs/minari (step 4, 100 states)" in out and 0.0 <= printed("generated action wins eq. 12", out) <= 1.0
+    assert len(re.findall(r"\n  1\s+[01]\s+[\d.]+", out)) == 2, out
+    refused = run_script("tools/adpo_contest.py", "runs/minari", cwd=tmp_path, check=False,
+                         env={"MINARI_DATASETS_PATH": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"})
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert refused.stderr.startswith("error: runs/minari was trained on the Minari dataset test/hopper/random-v0, which "
+                                     "is not in Minari's local store") and len(refused.stderr.strip().splitlines()) == 1
 
 
 def test_the_margin_table_printed_for_each_n_and_kappa(trained):

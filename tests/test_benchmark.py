@@ -55,6 +55,26 @@ def test_bad_arguments_are_one_error_line_before_any_work(tmp_path, capsys, monk
     assert "benchmark:" not in capsys.readouterr().out and os.listdir(tmp_path) == []
 
 
+def test_benchmark_on_a_minari_dataset_and_a_minari_id_not_in_the_store(tmp_path):
+    """A Minari id: its dataset's shapes and rows from Minari's store (never downloaded: one line when not there)."""
+    from test_adpo_contest import hopper_minari_store
+
+    store = tmp_path / "store"
+    hopper_minari_store(store, "test/hopper/random-v0")
+    env = {"MINARI_DATASETS_PATH": str(store), "HF_HUB_OFFLINE": "1"}
+    out = run_script("tools/benchmark.py", "--env-id", "test/hopper/random-v0", "--hidden-dim", "16", "--num-layers",
+                     "1", "--steps", "5", "--warmup", "1", "--modes", "eager", "--no-parts", "--no-cuda", cwd=tmp_path,
+                     env=env).stdout
+    assert "divo_continuous, test/hopper/random-v0 shapes (observation 11, action 3)" in out
+    assert "data: the Minari dataset test/hopper/random-v0 (" in out and re.search(r"eager\s+[\d,]+\s+[\d.]+\s+[\d,]+", out)
+    for env_id in ("mujoco/hopper/medium-v0", "D4RL/antmaze/umaze-v1"):  # divo_continuous's id, divo_antmaze's
+        refused = run_script("tools/benchmark.py", "--env-id", env_id, "--no-cuda", cwd=tmp_path, env=env, check=False)
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+        assert refused.stderr.startswith(f"error: the Minari dataset {env_id} is not in Minari's local store {store}")
+        assert len(refused.stderr.strip().splitlines()) == 1
+    assert sorted(os.listdir(store)) == ["test"] and sorted(os.listdir(tmp_path)) == ["store"]
+
+
 def test_packed_copies_report_aggregate_rates_and_the_grid_cost(tmp_path):
     """--runs-per-gpu: K processes side by side (on the CPU here); the grid's cost follows from the two rates."""
     write_d4rl_file(tmp_path / "small.hdf5")  # not a million random transitions in every process

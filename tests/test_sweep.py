@@ -48,12 +48,14 @@ def in_namespace(script: str, home, env: dict = None, timeout: int = 240) -> sub
                           timeout=timeout)
 
 
-def run_local_sweep(tmp, out, label, env_ids, datasets, before: str = "") -> subprocess.CompletedProcess:
-    """A sweep on a local Ray (started and stopped by the sweep) inside the namespace, after the commands `before`."""
+def run_local_sweep(tmp, out, label, env_ids, datasets, before: str = "", extra=None) -> subprocess.CompletedProcess:
+    """A sweep on a local Ray (started and stopped by the sweep) inside the namespace, after the commands `before`,
+    each run given `extra` (default tiny())."""
     temp_dir = tempfile.mkdtemp(prefix="rt_", dir="/tmp")  # short: Unix socket paths are limited to ~107 characters
     try:
         command = sweep_command("--env-ids", *env_ids, "--seeds", "0", "--label", label, "--out", out, "--dataset-dir",
-                                datasets, "--temp-dir", temp_dir, "--status-every", "1", "--", *tiny())
+                                datasets, "--temp-dir", temp_dir, "--status-every", "1", "--",
+                                *(tiny() if extra is None else extra))
         return in_namespace(before + command, tmp / f"home_{label}")
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -174,6 +176,87 @@ def test_second_sweep_starts_nothing(local_sweep, datasets, tmp_path):
     assert (out / "report" / "table.md").is_file()
 
 
+@pytest.mark.parametrize("extra, differences", [
+    ([*tiny(), "--alpha", "1.0"], "--alpha 2.5 recorded, 1.0 asked"),
+    (tiny(100), "--total-timesteps 200 trained, 100 asked"),
+    ([*tiny(), "--no-adpo"], "--adpo True recorded, False asked"),
+], ids=["alpha", "shorter", "no-adpo"])
+def test_finished_runs_of_other_arguments_are_a_mismatch_named_before_anything_starts(local_sweep, datasets, tmp_path,
+                                                                                       extra, differences):
+    """A second sweep on the same --out with other arguments after `--` does not count the earlier runs as its own:
+    it stops before Ray starts, naming the runs, what differs (recorded vs asked) and the fix."""
+    _, out = local_sweep
+    before = {name: (out / "runs" / name / "scores.json").read_bytes() for name in RUN_NAMES}
+    proc = run_local_sweep(tmp_path, out, "tiny", ["hopper-medium-v2", "hopper-medium-replay-v2"], datasets,
+                           extra=extra)
+    assert proc.returncode == 1, explain(proc)
+    assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1, explain(proc)
+    assert all(name in proc.stderr for name in RUN_NAMES) and differences in proc.stderr
+    assert "another --out or --label" in proc.stderr and "Traceback" not in proc.stderr
+    assert "planned commands" not in proc.stdout and "Ray" not in proc.stdout
+    for name in RUN_NAMES:
+        assert (out / "runs" / name / "scores.json").read_bytes() == before[name]
+        assert len(headers(out / "logs" / f"{name}.log")) == 1
+
+
+def test_a_longer_total_timesteps_extends_the_finished_runs(local_sweep, datasets, tmp_path):
+    """Only --total-timesteps larger than the runs': each finished run continues from its checkpoint to the new
+    length (the scripts' --resume with --total-timesteps), then counts as finished for that length."""
+    _, reference = local_sweep
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+
+    def dry_run(total: int) -> str:
+        proc = subprocess.run([sys.executable, SWEEP, "--env-ids", "hopper-medium-v2", "hopper-medium-replay-v2",
+                               "--seeds", "0", "--label", "tiny", "--out", out, "--dataset-dir", datasets, "--dry-run",
+                               "--", *tiny(total)], capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, explain(proc)
+        return proc.stdout
+
+    plan = dry_run(400)
+    for name in RUN_NAMES:
+        assert f"--resume runs/{name}/checkpoint.pt" in plan and "extends the finished run from 200 to 400 steps" in plan
+    proc = run_local_sweep(tmp_path, out, "tiny", ["hopper-medium-v2", "hopper-medium-replay-v2"], datasets,
+                           extra=tiny(400))
+    assert proc.returncode == 0, explain(proc)
+    assert "2 of 2 runs finished (0 skipped as finished earlier)" in proc.stdout
+    for name in RUN_NAMES:
+        scores = json.loads((out / "runs" / name / "scores.json").read_text())
+        assert scores["step"] == 400 and scores["run_name"] == name
+        first, second = headers(out / "logs" / f"{name}.log")
+        assert f"--resume runs/{name}/checkpoint.pt" in second and "--total-timesteps 400" in second
+        assert json.loads((out / "runs" / name / "args.json").read_text())["total_timesteps"] == 400
+    assert dry_run(400).count("# finished: skipped") == 2
+
+
+def test_resumable_runs_are_compared_too_and_a_run_without_checkpoint_is_not_extended(local_sweep, datasets, tmp_path):
+    """An unfinished run with a checkpoint is compared as a finished one (its --resume would refuse other arguments
+    anyway, one run at a time); a finished run without a checkpoint cannot be extended; arguments the script refuses
+    stop the sweep with the script's own message. Planned with --dry-run: nothing starts."""
+    _, reference = local_sweep
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    resumable, finished = RUN_NAMES
+    (out / "runs" / resumable / "scores.json").unlink()
+    (out / "runs" / finished / "checkpoint.pt").unlink()
+
+    def dry_run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, SWEEP, "--env-ids", "hopper-medium-v2", "hopper-medium-replay-v2",
+                               "--seeds", "0", "--label", "tiny", "--out", out, "--dataset-dir", datasets, "--dry-run",
+                               "--", *extra], capture_output=True, text=True, timeout=240)
+
+    for extra, message in (([*tiny(), "--alpha", "1.0"], f"{resumable}, {finished}: --alpha 2.5 recorded, 1.0 asked"),
+                           (tiny(400), f"{finished} finished without a checkpoint"),
+                           ([*tiny(), "--alpha", "-1"], "divo_continuous.py refuses the arguments after `--`: "
+                                                        "--alpha -1.0 is out of range")):
+        proc = dry_run(*extra)
+        assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, explain(proc)
+        assert proc.stderr.startswith("error: ") and message in proc.stderr, explain(proc)
+        assert "planned commands" not in proc.stdout
+        if extra == tiny(400):  # the resumable run continues to 400 steps: no mismatch
+            assert resumable not in proc.stderr
+
+
 def test_sweep_joins_a_running_cluster(namespace, datasets, tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="rt_", dir="/tmp")
     out = tmp_path / "out"
@@ -219,6 +302,7 @@ def test_sweep_joins_a_running_cluster(namespace, datasets, tmp_path):
     (["--suite", "paper", "--status-every", "inf"], "--status-every must be a positive number of seconds, got inf"),
     (["--suite", "paper", "--cpus-per-run", "100000"], "--cpus-per-run 100000 is more than the"),
     (["--suite", "paper", "--out", "{data}/hopper-medium-v2.hdf5/sweep"], "hopper-medium-v2.hdf5 is a file, not a folder"),
+    (["--suite", "paper", "--out", "/proc/x/sweep"], "--out /proc/x/sweep: cannot make folders in /proc ("),
     (["--suite", "paper", "--label", "l" * 151], "--label is 151 bytes long: the scripts take at most 150"),
     (["--suite", "paper", "--report-reps", "0"], "--report-reps must be at least 1, got 0"),
 ])
@@ -233,6 +317,18 @@ def test_bad_input_is_one_error_line(args, message, datasets, tmp_path):
     assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert os.listdir(tmp_path) == []  # no sweeps/ folder: nothing was started
+
+
+def test_the_report_refuses_an_out_it_cannot_make_before_its_work(local_sweep, tmp_path):
+    """tools/report.py (the sweep's last step) with an --out where no folder can be made: one line, at once.
+    (Here rather than in tests/test_report.py: it reads this file's sweep.)"""
+    _, out = local_sweep
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "report.py"), str(out / "runs"), "--out",
+                           "/proc/x/report", "--reps", "50", "--profile-reps", "50"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: --out /proc/x/report: cannot make folders in /proc ("), \
+        explain(proc)
+    assert len(proc.stderr.strip().splitlines()) == 1 and "wrote" not in proc.stdout
 
 
 def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path):

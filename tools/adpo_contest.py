@@ -10,12 +10,15 @@ twin critics' disagreement; a reading the scripts no longer have, see docs/resul
 scripts' own adpo_candidates and adpo_target) and prints, per (N, kappa), how often a sample wins, how many winners
 both twin critics back, what the targets gain and how far they lie from the data: a table to choose kappa and N from.
 
+Runs on D4RL files read their file; runs on a Minari dataset read it from Minari's local store ($MINARI_DATASETS_PATH).
+
 Run (on finished or running DIVO runs of either script; N = 1 candidate, as the default):
     python tools/adpo_contest.py runs/hopper-medium-v2__divo__1 [more run folders] [--samples 20000]
     python tools/adpo_contest.py runs/hopper-medium-v2__divo__1 --margins 0 0.5 1 2 --num-candidates 1 4
 """
 
 import importlib
+import math
 import os
 import sys
 from dataclasses import dataclass, field, fields, replace
@@ -27,7 +30,8 @@ import tyro
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the scripts and divo_utils
 
-from divo_utils.data import default_dataset_path, load_d4rl_file  # noqa: E402
+from divo_utils import is_minari_id  # noqa: E402
+from divo_utils.data import default_dataset_path, load_d4rl_file, load_minari_dataset, minari_rows  # noqa: E402
 from divo_utils.runs import load_agent_state  # noqa: E402
 
 
@@ -88,8 +92,25 @@ class ContestError(Exception):
     """Bad input: main() prints it as one `error: ` line and exits 1."""
 
 
+def minari_folder(env_id: str) -> str:
+    """Where Minari's local store keeps the dataset `env_id`."""
+    try:
+        from minari.storage import get_dataset_path
+    except ImportError:
+        raise ContestError(f"{env_id} is a Minari dataset: pip install minari") from None
+    return str(get_dataset_path(env_id))
+
+
+def read_rows(args, path: str, obs_dim: int, act_dim: int) -> dict:
+    """The run's dataset in D4RL's layout, as it trained on it: a D4RL file's rows, or a Minari dataset's episodes."""
+    if is_minari_id(args.env_id):
+        return minari_rows(load_minari_dataset(args.env_id), obs_dim, act_dim)
+    return load_d4rl_file(path, obs_dim, act_dim)
+
+
 def load_run(folder: str):
-    """The script module, its restored agent, the checkpoint, the run's arguments and its dataset's path."""
+    """The script module, its restored agent, the checkpoint, its dataset's path (a Minari dataset's folder in
+    Minari's store) and the sizes of its observations and actions."""
     path = os.path.join(folder, "checkpoint.pt")
     if not os.path.isfile(path):
         raise ContestError(f"no checkpoint at {path}: give the folders of divo_continuous.py or divo_antmaze.py runs")
@@ -106,11 +127,18 @@ def load_run(folder: str):
     args = module.Args(**{k: v for k, v in payload["args"].items() if k in names}, cuda=False)
     if not args.adpo:
         raise ContestError(f"{folder} is a --no-adpo run: it has no diffusion model and no contest")
-    data = args.dataset_path or default_dataset_path(args.env_id)
-    if not os.path.isabs(data):  # a run made before paths were stored absolute: relative to where it was made
-        data = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(folder))), data)
-    if not os.path.isfile(data):
-        raise ContestError(f"{folder} was trained on {data}, which is not there")
+    if is_minari_id(args.env_id):  # its data: the Minari dataset, from Minari's local store (never downloaded here)
+        data = minari_folder(args.env_id)
+        if not os.path.isdir(os.path.join(data, "data")):
+            raise ContestError(f"{folder} was trained on the Minari dataset {args.env_id}, which is not in Minari's local "
+                               f"store ({data} is missing): set MINARI_DATASETS_PATH to the store that holds it, or "
+                               f"run `minari download {args.env_id}`")
+    else:
+        data = args.dataset_path or default_dataset_path(args.env_id)
+        if not os.path.isabs(data):  # a run made before paths were stored absolute: relative to where it was made
+            data = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(folder))), data)
+        if not os.path.isfile(data):
+            raise ContestError(f"{folder} was trained on {data}, which is not there")
     obs_dim = len(payload["obs_mean"])
     act_dim = [v for k, v in payload["agent"]["actor"].items() if k.endswith("weight")][-1].shape[0]
     agent = module.DIVO(obs_dim, act_dim, args, torch.device("cpu"))
@@ -125,11 +153,19 @@ def main(args: Args) -> None:
         if args.samples < 1 or not 0 <= args.seed < 2**32:
             raise ContestError(f"--samples must be at least 1 and --seed in [0, 4294967295], got {args.samples} and "
                                f"{args.seed}")
+        if not all(math.isfinite(kappa) and kappa >= 0 for kappa in args.margins):
+            raise ContestError(f"--margins takes finite numbers >= 0, got "
+                               f"{' '.join(f'{kappa:g}' for kappa in args.margins)}")
+        if not args.num_candidates:
+            raise ContestError("--num-candidates needs at least one count N, e.g. 1 4")
+        if min(args.num_candidates) < 1:
+            raise ContestError(f"--num-candidates takes counts of at least 1, got "
+                               f"{' '.join(map(str, args.num_candidates))}")
         runs = [load_run(folder) for folder in args.runs]
     except ContestError as e:
         raise SystemExit(f"error: {e}") from None
     for folder, (module, agent, payload, path, obs_dim, act_dim) in zip(args.runs, runs):
-        transitions = module.qlearning_dataset(load_d4rl_file(path, obs_dim, act_dim))
+        transitions = module.qlearning_dataset(read_rows(agent.args, path, obs_dim, act_dim))
         n = len(transitions["rewards"])
         rows = np.random.default_rng(args.seed).choice(n, min(args.samples, n), replace=False)
         mean, std = payload["obs_mean"].numpy(), payload["obs_std"].numpy()

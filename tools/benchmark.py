@@ -3,7 +3,8 @@ data, with the TD3+BC backbone (--no-adpo) beside DIVO, and the time of each par
 
 It imports the training scripts and times their own update functions (the scripts keep only their in-loop
 `charts/SPS`). Data: the dataset file given, else the cached D4RL file if there is one, else a million random
-transitions of the task's shapes (speed does not depend on the values).
+transitions of the task's shapes (speed does not depend on the values). A Minari id (mujoco/hopper/medium-v0) times
+on that dataset, read from Minari's local store ($MINARI_DATASETS_PATH; it is not downloaded here).
 
 With --runs-per-gpu K [K ...] it also runs K copies of the iteration side by side on one device (K processes, as
 tools/sweep.py --runs-per-gpu packs runs), DIVO and backbone, and prints their aggregate steps per second and what the
@@ -14,6 +15,7 @@ Run:
     python tools/benchmark.py --env-id hopper-medium-v2 --cuda --modes cudagraphs --runs-per-gpu 1 2 4 8
     python tools/benchmark.py --env-id halfcheetah-medium-expert-v2 --cuda --steps 5000
     python tools/benchmark.py --env-id antmaze-medium-play-v2 --cuda
+    python tools/benchmark.py --env-id mujoco/hopper/medium-v0 --cuda
     python tools/benchmark.py --env-id hopper-medium-v2 --script pad_pretrain --modes eager compile --no-cuda
 """
 
@@ -32,7 +34,9 @@ import tyro
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the scripts and divo_utils
 
-from divo_utils.data import D4RL_DIMS, default_dataset_path, load_d4rl_file  # noqa: E402
+from divo_utils import is_minari_id  # noqa: E402
+from divo_utils.data import (D4RL_DIMS, default_dataset_path, load_d4rl_file, load_minari_dataset,  # noqa: E402
+                             minari_dims, minari_rows)
 from divo_utils.speed import GraphedTrainStep, compile_updates, training_state  # noqa: E402
 
 Mode = Literal["eager", "compile", "cudagraphs", "compile+cudagraphs"]
@@ -41,7 +45,8 @@ Mode = Literal["eager", "compile", "cudagraphs", "compile+cudagraphs"]
 @dataclass
 class Args:
     env_id: str = "hopper-medium-v2"
-    """a D4RL id: it picks the DIVO script (divo_continuous or divo_antmaze) and the data's shapes"""
+    """a D4RL id, or a Minari one in Minari's local store: it picks the DIVO script (divo_continuous or divo_antmaze)
+    and the data's shapes"""
     script: Literal["divo", "pad_pretrain"] = "divo"
     """time DIVO's iteration (and its TD3+BC backbone), or pad_pretrain.py's"""
     dataset_path: Optional[str] = None
@@ -79,7 +84,9 @@ def load_script(args: Args):
     """The training script's module: pad_pretrain, or the DIVO script of the env id's domain."""
     if args.script == "pad_pretrain":
         return importlib.import_module("pad_pretrain")
-    return importlib.import_module("divo_antmaze" if args.env_id.lower().startswith("antmaze-") else "divo_continuous")
+    antmaze = args.env_id.lower().startswith("antmaze-") or (
+        is_minari_id(args.env_id) and "antmaze" in args.env_id.split("/")[:-1])  # D4RL/antmaze/umaze-v1
+    return importlib.import_module("divo_antmaze" if antmaze else "divo_continuous")
 
 
 def check_args(args: Args, module) -> None:
@@ -94,6 +101,13 @@ def check_args(args: Args, module) -> None:
         raise BenchmarkError(f"--dataset-path {args.dataset_path}: no such file (leave it out to use the cached D4RL "
                              "file, or else random transitions)")
     run_args(module, args)  # the script's own checks of the env id and the sizes (its one-line InputError)
+    if is_minari_id(args.env_id):
+        from minari.storage import get_dataset_path
+
+        if not os.path.isdir(os.path.join(get_dataset_path(args.env_id), "data")):  # what minari.load_dataset reads
+            raise BenchmarkError(f"the Minari dataset {args.env_id} is not in Minari's local store {get_dataset_path()}, "
+                                 "and the benchmark does not download it: run `minari download "
+                                 f"{args.env_id}`, or set MINARI_DATASETS_PATH to a store that holds it")
 
 
 def run_args(module, args: Args, **overrides):
@@ -108,14 +122,20 @@ def run_args(module, args: Args, **overrides):
 
 
 def shapes(module, env_id: str) -> tuple[int, int]:
-    """Observation and action sizes of the task (without building its env)."""
+    """Observation and action sizes of the task (without building its env): a Minari dataset's own."""
+    if is_minari_id(env_id):
+        return minari_dims(load_minari_dataset(env_id))
     return D4RL_DIMS["antmaze" if env_id.startswith("antmaze-") else env_id.split("-")[0]]
 
 
 def load_data(module, args: Args, obs_dim: int, act_dim: int, device: torch.device) -> tuple[dict, str]:
     """Transitions on the device, as the script prepares them, and where they came from."""
-    path = args.dataset_path or default_dataset_path(args.env_id)
-    if os.path.isfile(path):
+    path = None if is_minari_id(args.env_id) else args.dataset_path or default_dataset_path(args.env_id)
+    if path is None:  # a Minari dataset, in the store (check_args): read, never downloaded
+        dataset = load_minari_dataset(args.env_id)
+        transitions = module.qlearning_dataset(minari_rows(dataset, obs_dim, act_dim))
+        source = f"the Minari dataset {args.env_id} ({dataset.spec.data_path})"
+    elif os.path.isfile(path):
         transitions = module.qlearning_dataset(load_d4rl_file(path, obs_dim, act_dim))
         source = path
     else:

@@ -132,6 +132,13 @@ def check_args(args: Args) -> None:
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise ReportError(f"--out {args.out}: {existing} is a file, not a folder")
+    import tempfile
+
+    try:  # a read-only folder, /proc: refused now, not after the report's work
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ReportError(f"--out {args.out}: cannot make folders in {existing} ({e.strerror or e})") from None
 
 
 def find_run_folders(dirs: list[str]) -> list[str]:

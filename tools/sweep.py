@@ -8,8 +8,10 @@ continues an interrupted sweep: finished runs are skipped, unfinished ones resum
 folder that another process writes (its lock file held, e.g. by a second sweep on the same --out) is left alone. At
 the end, tools/report.py writes `{out}/report/` (Table I, rliable aggregates, curves) from the runs that finished.
 Arguments after `--` go to every run unchanged. Ctrl-C (or SIGTERM) stops the sweep: running runs write a checkpoint
-first, and the same command continues them. A finished run is never trained again: to change its arguments (e.g.
-longer runs), use another --label or --out. `--script pad_pretrain.py` pretrains a PAD model per (task, seed).
+first, and the same command continues them. A finished (or resumable) run made with other arguments than this sweep
+passes stops the sweep before anything starts, with one line naming the runs and what differs (use another --label or
+--out for other arguments); only a larger --total-timesteps is not a mismatch: it extends the finished runs from their
+checkpoints. `--script pad_pretrain.py` pretrains a PAD model per (task, seed).
 
 One machine (Ray is started for the sweep and stopped after it):
     pip install -r requirements-tools.txt
@@ -30,6 +32,7 @@ With Ray's token authentication on, the nodes and the sweep need the head's toke
 
 import difflib
 import fcntl
+import json
 import math
 import os
 import re
@@ -39,6 +42,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -49,7 +53,7 @@ import tyro
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: the training scripts live here
 sys.path.insert(0, ROOT)  # divo_utils, whose package imports no torch: the ids, file names and limits
 from divo_utils import (ANTMAZE_IDS, LOCK, LOCOMOTION_IDS, MAX_EXP_NAME, MAX_NAME, RUN_FILES,  # noqa: E402
-                        is_minari_id)
+                        flag, is_minari_id)
 
 LOCOMOTION_SCRIPT, ANTMAZE_SCRIPT = "divo_continuous.py", "divo_antmaze.py"
 SUITES = {
@@ -217,9 +221,13 @@ def check_args(args: Args, extra: list[str]) -> None:
         existing = os.path.abspath(os.path.expanduser(args.out))
         while not os.path.exists(existing):  # the folder that --out would be made in
             existing = os.path.dirname(existing)
-        if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-            what = "a file, not a folder" if not os.path.isdir(existing) else "not writable"
-            raise SweepError(f"--out {args.out}: {existing} is {what}")
+        if not os.path.isdir(existing):
+            raise SweepError(f"--out {args.out}: {existing} is a file, not a folder")
+        try:  # os.access alone says yes to root, also in /proc
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as e:
+            raise SweepError(f"--out {args.out}: cannot make folders in {existing} ({e.strerror or e})") from None
 
 
 def resolve_script(script: str) -> str:
@@ -273,11 +281,36 @@ def run_files(run: Run) -> tuple[str, str]:
     return finished, checkpoint
 
 
-def run_state(out: str, run: Run) -> Literal["finished", "resume", "restart", "new"]:
-    """What the next attempt of a run does: nothing, continue its checkpoint, start over, or start."""
+def read_json(path: str) -> Optional[dict]:
+    """A run's JSON file (args.json, its finished file), or None if it is missing or unreadable."""
+    try:
+        with open(path) as f:
+            content = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return content if isinstance(content, dict) else None
+
+
+def finished_steps(out: str, run: Run) -> Optional[int]:
+    """The gradient steps a finished run trained: its finished file's (scores.json's "step", pad_diagnostics.json's
+    last diagnostics), else its args.json's --total-timesteps; None where neither says."""
+    run_dir = os.path.join(out, "runs", run.name)
+    finished = read_json(os.path.join(run_dir, run_files(run)[0])) or {}
+    steps = finished.get("step", (finished.get("final") or {}).get("step"))
+    if not isinstance(steps, int):  # not the finished file's (scores.json of an extension that died before its first
+        # checkpoint still has its old step, while args.json has the new --total-timesteps already)
+        steps = (read_json(os.path.join(run_dir, "args.json")) or {}).get("total_timesteps")
+    return steps if isinstance(steps, int) else None
+
+
+def run_state(out: str, run: Run, extend_to: Optional[int] = None) -> Literal["finished", "extend", "resume", "restart",
+                                                                              "new"]:
+    """What the next attempt of a run does: nothing, continue its finished run to `extend_to` steps (the sweep asks
+    for more than it trained), continue its checkpoint, start over, or start."""
     run_dir, (finished, checkpoint) = os.path.join(out, "runs", run.name), run_files(run)
     if os.path.isfile(os.path.join(run_dir, finished)):
-        return "finished"
+        steps = finished_steps(out, run) if extend_to is not None else None
+        return "extend" if steps is not None and steps < extend_to else "finished"
     if os.path.isfile(os.path.join(run_dir, checkpoint)):
         return "resume"
     return "restart" if os.path.exists(run_dir) else "new"  # restart: an attempt died before its first checkpoint
@@ -298,7 +331,7 @@ def try_lock(run_dir: str) -> tuple[Optional[int], str]:
 def script_args(run: Run, label: str, state: str, extra: list[str], cuda: bool) -> list[str]:
     """The script and its arguments for an attempt (paths relative to the sweep's folder, its working directory)."""
     data = ["--dataset-path", run.dataset_path] if run.dataset_path else []
-    if state == "resume":  # the other arguments come from the checkpoint
+    if state in ("resume", "extend"):  # the other arguments come from the checkpoint; extend: --total-timesteps larger
         start = ["--resume", f"runs/{run.name}/{run_files(run)[1]}"]
     else:
         start = ["--env-id", run.env_id, "--seed", str(run.seed), "--exp-name", label, "--run-name", run.name]
@@ -324,12 +357,14 @@ def last_line(path: str, offset: int) -> str:
     return (errors or lines or ["(no output)"])[-1]
 
 
-def run_one(run: Run, out: str, label: str, extra: list[str], cuda: bool, threads: int) -> dict:
-    """One attempt at a run: skip it if finished, else run its script (resuming its checkpoint) and wait for it.
+def run_one(run: Run, out: str, label: str, extra: list[str], cuda: bool, threads: int,
+            extend_to: Optional[int] = None) -> dict:
+    """One attempt at a run: skip it if finished (with `extend_to`: finished at that many steps), else run its script
+    (resuming its checkpoint) and wait for it.
 
     Raises RunFailed when the script fails, so that Ray tries again (the next attempt resumes the checkpoint), and
     RunRefused when no retry would help: the script refused its input, or another process writes the run's folder."""
-    state = run_state(out, run)
+    state = run_state(out, run, extend_to)
     if state == "finished":
         return {"name": run.name, "status": "skipped"}
     run_dir, log_path = os.path.join(out, "runs", run.name), os.path.join(out, "logs", f"{run.name}.log")
@@ -366,7 +401,7 @@ def run_one(run: Run, out: str, label: str, extra: list[str], cuda: bool, thread
                     proc.wait()
             seconds = time.time() - start
             log.write(f"=== exit {proc.returncode} after {format_seconds(seconds)}\n")
-    if os.path.isfile(os.path.join(run_dir, run_files(run)[0])):  # written last: the run finished
+    if run_state(out, run, extend_to) == "finished":  # its finished file, written last, is there (of the steps asked)
         return {"name": run.name, "status": "finished", "seconds": seconds, "host": socket.gethostname()}
     exit_status = f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0 else \
         f"exited {proc.returncode}"
@@ -374,6 +409,132 @@ def run_one(run: Run, out: str, label: str, extra: list[str], cuda: bool, thread
     if proc.returncode == 1 and message.startswith("error: "):  # the script refused its input: so would a retry
         raise RunRefused(f"{exit_status}: {message}")
     raise RunFailed(f"{exit_status}: {message}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs made earlier in --out: are they this sweep's?
+# ----------------------------------------------------------------------------------------------
+# A run folder's args.json holds the arguments it was made with; what this sweep would give it is what its script
+# makes of the command line script_args builds: the scripts' Args are tyro dataclasses whose defaults and
+# __post_init__ fill in values (divo_antmaze's --alpha per maze, pad_pretrain's per-domain defaults), so only the
+# script's own parser says. Importing a script imports torch, which this process never does (it only launches
+# runs), so the comparison is one subprocess for the whole sweep, and only where run folders with an args.json
+# exist. It reads a JSON list of {"name", "script", "argv", "recorded"} on stdin and prints for each the arguments
+# that differ (those a resume may change aside: RESUME_FREE_ARGS) and the --total-timesteps asked, or the script's
+# refusal of argv. The decision (mismatch, extension) is made here, from those answers and the run folders.
+COMPARE_ARGS = r"""
+import contextlib, importlib.util, io, json, os, sys
+from dataclasses import asdict, is_dataclass
+sys.path.insert(0, sys.argv[1])
+import torch
+import tyro
+from divo_utils.args import PATH_ARGS, RESUME_FREE_ARGS
+
+torch.cuda.is_available = lambda: True  # --cudagraphs is checked by the machine that runs it, not this one
+
+
+def parse(module, argv):
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            return tyro.cli(module.Args, args=argv), None
+    except SystemExit as e:  # the script's one-line InputError, or tyro's box of usage errors
+        if isinstance(e.code, str):
+            return None, e.code.removeprefix("error: ")
+        lines = [line.strip(" \u2502\u256d\u256e\u2570\u256f\u2500") for line in errors.getvalue().splitlines()][1:]
+        ends = [i for i, line in enumerate(lines) if line.startswith(("Argument helptext", "For full helptext"))]
+        return None, "; ".join(line for line in lines[:min(ends, default=len(lines))] if line) or "see its --help"
+
+
+modules, answers = {}, []
+with contextlib.redirect_stdout(sys.stderr):  # what a script prints stays out of the answer
+    for item in json.load(sys.stdin):
+        if item["script"] not in modules:
+            name = os.path.splitext(os.path.basename(item["script"]))[0]
+            spec = importlib.util.spec_from_file_location(name, item["script"])
+            modules[item["script"]] = sys.modules[name] = module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        module = modules[item["script"]]
+        if not is_dataclass(getattr(module, "Args", None)):  # not a script of this project: nothing to compare
+            answers.append({"name": item["name"]})
+            continue
+        args, refusal = parse(module, item["argv"])
+        if refusal is not None:
+            answers.append({"name": item["name"], "refused": refusal})
+            continue
+        asked, recorded = json.loads(json.dumps(asdict(args))), item["recorded"]
+        for values in (asked, recorded):  # files a run reads: absolute, from where its runs/ is (our cwd)
+            values.update({k: os.path.abspath(values[k]) for k in PATH_ARGS if isinstance(values.get(k), str)})
+        answers.append({"name": item["name"], "total_timesteps": asked.get("total_timesteps"), "differences": {
+            k: [recorded[k], v] for k, v in asked.items() if k not in RESUME_FREE_ARGS and k in recorded
+            and recorded[k] != v}})
+print(json.dumps(answers))
+"""
+
+
+def names_of(names: list[str], most: int = 4) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def check_existing_runs(runs: list[Run], out: str, label: str, extra: list[str]) -> dict[str, int]:
+    """Stop unless every finished or resumable run of the grid in `out` was made with the arguments this sweep passes
+    (those a resume may change aside, but not a shorter --total-timesteps); return the finished runs to extend to a
+    larger --total-timesteps: run name -> steps."""
+    items, recorded, states = [], {}, {}
+    for run in runs:
+        state = run_state(out, run)
+        content = read_json(os.path.join(out, "runs", run.name, "args.json"))
+        if state in ("finished", "resume") and content is not None:  # restart, new: made anew with our arguments
+            recorded[run.name], states[run.name] = content, state
+            items.append({"name": run.name, "script": run.script, "recorded": content,
+                          "argv": script_args(run, label, "new", extra, False)[1:]})
+    if not items:
+        return {}
+    proc = subprocess.run([sys.executable, "-c", COMPARE_ARGS, ROOT], input=json.dumps(items), cwd=out, text=True,
+                          capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        answers = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None
+    except (IndexError, ValueError):
+        answers = None
+    if not isinstance(answers, list):
+        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise SweepError(f"could not compare the runs in {out}/runs with this sweep's arguments: {last}")
+    by_name = {run.name: run for run in runs}
+    mismatches: dict[str, list[str]] = {}  # what differs -> the runs
+    extend: dict[str, int] = {}
+    unextendable: list[str] = []
+    for answer in answers:
+        name = answer["name"]
+        run, finished = by_name[name], states[name] == "finished"
+        if "refused" in answer:  # so would every run be
+            raise SweepError(f"{os.path.basename(run.script)} refuses the arguments after `--`: {answer['refused']}")
+        if "differences" not in answer:
+            continue
+        what = [f"{flag(k)} {old!r} recorded, {new!r} asked" for k, (old, new) in answer["differences"].items()]
+        asked = answer["total_timesteps"]
+        done = finished_steps(out, run) if finished else recorded[name].get("total_timesteps")
+        if isinstance(asked, int) and isinstance(done, int) and asked != done:
+            if asked < done:  # a sweep extends runs, never shortens them
+                what.append(f"--total-timesteps {done} {'trained' if finished else 'recorded'}, {asked} asked")
+            elif finished and not what:  # only longer: continue the finished run from its checkpoint
+                if os.path.isfile(os.path.join(out, "runs", name, run_files(run)[1])):
+                    extend[name] = asked
+                else:
+                    unextendable.append(name)
+        if what:
+            mismatches.setdefault("; ".join(what), []).append(name)
+    if mismatches:
+        count = sum(map(len, mismatches.values()))
+        raise SweepError(
+            f"{plural(count, 'run')} in {out}/runs {'was' if count == 1 else 'were'} made with other arguments than this "
+            f"sweep passes: {' | '.join(f'{names_of(names)}: {what}' for what, names in mismatches.items())}. To fix: "
+            "run these arguments with another --out or --label (or pass the recorded ones to continue this sweep)")
+    if unextendable:
+        raise SweepError(
+            f"{names_of(unextendable)} finished without a checkpoint (made with --checkpoint-freq 0), so "
+            f"{'it cannot' if len(unextendable) == 1 else 'they cannot'} be extended to a larger --total-timesteps: "
+            "use another --out or --label for the longer runs")
+    return extend
 
 
 # ----------------------------------------------------------------------------------------------
@@ -471,9 +632,10 @@ def stop_on_sigterm(signum: int, frame) -> None:
     raise KeyboardInterrupt
 
 
-def run_sweep(args: Args, extra: list[str], runs: list[Run], out: str) -> Progress:
-    """Run every unfinished run of the grid on Ray, printing each result and a status line now and then."""
-    todo = [run for run in runs if run_state(out, run) != "finished"]
+def run_sweep(args: Args, extra: list[str], runs: list[Run], out: str, extend: dict[str, int]) -> Progress:
+    """Run every unfinished run of the grid on Ray (and extend the finished runs of `extend` to its number of steps),
+    printing each result and a status line now and then."""
+    todo = [run for run in runs if run_state(out, run, extend.get(run.name)) != "finished"]
     for run in runs:
         if run not in todo:
             print(f"skipped (finished): {run.name}")
@@ -492,12 +654,12 @@ def run_sweep(args: Args, extra: list[str], runs: list[Run], out: str) -> Progre
                              f"has {largest:g}), so no run could start")
         print(f"{where}: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs; each run asks for "
               f"{plural(args.cpus_per_run, 'CPU')}" + (f" and 1/{args.runs_per_gpu} GPU" if gpus else ""))
-        print_plan(todo, out, args.label, extra, gpus)
+        print_plan(todo, out, args.label, extra, gpus, extend)
         remote = ray.remote(run_one)
         options = {"num_cpus": args.cpus_per_run, "num_gpus": 1 / args.runs_per_gpu if gpus else 0,
                    "max_retries": args.max_retries, "retry_exceptions": [RunFailed]}  # not RunRefused
-        refs = {remote.options(**options, name=run.name).remote(run, out, args.label, extra, gpus, args.cpus_per_run): run
-                for run in todo}
+        refs = {remote.options(**options, name=run.name).remote(run, out, args.label, extra, gpus, args.cpus_per_run,
+                                                                extend.get(run.name)): run for run in todo}
         pending = list(refs)
         signal.signal(signal.SIGTERM, stop_on_sigterm)  # `kill` of the sweep stops it like Ctrl-C
         try:
@@ -534,13 +696,15 @@ def run_sweep(args: Args, extra: list[str], runs: list[Run], out: str) -> Progre
         ray.shutdown()
 
 
-def print_plan(runs: list[Run], out: str, label: str, extra: list[str], cuda: bool) -> None:
+def print_plan(runs: list[Run], out: str, label: str, extra: list[str], cuda: bool, extend: dict[str, int]) -> None:
     """The command each run starts with (from the sweep's folder), as the next attempt would run it."""
     print(f"planned commands (working directory {out}):")
     for run in runs:
-        state = run_state(out, run)
+        state = run_state(out, run, extend.get(run.name))
         note = {"resume": "  # continues its checkpoint", "restart": "  # after removing its folder (no checkpoint yet)",
                 "finished": "  # finished: skipped"}.get(state, "")
+        if state == "extend":
+            note = f"  # extends the finished run from {finished_steps(out, run):,} to {extend[run.name]:,} steps"
         print(f"  {shlex.join([sys.executable, *script_args(run, label, state, extra, cuda)])}{note}")
 
 
@@ -569,14 +733,19 @@ def main() -> None:
     tasks = len(runs) // len(args.seeds)
     print(f"sweep {args.label}: {plural(len(runs), 'run')} ({plural(tasks, 'task')} x {plural(len(args.seeds), 'seed')}) "
           f"in {out}")
-    if args.dry_run:
-        print_plan(runs, out, args.label, extra, cuda=False)
-        print("(with --cuda added when the Ray cluster has GPUs)")
-        return
-    os.makedirs(os.path.join(out, "runs"), exist_ok=True)
-    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
     try:
-        progress = run_sweep(args, extra, runs, out)
+        extend = check_existing_runs(runs, out, args.label, extra)
+        if args.dry_run:
+            print_plan(runs, out, args.label, extra, False, extend)
+            print("(with --cuda added when the Ray cluster has GPUs)")
+            return
+        for folder in ("runs", "logs"):
+            try:
+                os.makedirs(os.path.join(out, folder), exist_ok=True)
+            except OSError as e:
+                raise SweepError(f"--out {args.out or out}: cannot make {os.path.join(out, folder)} ({e.strerror or e})") \
+                    from None
+        progress = run_sweep(args, extra, runs, out, extend)
     except SweepError as e:
         raise SystemExit(f"error: {e}") from None
     print(f"sweep done in {format_seconds(time.time() - progress.start)}: {len(runs) - len(progress.failed)} of "
