@@ -109,7 +109,9 @@ def parse_args(args_class, kind: str):
     A resumed run's folder is locked first, so that nothing is read, kept or removed while another process writes it.
     """
     args, checkpoint = read_command_line(args_class, kind)
-    from divo_utils.runs import check_writable
+    from divo_utils.runs import check_writable, out_of_memory_before_the_run
+
+    sys.excepthook = out_of_memory_before_the_run  # networks too large for memory: one line (Run takes over)
 
     check_writable(os.path.dirname(args.resume) if checkpoint else "runs", "run where the run's folder can be written")
     return args, checkpoint

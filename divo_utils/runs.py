@@ -307,8 +307,7 @@ class Run:
         """sys.excepthook while the run lives: out of (GPU or host) memory ends the run with one line that names the
         fix; a new run that wrote no checkpoint yet removes its folder, so that the same command can run again.
         Every other error keeps Python's traceback."""
-        if not (issubclass(kind, MemoryError) or isinstance(error, torch.OutOfMemoryError) or (
-                issubclass(kind, RuntimeError) and "can't allocate memory" in str(error))):
+        if not is_out_of_memory(kind, error):
             return sys.__excepthook__(kind, error, trace)
         first = (str(error).strip().splitlines() or [""])[0]
         if not self.resumed and not self.saved:
@@ -350,6 +349,22 @@ class Run:
     def finish(self, content: dict) -> None:
         """The finished file, written last: its presence means every file of the run is final."""
         write_json(self.finished_path, content, self.checkpoint_path)
+
+
+def is_out_of_memory(kind, error) -> bool:
+    """Whether an uncaught error is PyTorch's or Python's out of memory (host or GPU)."""
+    return issubclass(kind, MemoryError) or isinstance(error, torch.OutOfMemoryError) or (
+        issubclass(kind, RuntimeError) and "can't allocate memory" in str(error))
+
+
+def out_of_memory_before_the_run(kind, error, trace) -> None:
+    """sys.excepthook from the command line on (parse_args), until the run's folder exists (Run replaces it): out of
+    memory while the networks are built is one line naming the fix; every other error keeps its traceback."""
+    if not is_out_of_memory(kind, error):
+        return sys.__excepthook__(kind, error, trace)
+    first = (str(error).strip().splitlines() or [""])[0]
+    print(f"error: out of memory ({kind.__name__}: {first}); no run folder was made. Lower --batch-size or "
+          "--hidden-dim, or free memory on the device", file=sys.stderr)
 
 
 def markdown_table(values: dict) -> str:

@@ -178,7 +178,14 @@ def test_out_of_memory_is_one_line_and_a_new_run_leaves_no_folder(tmp_path):
     write_d4rl_file(tmp_path / "data.hdf5", episode_lengths=(40, 40))
     common = [*TINY, "--dataset-path", "data.hdf5", "--total-timesteps", 10, "--eval-freq", 0, "--run-name", "big"]
     proc = run_script("divo_continuous.py", *common, "--batch-size", 10**11, cwd=tmp_path, check=False)
-    assert refused(proc, "out of memory"), proc.stderr
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: out of memory"), proc.stderr
+    assert "Traceback" not in proc.stderr
     assert "Lower --batch-size or --hidden-dim" in proc.stderr and not (tmp_path / "runs/big").exists()
     run_script("divo_continuous.py", *common, cwd=tmp_path)
     assert (tmp_path / "runs/big/scores.json").exists()
+    # networks too large for memory: built before the run's folder, one line too
+    proc = run_script("divo_continuous.py", *common[:-2], "--hidden-dim", 10**6, "--num-layers", 2, "--run-name", "wide",
+                      cwd=tmp_path, check=False)  # a 10^6 x 10^6 layer: 4 TB
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: out of memory"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "no run folder was made" in proc.stderr and not (tmp_path / "runs/wide").exists()
