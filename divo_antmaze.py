@@ -151,8 +151,9 @@ class Args:
     """replay each training iteration as a captured CUDA graph (needs a GPU; docs/speed.md)"""
 
     def __post_init__(self):
+        maze = check_env_id(self.env_id, "divo_antmaze")  # an AntMaze id, D4RL's or Minari's
         if self.alpha is None:  # the maze's alpha
-            self.alpha = ALPHAS[check_env_id(self.env_id, "divo_antmaze")]
+            self.alpha = ALPHAS[maze]
         check_args(self)  # every range and combination, below
 
 
@@ -176,7 +177,6 @@ ADPO_ONLY_ARGS = ("value_lr", "diffusion_lr", "expectile", "diffusion_steps", "b
 
 def check_args(args: Args) -> None:
     """Refuse out-of-range or contradictory arguments before anything runs."""
-    check_env_id(args.env_id, "divo_antmaze")  # an AntMaze id, D4RL's or Minari's
     check_ranges(args, ARG_RANGES)
     check_common(args, Diffusion)  # names, device, noise schedule, data source: as every script
     defaults = {f.name: f.default for f in fields(args)}

@@ -139,6 +139,7 @@ class Args:
     """replay each training iteration as a captured CUDA graph (needs a GPU; docs/speed.md)"""
 
     def __post_init__(self):
+        check_env_id(self.env_id, "divo_continuous")  # a locomotion id, D4RL's or Minari's
         check_args(self)  # every range and combination, below
 
 
@@ -161,7 +162,6 @@ ADPO_ONLY_ARGS = ("value_lr", "diffusion_lr", "expectile", "diffusion_steps", "b
 
 def check_args(args: Args) -> None:
     """Refuse out-of-range or contradictory arguments before anything runs."""
-    check_env_id(args.env_id, "divo_continuous")  # a locomotion id, D4RL's or Minari's
     check_ranges(args, ARG_RANGES)
     check_common(args, Diffusion)  # names, device, noise schedule, data source: as every script
     defaults = {f.name: f.default for f in fields(args)}

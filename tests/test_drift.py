@@ -22,7 +22,7 @@ SHARED = {
         "qlearning_dataset", "normalize_states", "to_device", "prepare_data", "sample_batch",
     ),
     # DIVO itself: the actor, eq. (12), one iteration, and the arguments --no-adpo refuses
-    DIVO: ("Actor", "adpo_target", "DIVO", "ADPO_ONLY_ARGS"),
+    DIVO: ("Actor", "adpo_target", "DIVO", "ADPO_ONLY_ARGS", "check_args"),
     # AntMaze's reward, learned from by divo_antmaze.py and by pad_pretrain.py's AntMaze pretraining
     ("divo_antmaze.py", "pad_pretrain.py"): ("transform_rewards",),
 }
