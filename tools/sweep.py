@@ -21,13 +21,16 @@ One machine (Ray is started for the sweep and stopped after it):
     python tools/sweep.py --suite minari-locomotion --seeds 0 1 2                  # Minari's datasets (docs/data.md)
     python tools/sweep.py --suite paper --seeds 0 1 2 3 4 --dry-run                # print the planned commands only
 
-A cluster (the repository, the Python environment and `--out` at the same paths on every node, e.g. a shared disk):
+A cluster (the repository, the Python environment and `--out` at the same paths on every node; `--out` on a disk every
+node shares), as tests/test_cluster.py runs it on two nodes (docs/reproducing.md):
+    export RAY_AUTH_MODE=token            # on every node and for the sweep (Ray 2.52+; Ray's default from 2.61)
+    ray get-auth-token --generate         # on the head: makes ~/.ray/auth_token; copy that file to every node
     ray start --head --port 6379                                 # on the head node
     ray start --address HEAD_IP:6379                             # on every other node
-    python tools/sweep.py --suite paper --seeds 0 1 2 3 4 --address auto --out /shared/sweeps/divo   # on the head
-    python tools/sweep.py --suite paper --seeds 0 1 2 3 4 --address HEAD_IP:6379 --out /shared/sweeps/divo
+    python tools/sweep.py --suite paper --seeds 0 1 2 3 4 --address HEAD_IP:6379 --out /shared/sweeps/divo  # on the head
     ray stop                                                     # on every node, when done
-With Ray's token authentication on, the nodes and the sweep need the head's token (~/.ray/auth_token or RAY_AUTH_TOKEN).
+A node lost mid-sweep: Ray retries each run it held on the nodes left (--max-retries), and the retry continues the
+run's checkpoint in the shared --out; each run's line and log name the node it ran on.
 """
 
 import difflib
@@ -72,6 +75,8 @@ ATTEMPT_HEADER = "=== sweep attempt"  # the first words of the line the log gets
 MAX_LABEL, MAX_RUN_NAME = MAX_EXP_NAME, MAX_NAME  # bytes of a run's --exp-name and --run-name, as the scripts take
 # A script's progress line: "[ 12.0%] step 120,000/1,000,000 | 1,234 steps/s | ..."
 PROGRESS_LINE = re.compile(r"step ([\d,]+)/([\d,]+) \| ([\d,.]+) steps/s")
+NODE_CHECK_EVERY = 2.0  # seconds between the sweep's looks at which Ray nodes are alive
+RESUMED_LINE = re.compile(r"^resumed \S+ at step ([\d,]+)$", re.MULTILINE)  # divo_utils.runs.restore_run's
 
 
 @dataclass
@@ -105,7 +110,8 @@ class Args:
     temp_dir: Optional[str] = None
     """with a local Ray: its temporary folder (default Ray's /tmp/ray; keep it short, it holds Unix sockets)"""
     max_retries: int = 2
-    """times a failed run is started again (from its last checkpoint) before it counts as failed"""
+    """times a failed run is started again (from its last checkpoint) before it counts as failed; a run whose
+    node is lost is retried the same way (Ray's max_retries)"""
     status_every: float = 30.0
     """seconds between two status lines"""
     report_reps: int = 2000
@@ -357,6 +363,15 @@ def last_line(path: str, offset: int) -> str:
     return (errors or lines or ["(no output)"])[-1]
 
 
+def this_node() -> str:
+    """Where this attempt runs: the Ray node's address and the start of its id (in a Ray task; the nodes of one
+    machine, such as containers, share a host name), else the host name."""
+    ray = sys.modules.get("ray")  # imported by Ray's worker process; this module never imports it
+    if ray is not None and ray.is_initialized():
+        return f"node {ray.util.get_node_ip_address()} ({ray.get_runtime_context().get_node_id()[:8]})"
+    return socket.gethostname()
+
+
 def run_one(run: Run, out: str, label: str, extra: list[str], cuda: bool, threads: int,
             extend_to: Optional[int] = None) -> dict:
     """One attempt at a run: skip it if finished (with `extend_to`: finished at that many steps), else run its script
@@ -380,10 +395,10 @@ def run_one(run: Run, out: str, label: str, extra: list[str], cuda: bool, thread
     if threading.current_thread() is threading.main_thread():  # ray.cancel interrupts us through Python's SIGINT
         signal.signal(signal.SIGINT, signal.default_int_handler)  # handler, absent if Ray started with SIGINT ignored
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    start = time.time()
+    start, node = time.time(), this_node()
     with open(log_path, "a") as log:
         offset = log.tell()
-        log.write(f"{ATTEMPT_HEADER} {time.strftime('%Y-%m-%d %H:%M:%S')} on {socket.gethostname()} "
+        log.write(f"{ATTEMPT_HEADER} {time.strftime('%Y-%m-%d %H:%M:%S')} on {node} "
                   f"in {out}: {shlex.join(command)}\n")
         log.flush()
         proc = subprocess.Popen(command, cwd=out, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -402,7 +417,11 @@ def run_one(run: Run, out: str, label: str, extra: list[str], cuda: bool, thread
             seconds = time.time() - start
             log.write(f"=== exit {proc.returncode} after {format_seconds(seconds)}\n")
     if run_state(out, run, extend_to) == "finished":  # its finished file, written last, is there (of the steps asked)
-        return {"name": run.name, "status": "finished", "seconds": seconds, "host": socket.gethostname()}
+        with open(log_path, errors="replace") as log:
+            log.seek(offset)
+            resumed = RESUMED_LINE.search(log.read())
+        return {"name": run.name, "status": "finished", "seconds": seconds, "node": node,
+                "resumed_at": int(resumed.group(1).replace(",", "")) if resumed else None}
     exit_status = f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0 else \
         f"exited {proc.returncode}"
     message = f"no {run_files(run)[0]}" if proc.returncode == 0 else last_line(log_path, offset)
@@ -578,10 +597,11 @@ class Progress:
         self.durations: list[float] = []
         self.failed: dict[str, str] = {}
 
-    def finished(self, name: str, seconds: float, log_path: str) -> None:
-        self.durations.append(seconds)
-        print(f"[{self.skipped + len(self.durations) + len(self.failed)}/{self.total}] finished {name} in "
-              f"{format_seconds(seconds)} (log: {log_path})", flush=True)
+    def finished(self, name: str, result: dict, log_path: str) -> None:
+        self.durations.append(result["seconds"])
+        resumed = "" if result["resumed_at"] is None else f", continuing its checkpoint of step {result['resumed_at']:,}"
+        print(f"[{self.skipped + len(self.durations) + len(self.failed)}/{self.total}] finished {name} on "
+              f"{result['node']} in {format_seconds(result['seconds'])}{resumed} (log: {log_path})", flush=True)
 
     def failure(self, name: str, message: str, log_path: str) -> None:
         self.failed[name] = message
@@ -628,6 +648,28 @@ def running_progress(log_path: str) -> Optional[tuple[float, float, float]]:
     return None
 
 
+class Nodes:
+    """The Ray nodes alive, and a line for each that joins or is lost while the sweep runs. A lost node's runs are
+    Ray's to retry (a task on a dead node is a system failure: `max_retries` covers it): the sweep only says so."""
+
+    def __init__(self, ray, max_retries: int):
+        self.ray, self.max_retries = ray, max_retries
+        self.alive = self.now()
+
+    def now(self) -> dict[str, str]:
+        return {node["NodeID"]: f"{node['NodeManagerAddress']} ({node['NodeID'][:8]}, "
+                f"{plural(int(node['Resources'].get('CPU', 0)), 'CPU')})" for node in self.ray.nodes() if node["Alive"]}
+
+    def check(self) -> None:
+        alive = self.now()
+        for node in self.alive.keys() - alive.keys():
+            print(f"node {self.alive[node]} lost: Ray retries each run it held on the nodes left (up to --max-retries "
+                  f"{self.max_retries} times), continuing the run's last checkpoint in --out", flush=True)
+        for node in alive.keys() - self.alive.keys():
+            print(f"node {alive[node]} joined", flush=True)
+        self.alive = alive
+
+
 def stop_on_sigterm(signum: int, frame) -> None:
     raise KeyboardInterrupt
 
@@ -654,6 +696,9 @@ def run_sweep(args: Args, extra: list[str], runs: list[Run], out: str, extend: d
                              f"has {largest:g}), so no run could start")
         print(f"{where}: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs; each run asks for "
               f"{plural(args.cpus_per_run, 'CPU')}" + (f" and 1/{args.runs_per_gpu} GPU" if gpus else ""))
+        nodes = Nodes(ray, args.max_retries)
+        if len(nodes.alive) > 1:
+            print(f"nodes: {', '.join(sorted(nodes.alive.values()))}")
         print_plan(todo, out, args.label, extra, gpus, extend)
         remote = ray.remote(run_one)
         options = {"num_cpus": args.cpus_per_run, "num_gpus": 1 / args.runs_per_gpu if gpus else 0,
@@ -665,7 +710,9 @@ def run_sweep(args: Args, extra: list[str], runs: list[Run], out: str, extend: d
         try:
             next_status = time.time() + args.status_every
             while pending:
-                ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, next_status - time.time()))
+                ready, pending = ray.wait(pending, num_returns=1,
+                                          timeout=min(NODE_CHECK_EVERY, max(0.0, next_status - time.time())))
+                nodes.check()
                 for ref in ready:
                     run, log_path = refs[ref], os.path.join(out, "logs", f"{refs[ref].name}.log")
                     try:
@@ -676,8 +723,12 @@ def run_sweep(args: Args, extra: list[str], runs: list[Run], out: str, extend: d
                         if result["status"] == "skipped":  # finished by someone else since the sweep started
                             progress.skipped += 1
                             print(f"skipped (finished): {run.name}", flush=True)
+                        elif run_state(out, run, extend.get(run.name)) != "finished":  # not this machine's --out
+                            progress.failure(run.name, f"finished on {result['node']}, but {out} here has no runs/"
+                                             f"{run.name}/{run_files(run)[0]}: --out must be one folder every node "
+                                             "shares, at the same path (docs/reproducing.md)", log_path)
                         else:
-                            progress.finished(run.name, result["seconds"], log_path)
+                            progress.finished(run.name, result, log_path)
                 if time.time() >= next_status:
                     print(progress.status(ray, [os.path.join(out, "logs", f"{refs[r].name}.log") for r in pending]),
                           flush=True)
