@@ -67,6 +67,8 @@ class Args:
     """whether to save the final actor (with its observation normalisation) to `runs/{run_name}`"""
     capture_video: bool = False
     """whether to film the final policy (one evaluation episode) to `runs/{run_name}/videos`"""
+    video_each_eval: bool = False
+    """with --capture-video: film the policy at every evaluation too (videos/step-{step}-*.mp4)"""
 
     # Algorithm specific arguments
     env_id: str = "antmaze-medium-play-v2"
@@ -616,7 +618,7 @@ if __name__ == "__main__":
         import wandb
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=args.run_name, id=args.run_name, resume="allow",
-                   save_code=True, monitor_gym=args.capture_video)  # W&B uploads the videos
+                   save_code=True)  # videos: see divo_utils/video.py
     writer = SummaryWriter(run.dir, purge_step=start_step if resumed else None)
     writer.add_text("hyperparameters", markdown_table(vars(args)))
 
@@ -639,6 +641,9 @@ if __name__ == "__main__":
         evaluations.append({"step": step, "score": mean, "score_std": std})
         print(f"eval   step {step:,}: {task.metric_words} {mean:.1f} +- {std:.1f} (return "
               f"{returns.mean():.1f}, {len(returns)} episodes, {seconds:.1f}s)", flush=True)
+        if args.capture_video and (args.video_each_eval or step == args.total_timesteps):
+            film = task.video_env(run.dir, writer, step, final=step == args.total_timesteps)
+            evaluate(agent.actor, [film], obs_mean, obs_std, args.seed + 10_000)  # episode 0 again
         return returns, scores
 
     stop = StopSignal()
@@ -666,8 +671,6 @@ if __name__ == "__main__":
     returns, scores = run_evaluation(args.total_timesteps, metrics)
     if args.checkpoint_freq or resumed:  # resumed: its checkpoint must agree with scores.json
         print(f"checkpoint: {checkpoint(args.total_timesteps, metrics)}")
-    if args.capture_video:  # one episode of its own filmed to runs/{run_name}/videos
-        evaluate(agent.actor, [task.video_env(run.dir)], obs_mean, obs_std, args.seed + 10_000)
     if args.save_model:
         run.save_model({"actor": agent.actor.state_dict()})
     run.finish({**run.labels, "env_id": args.env_id, "run_name": args.run_name,

@@ -16,7 +16,7 @@ from divo_utils import (ANTMAZE_IDS, LOCOMOTION_IDS, MAX_EXP_NAME, MAX_NAME, RUN
 # Arguments that may differ between a checkpoint and the command that resumes it (a script has some of them).
 RESUME_FREE_ARGS = {"resume", "cuda", "track", "wandb_project_name", "wandb_entity", "total_timesteps",
                     "dataset_path", "log_freq", "eval_freq", "checkpoint_freq", "save_model", "compile", "cudagraphs",
-                    "eval_threads", "diag_freq"}
+                    "eval_threads", "diag_freq", "capture_video", "video_each_eval"}
 
 
 # Arguments that name files a run reads: stored as absolute paths, so that --resume works from any folder.

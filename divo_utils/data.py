@@ -411,9 +411,10 @@ class Task:
         return "\n".join(filter(None, [dataset_summary(self.path, self.rows, transitions, self.kind, self.score),
                                         self.note]))
 
-    def video_env(self, run_dir: str) -> gym.Env:
-        """An evaluation env like the others that films every episode into `run_dir`/videos (--capture-video;
-        AntMaze: a top view of the maze, the ant and the goal)."""
+    def video_env(self, run_dir: str, writer, step: int, final: bool) -> gym.Env:
+        """An evaluation env like the others that films its episode into `run_dir`/videos as final-episode-0.mp4
+        or step-{step}-episode-0.mp4 (--capture-video; AntMaze: a top view of the maze, the ant and the goal), and
+        into TensorBoard's `writer` at `step`."""
         from divo_utils import envs as eval_envs
         from divo_utils.video import SIZE, filmed
 
@@ -424,7 +425,7 @@ class Task:
             env = eval_envs.D4RLAntMaze(self.name, self.horizon, self.legacy_inertia, **render)
         else:
             env = eval_envs.make_eval_env(self.name, self.legacy_inertia, **render)
-        return filmed(env, os.path.join(run_dir, "videos"), "final")
+        return filmed(env, os.path.join(run_dir, "videos"), "final" if final else f"step-{step}", writer, step)
 
     def close(self) -> None:
         """Close the evaluation envs."""

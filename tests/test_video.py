@@ -1,5 +1,6 @@
-"""--capture-video: the final policy filmed as MP4 (both DIVO scripts), the evaluation's scores unchanged by it, and
-a machine that cannot render refused before any run folder exists."""
+"""--capture-video: the final policy (with --video-each-eval every evaluation's) filmed as MP4, shown in TensorBoard and
+on W&B, the evaluation's scores unchanged by it, the AntMaze top view, and a machine that cannot render refused before
+any run folder exists."""
 
 import json
 import os
@@ -40,20 +41,43 @@ def results(run) -> dict:
     return {key: value for key, value in scores.items() if key != "run_name"}
 
 
+def tensorboard_videos(run) -> list:
+    """The videos of a run's TensorBoard file: (step, GIF bytes, width, height) for each."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run), size_guidance={"images": 0})
+    events.Reload()
+    if "videos/policy" not in events.Tags()["images"]:
+        return []
+    return [(e.step, e.encoded_image_string, e.width, e.height) for e in events.Images("videos/policy")]
+
+
 @needs_renderer
-def test_the_final_policy_is_filmed_and_the_scores_do_not_change(tmp_path):
+def test_the_policy_is_filmed_logged_and_the_scores_do_not_change(tmp_path, monkeypatch):
+    """--capture-video --video-each-eval: an MP4 per evaluation (the final one named so), each in TensorBoard as a
+    GIF at its step and on W&B (offline mode: no account, no network); the scores are those of a run without it."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
     write_d4rl_file(tmp_path / "data.hdf5", episode_lengths=(60, 60))
     common = ["--env-id", "hopper-medium-v2", "--dataset-path", "data.hdf5", "--eval-episodes", "2",
-              "--no-legacy-inertia", *TINY]
+              "--no-legacy-inertia", *TINY, "--eval-freq", "10"]
     run_script("divo_continuous.py", *common, "--run-name", "plain", cwd=tmp_path)
-    run_script("divo_continuous.py", *common, "--run-name", "filmed", "--capture-video", cwd=tmp_path)
+    run_script("divo_continuous.py", *common, "--run-name", "filmed", "--capture-video", "--video-each-eval",
+               "--track", cwd=tmp_path)
     assert results(tmp_path / "runs/filmed") == results(tmp_path / "runs/plain")  # recording changes nothing
-    (video,) = (tmp_path / "runs/filmed/videos").iterdir()
-    assert video.name == "final-episode-0.mp4" and video.stat().st_size > 1000
-    shot = frames(video)
-    assert len(shot) >= 2 and shot[0].shape == (480, 480, 3)
-    assert np.abs(shot[0].astype(int) - shot[-1].astype(int)).mean() > 1.0  # the hopper moved (or fell)
-    assert not (tmp_path / "runs/plain/videos").exists()
+    videos = sorted((tmp_path / "runs/filmed/videos").iterdir())
+    assert [video.name for video in videos] == ["final-episode-0.mp4", "step-10-episode-0.mp4"]
+    for video in videos:
+        shot = frames(video)
+        assert video.stat().st_size > 1000 and len(shot) >= 2 and shot[0].shape == (480, 480, 3)
+        assert np.abs(shot[0].astype(int) - shot[-1].astype(int)).mean() > 1.0  # the hopper moved (or fell)
+    logged = tensorboard_videos(tmp_path / "runs/filmed")
+    assert [step for step, *_ in logged] == [10, 20]
+    assert all(gif.startswith(b"GIF89a") and (width, height) == (160, 160) for _, gif, width, height in logged)
+    (offline,) = (tmp_path / "wandb").glob("offline-run-*-filmed")
+    assert len(list((offline / "files" / "media" / "videos").rglob("*.mp4"))) == 2
+    assert not (tmp_path / "runs/plain/videos").exists() and not tensorboard_videos(tmp_path / "runs/plain")
 
 
 @needs_renderer
