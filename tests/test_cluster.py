@@ -54,8 +54,8 @@ def kill_namespace(name: str) -> list[int]:
 def two_nodes():
     """(head namespace, worker namespace), joined by a veth pair, loopback up in each; removed afterwards with every
     process in them."""
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces for two Ray nodes need root")
+    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("unshare") is None:
+        pytest.skip("network namespaces for two Ray nodes need root, `ip` (iproute2) and `unshare` (util-linux)")
     head, worker = f"divo-head-{os.getpid()}", f"divo-worker-{os.getpid()}"
     setup = [["ip", "netns", "add", head], ["ip", "netns", "add", worker],
              ["ip", "link", "add", "dvh0", "netns", head, "type", "veth", "peer", "name", "dvw0", "netns", worker],
