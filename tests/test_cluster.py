@@ -33,6 +33,10 @@ from test_sweep import RAY, SWEEP, headers, tiny
 
 HEAD_IP, WORKER_IP, PORT = "10.231.0.1", "10.231.0.2", 6390  # a private test subnet, inside the namespaces only
 RUNS = ["twin-a__two__0", "twin-b__two__0"]
+# Ray's head marks a silent node dead after missed health checks: about 15 s with the defaults, longer than the rest of
+# this sweep may take on an idle machine. Checked every 0.5 s here, so the sweep is still running to report it.
+FAST_NODE_DEATH = {"RAY_health_check_period_ms": "500", "RAY_health_check_timeout_ms": "500",
+                   "RAY_health_check_failure_threshold": "3"}
 
 
 def netns(name: str, *command: str) -> list[str]:
@@ -138,7 +142,7 @@ def ray_env(two_nodes, tmp_path):
         home = tmp_path / f"home-{name.split('-')[1]}"
         home.mkdir()
         envs[name] = dict(os.environ, HOME=str(home), RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0",
-                          PYTHONUNBUFFERED="1")
+                          PYTHONUNBUFFERED="1", **FAST_NODE_DEATH)
         temp_dirs.append(tempfile.mkdtemp(prefix="rt_", dir="/tmp"))  # short: Ray's Unix sockets live there
     yield envs, temp_dirs
     for folder in temp_dirs:
