@@ -31,6 +31,9 @@ RUN_FILES = {
     "divo_antmaze": ("checkpoint.pt", "scores.json"),
     "pad_pretrain": ("pad_checkpoint.pt", "pad_diagnostics.json"),
 }
+# Arguments that name files a run reads: stored as absolute paths, so that --resume works from any folder (and made
+# absolute by tools/sweep.py, whose runs work in the sweep's folder).
+PATH_ARGS = ("dataset_path", "pad_checkpoint")
 LOCK = "lock"  # the file a run's writer holds locked (flock) for its whole life, naming that process
 MAX_NAME = 200  # bytes of --run-name (a file name has at most 255)
 MAX_EXP_NAME = 150  # bytes of --exp-name: the default run name adds up to ~60

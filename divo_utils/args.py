@@ -10,17 +10,13 @@ from typing import Optional
 import torch
 import tyro
 
-from divo_utils import (ANTMAZE_IDS, LOCOMOTION_IDS, MAX_EXP_NAME, MAX_NAME, RUN_FILES, InputError, flag,
+from divo_utils import (ANTMAZE_IDS, LOCOMOTION_IDS, MAX_EXP_NAME, MAX_NAME, PATH_ARGS, RUN_FILES, InputError, flag,
                         is_folder_name, is_minari_id)
 
 # Arguments that may differ between a checkpoint and the command that resumes it (a script has some of them).
 RESUME_FREE_ARGS = {"resume", "cuda", "track", "wandb_project_name", "wandb_entity", "total_timesteps",
                     "dataset_path", "log_freq", "eval_freq", "checkpoint_freq", "save_model", "compile", "cudagraphs",
                     "eval_threads", "diag_freq", "capture_video", "video_each_eval"}
-
-
-# Arguments that name files a run reads: stored as absolute paths, so that --resume works from any folder.
-PATH_ARGS = ("dataset_path", "pad_checkpoint")
 
 
 def check_env_id(env_id: str, kind: str) -> Optional[str]:

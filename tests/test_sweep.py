@@ -356,6 +356,22 @@ def test_datasets_name_each_task_after_its_file(datasets, tmp_path):
     assert command[command.index("--run-name") + 1] == "hopper-medium-replay__dev__4"
 
 
+@pytest.mark.parametrize("spelling", ["--pad-checkpoint", "--pad_checkpoint="])
+def test_a_file_after_the_dashes_is_made_absolute(spelling, datasets, tmp_path):
+    """Runs work in the sweep's folder: `-- --pad-checkpoint pre/pad.pt` reaches them as the file under the folder the
+    sweep was started in, whichever way it is spelled; the other arguments pass unchanged."""
+    data = os.path.join(datasets, "hopper-medium-replay.hdf5")
+    given = [spelling + "pre/pad.pt"] if spelling.endswith("=") else [spelling, "pre/pad.pt"]
+    proc = subprocess.run([sys.executable, SWEEP, "--datasets", f"hopper-medium-replay-v2={data}", "--seeds", "0",
+                           "--label", "pre", "--out", "elsewhere", "--dry-run", "--", *given, "--freeze-pad"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, explain(proc)
+    [command] = [line.split() for line in proc.stdout.splitlines() if line.startswith(f"  {sys.executable} ")]
+    expected = os.path.join(tmp_path, "pre", "pad.pt")
+    assert command[-3:] == ["--pad-checkpoint", expected, "--freeze-pad"] or \
+        command[-2:] == [f"--pad_checkpoint={expected}", "--freeze-pad"], command
+
+
 def test_env_ids_match_the_scripts():
     """The sweep's copies of the valid ids (it does not import the scripts, to start fast) are theirs; paper = Table I."""
     import divo_antmaze

@@ -7,7 +7,8 @@ and its output goes to `{out}/logs/{task}__{label}__{seed}.log`. A failed run is
 continues an interrupted sweep: finished runs are skipped, unfinished ones resume from their last checkpoint. A run
 folder that another process writes (its lock file held, e.g. by a second sweep on the same --out) is left alone. At
 the end, tools/report.py writes `{out}/report/` (Table I, rliable aggregates, curves) from the runs that finished.
-Arguments after `--` go to every run unchanged. Ctrl-C (or SIGTERM) stops the sweep: running runs write a checkpoint
+Arguments after `--` go to every run unchanged, but for the file of --pad-checkpoint, made absolute (a relative path
+would be read from the sweep's folder). Ctrl-C (or SIGTERM) stops the sweep: running runs write a checkpoint
 first, and the same command continues them. A finished (or resumable) run made with other arguments than this sweep
 passes stops the sweep before anything starts, with one line naming the runs and what differs (use another --label or
 --out for other arguments); only a larger --total-timesteps is not a mismatch: it extends the finished runs from their
@@ -55,8 +56,8 @@ import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: the training scripts live here
 sys.path.insert(0, ROOT)  # divo_utils, whose package imports no torch: the ids, file names and limits
-from divo_utils import (ANTMAZE_IDS, LOCK, LOCOMOTION_IDS, MAX_EXP_NAME, MAX_NAME, RUN_FILES,  # noqa: E402
-                        flag, is_minari_id)
+from divo_utils import (ANTMAZE_IDS, LOCK, LOCOMOTION_IDS, MAX_EXP_NAME, MAX_NAME, PATH_ARGS,  # noqa: E402
+                        RUN_FILES, flag, is_minari_id)
 
 LOCOMOTION_SCRIPT, ANTMAZE_SCRIPT = "divo_continuous.py", "divo_antmaze.py"
 SUITES = {
@@ -150,10 +151,28 @@ class Run:
 # The command line and the grid
 # ----------------------------------------------------------------------------------------------
 def parse_command_line(argv: list[str]) -> tuple[Args, list[str]]:
-    """The sweep's own arguments, and those after the first `--` that go to every run unchanged."""
+    """The sweep's own arguments, and those after the first `--` that go to every run (files made absolute)."""
     own, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    description = f"{__doc__.splitlines()[0]} Arguments after `--` go to every run unchanged, e.g. `-- --no-adpo`."
-    return tyro.cli(Args, args=own, description=description), extra
+    description = (f"{__doc__.splitlines()[0]} Arguments after `--` go to every run unchanged, e.g. `-- --no-adpo`, "
+                   "except that a file they name (--pad-checkpoint) is made absolute: a run works in the sweep's folder.")
+    return tyro.cli(Args, args=own, description=description), absolute_paths(extra)
+
+
+def absolute_paths(extra: list[str]) -> list[str]:
+    """`extra` with the file of each path argument (`--pad-checkpoint F` or `--pad-checkpoint=F`) made absolute from
+    here: every run works in the sweep's folder (--out), where a relative path would name another file."""
+    options, out, follows = {flag(name) for name in PATH_ARGS}, [], False
+    for arg in extra:
+        name, equals, value = arg.partition("=")
+        if follows:  # the file after `--pad-checkpoint`
+            arg, follows = os.path.abspath(os.path.expanduser(arg)), False
+        elif name.replace("_", "-") in options:
+            if not equals:
+                follows = True
+            elif value:
+                arg = f"{name}={os.path.abspath(os.path.expanduser(value))}"
+        out.append(arg)
+    return out
 
 
 def script_of(env_id: str) -> str:
