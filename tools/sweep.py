@@ -7,12 +7,12 @@ and its output goes to `{out}/logs/{task}__{label}__{seed}.log`. A failed run is
 continues an interrupted sweep: finished runs are skipped, unfinished ones resume from their last checkpoint. A run
 folder that another process writes (its lock file held, e.g. by a second sweep on the same --out) is left alone. At
 the end, tools/report.py writes `{out}/report/` (Table I, rliable aggregates, curves) from the runs that finished.
-Arguments after `--` go to every run unchanged, but for the file of --pad-checkpoint, made absolute (a relative path
-would be read from the sweep's folder). Ctrl-C (or SIGTERM) stops the sweep: running runs write a checkpoint
-first, and the same command continues them. A finished (or resumable) run made with other arguments than this sweep
-passes stops the sweep before anything starts, with one line naming the runs and what differs (use another --label or
---out for other arguments); only a larger --total-timesteps is not a mismatch: it extends the finished runs from their
-checkpoints. `--script pad_pretrain.py` pretrains a PAD model per (task, seed).
+Arguments after `--` go to every run unchanged, except that a relative --pad-checkpoint is made absolute (the runs
+work in the sweep's folder, where it would name another file). Ctrl-C (or SIGTERM) stops the sweep: running runs write
+a checkpoint first, and the same command continues them. A finished (or resumable) run made with other arguments than
+this sweep passes stops the sweep before anything starts, with one line naming the runs and what differs (use another
+--label or --out for other arguments); only a larger --total-timesteps is not a mismatch: it extends the finished runs
+from their checkpoints. `--script pad_pretrain.py` pretrains a PAD model per (task, seed).
 
 One machine (Ray is started for the sweep and stopped after it):
     pip install -r requirements-tools.txt
