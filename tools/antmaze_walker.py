@@ -262,7 +262,7 @@ def evaluate(cmd: Evaluate) -> None:
             ax.add_patch(plt.Circle(goal, 0.5, fill=False, color=line.get_color(), ls="-" if reached else ":"))
         ax.plot(0, 0, "k+")
         ax.set_aspect("equal")
-        ax.set_title(f"walker: 16 paths to goals 2-4 m away (all {cmd.episodes}: {100 * rate:.0f}% reached)")
+        ax.set_title(f"16 paths to goals 2-4 m away\n(of {cmd.episodes}: {100 * rate:.0f}% reached, noise {cmd.noise})")
         ax.set_xlabel("x (m)")
         ax.set_ylabel("y (m)")
         fig.tight_layout()
