@@ -264,7 +264,7 @@ def plot_coverage(maze: str, xy: np.ndarray, path: str, title: str) -> None:
     from matplotlib.colors import LogNorm
 
     rows = ANTMAZE_MAPS[maze]
-    fig, ax = plt.subplots(figsize=(0.6 * len(rows[0]) + 1.5, 0.6 * len(rows) + 0.6))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(rows[0]) + 1.5), max(4.0, 0.6 * len(rows) + 0.6)))
     for i, row in enumerate(rows):
         for j, c in enumerate(row):
             if c == "1":
@@ -277,7 +277,7 @@ def plot_coverage(maze: str, xy: np.ndarray, path: str, title: str) -> None:
     ax.set_xlim(extent[:2])
     ax.set_ylim(extent[2:])
     ax.set_aspect("equal")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
