@@ -27,7 +27,7 @@ import os
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import numpy as np
@@ -35,15 +35,14 @@ import torch
 import torch.nn as nn
 from torch.utils.tensorboard import SummaryWriter
 
-from divo_utils import ANTMAZE_IDS, InputError, flag
-from divo_utils.args import check_common, check_env_id, check_ranges, parse_args
-from divo_utils.data import check_transitions, load_task, score_fields, split_holdout
+from divo_utils import DIVO_FILES, maze_of, run_mode
+from divo_utils.args import check_common, check_env_id, check_schedule, check_switches
+from divo_utils.data import REWARD_LABELS, check_transitions, load_task, score_fields, split_holdout
 from divo_utils.diagnostics import Diagnostics
-from divo_utils.runs import (Run, StopSignal, agent_state, markdown_table, progress_line,
-                             restore_run, run_mode)
-from divo_utils.speed import speed_up
+from divo_utils.resume import parse_args, restore_run
+from divo_utils.runs import Run, StopSignal, agent_state, markdown_table
+from divo_utils.speed import adam, speed_up
 
-ENV_IDS = ANTMAZE_IDS  # antmaze-{umaze, umaze-diverse, medium-play, ..., large-diverse}-v2
 ALPHAS = {"umaze": 2.5, "medium": 7.5, "large": 20.0}  # alpha of eq. (13) per maze (README)
 
 
@@ -153,45 +152,12 @@ class Args:
     """replay each training iteration as a captured CUDA graph (needs a GPU; docs/speed.md)"""
 
     def __post_init__(self):
-        maze = check_env_id(self.env_id, "divo_antmaze")  # an AntMaze id, D4RL's or Minari's
+        check_env_id(self.env_id, ("antmaze",), {"locomotion": "divo_continuous.py"})
         if self.alpha is None:  # the maze's alpha
-            self.alpha = ALPHAS[maze]
-        check_args(self)  # every range and combination, below
-
-
-# The range of every numeric argument ("[" closed, "(" open).
-ARG_RANGES = {
-    "seed": "[0, 4294967295]", "total_timesteps": "[1, inf)", "batch_size": "[1, inf)",
-    "actor_lr": "(0, inf)", "critic_lr": "(0, inf)", "value_lr": "(0, inf)",
-    "diffusion_lr": "(0, inf)", "gamma": "[0, 1)", "tau": "(0, 1]", "policy_noise": "[0, inf)",
-    "noise_clip": "[0, inf)", "policy_freq": "[1, inf)", "alpha": "[0, inf)", "expectile": "(0, 1)",
-    "diffusion_steps": "[1, inf)", "beta_min": "(0, inf)", "beta_max": "(0, inf)",
-    "pad_strength": "(0, inf)", "num_candidates": "[1, inf)", "hidden_dim": "[1, inf)",
-    "num_layers": "[1, inf)", "eval_freq": "[0, inf)", "eval_episodes": "[1, inf)",
-    "log_freq": "[1, inf)", "checkpoint_freq": "[0, inf)", "holdout": "[0, inf)",
-    "eval_threads": "[0, inf)",
-}
-# Arguments that only act through the diffusion model or V_psi: --no-adpo refuses them.
-ADPO_ONLY_ARGS = ("value_lr", "diffusion_lr", "expectile", "diffusion_steps", "beta_min",
-                  "beta_max", "pad_strength", "num_candidates", "pad_checkpoint", "freeze_pad",
-                  "pad")
-
-
-def check_args(args: Args) -> None:
-    """Refuse out-of-range or contradictory arguments before anything runs."""
-    check_ranges(args, ARG_RANGES)
-    check_common(args, Diffusion)  # names, device, noise schedule, data source: as every script
-    defaults = {f.name: f.default for f in fields(args)}
-    no_effect = [flag(n, v) for n in ADPO_ONLY_ARGS if (v := getattr(args, n)) != defaults[n]]
-    if args.freeze_pad and not args.pad_checkpoint:
-        raise InputError("--freeze-pad keeps a pretrained diffusion model fixed: pass "
-                         "--pad-checkpoint too")
-    if args.freeze_pad and not args.pad:
-        raise InputError("--no-pad trains the diffusion model with uniform weights; --freeze-pad "
-                         "would not train it")
-    if not args.adpo and no_effect:
-        raise InputError("--no-adpo trains no diffusion model and no value net; these would have "
-                         f"no effect: {', '.join(no_effect)}")
+            self.alpha = ALPHAS[maze_of(self.env_id)]
+        check_common(self, self.capture_video)  # ranges, names, device, data
+        check_schedule(self, vp_beta_schedule(self.diffusion_steps, self.beta_min, self.beta_max))
+        check_switches(self)  # what --no-adpo, --no-pad and --freeze-pad refuse
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,9 +284,11 @@ class Diffusion(nn.Module):
         alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
         one_minus = (1 - alpha_bar).clamp(min=1e-20)  # only k = 0 is clamped, and it is never used
         # eq. (3), (5): the forward process, at a step k drawn per sample: tensors (not saved)
-        self.register_buffer("sqrt_alpha_bar", alpha_bar.sqrt().float(), False)
-        self.register_buffer("sqrt_one_minus_alpha_bar", (1 - alpha_bar).sqrt().float(), False)
-        # eq. (7), (8): the reverse process, step by step: float32 values as plain numbers
+        sqrt_one_minus_alpha_bar = (1 - alpha_bar).sqrt().float()
+        self.register_buffer("sqrt_alpha_bar", alpha_bar.sqrt().float(), persistent=False)
+        self.register_buffer("sqrt_one_minus_alpha_bar", sqrt_one_minus_alpha_bar, persistent=False)
+        # eq. (7), (8): the reverse process, step by step. Python floats (float32's values): a step
+        # scales by a number, with no tensor read, and a CUDA graph keeps them as constants
         self.sqrt_recip_alpha_bar = (1 / alpha_bar).sqrt().float().tolist()  # eq. (7)
         self.sqrt_recipm1_alpha_bar = (1 / alpha_bar - 1).sqrt().float().tolist()  # eq. (7)
         self.posterior_coef_a0 = (betas * alpha_bar_prev.sqrt() / one_minus).float().tolist()  # (8)
@@ -340,6 +308,8 @@ class Diffusion(nn.Module):
     def sample(self, s: torch.Tensor) -> torch.Tensor:
         """DDPM ancestral sampling a_K -> a_0 (eq. 4, 7, 8), noise drawn up front; in [-1, 1]."""
         K, n = self.num_steps, len(s)
+        # all the noise in one draw: row K is a_K, row k - 1 the noise of step k; row 0 is never
+        # used (drawn so that the random stream, and so every run, stays what it was)
         noise = torch.randn(K + 1, n, self.act_dim, device=s.device).unbind(0)
         k_emb = self.eps_model.time_mlp(torch.arange(K + 1, device=s.device))  # each step's, once
         k_emb = k_emb[:, None].expand(-1, n, -1).unbind(0)
@@ -370,16 +340,11 @@ def adpo_target(a, adv, candidates, cand_adv):
     a: (B, A) dataset actions, adv: (B,) their advantages; candidates: (N, B, A), cand_adv: (N, B).
     Returns the targets (B, A), where a sample won (B,) and the targets' advantages (B,).
     """
-    score, best = cand_adv.max(dim=0)
-    winner = candidates.gather(0, best[None, :, None].expand(1, *a.shape))[0]
+    score, best = cand_adv.max(dim=0)  # per state: the best sample's advantage and its index
+    winner = candidates[best, torch.arange(len(a), device=a.device)]  # (B, A)
     generated = score >= adv
     target = torch.where(generated[:, None], winner, a)
-    return target, generated, torch.where(generated, cand_adv.gather(0, best[None])[0], adv)
-
-
-def adam(module: nn.Module, lr: float, capturable: bool) -> torch.optim.Adam:
-    """Adam, fused (one kernel a step); `capturable` keeps its step count on the GPU, for graphs."""
-    return torch.optim.Adam(module.parameters(), lr=lr, fused=True, capturable=capturable)
+    return target, generated, torch.where(generated, score, adv)
 
 
 class DIVO:
@@ -453,12 +418,22 @@ class DIVO:
         n, b = self.args.num_candidates, len(s)
         s_n = s.repeat(n, 1)  # the N samples of state i are rows i, B + i, 2B + i, ...
         candidates = self.diffusion.sample(s_n)
-        q_min = self.critic_target(s_n, candidates).view(2, n, b).min(dim=0).values
+        q = self.critic_target(s_n, candidates).view(-1, n, b)  # (critics, N, B)
+        q_min = q.min(dim=0).values
         return candidates.view(n, b, -1), q_min - v
+
+    @torch.no_grad()
+    def adpo(self, s, a, adv, v):
+        """Eq. (12) at states s: the contestants and their advantages, then the targets, where a
+        sample won and the targets' advantages (adpo_target)."""
+        candidates, cand_adv = self.adpo_candidates(s, v)
+        return candidates, cand_adv, *adpo_target(a, adv, candidates, cand_adv)
 
     def update_actor(self, s, a_bar) -> dict[str, torch.Tensor]:
         """Actor step, eq. (13): -lambda Q_theta1(s, pi(s)) + ||pi(s) - a_bar||^2; then Polyak."""
-        self.critic.requires_grad_(False)  # the actor's loss trains the actor only
+        # the actor's loss trains the actor only: no gradients for the critic's weights (saves
+        # their backward kernels; the critic's optimiser clears its gradients anyway)
+        self.critic.requires_grad_(False)
         pi = self.actor(s)
         q = self.critic(s, pi)[0]
         lmbda = self.args.alpha / q.abs().mean().detach()
@@ -468,7 +443,8 @@ class DIVO:
         actor_loss.backward()
         self.actor_optimizer.step()
         self.critic.requires_grad_(True)
-        with torch.no_grad():  # theta' <- tau theta + (1 - tau) theta', critics and actor
+        with torch.no_grad():  # theta' <- tau theta + (1 - tau) theta', critics and actor:
+            # one fused kernel over every parameter, not one per tensor (as LeanRL's TD3)
             torch._foreach_lerp_(self.target_params, self.online_params, self.args.tau)
         return {"losses/actor_loss": actor_loss.detach(), "losses/bc_loss": bc_loss.detach()}
 
@@ -484,7 +460,7 @@ class DIVO:
         if actor_step:
             a_bar = a  # the TD3+BC backbone's target (--no-adpo)
             if self.args.adpo:  # ADPO, eq. (12)
-                a_bar, generated, _ = adpo_target(a, adv, *self.adpo_candidates(s, v))
+                _, _, a_bar, generated, _ = self.adpo(s, a, adv, v)
                 metrics["adpo/generated_fraction"] = generated.float().mean()
             metrics.update(self.update_actor(s, a_bar))
         return metrics
@@ -535,9 +511,7 @@ def sample_batch(data: dict[str, torch.Tensor], batch_size: int) -> tuple[torch.
     return tuple(data[key][idx] for key in keys)
 
 
-def normalized_score(returns: np.ndarray) -> np.ndarray:
-    """D4RL normalised score of AntMaze (random 0, expert 1): 100 x the success rate."""
-    return 100.0 * np.asarray(returns, dtype=np.float64)
+REF_SCORES = (0.0, 1.0)  # D4RL's AntMaze returns (random, expert): 100 x the success rate
 
 
 def transform_rewards(rewards: np.ndarray, transform: str) -> np.ndarray:
@@ -581,8 +555,32 @@ def evaluate(actor: nn.Module, envs: list, obs_mean, obs_std, seed: int, threads
     return returns
 
 
+def evaluation(run, writer, step: int, agent, task, obs_mean, obs_std, diagnostics,
+               evaluations: list) -> tuple[np.ndarray, np.ndarray]:
+    """Evaluate the actor on the task's envs, log it with PAD's sample quality, keep it in
+    `evaluations` and print it; with --capture-video, film episode 0 again. Returns and scores."""
+    args, start = run.args, time.time()
+    returns = evaluate(agent.actor, task.envs, obs_mean, obs_std, args.seed + 10_000,
+                       args.eval_threads or os.cpu_count())
+    scores = task.score(returns)
+    if task.metric == "normalized_score":
+        scalars = {"charts/d4rl_normalized_score": scores.mean(),
+                   "eval/normalized_score_std": scores.std()}
+    else:  # a Minari dataset without reference returns
+        scalars = {"charts/return": scores.mean(), "eval/return_std": scores.std()}
+    seconds = time.time() - start
+    scalars.update({"eval/return_mean": returns.mean(), "eval/seconds": seconds,
+                    **(diagnostics.sample_quality(agent) if diagnostics else {})})
+    run.log_evaluation(writer, step, scalars, evaluations, task.metric_words, scores, returns,
+                       seconds)
+    if args.capture_video and (args.video_each_eval or step == args.total_timesteps):
+        film = task.video_env(run.dir, writer, step, final=step == args.total_timesteps)
+        evaluate(agent.actor, [film], obs_mean, obs_std, args.seed + 10_000)  # episode 0 again
+    return returns, scores
+
+
 if __name__ == "__main__":
-    args, resumed = parse_args(Args, "divo_antmaze")  # with --resume: the run's own arguments
+    args, checkpoint = parse_args(Args, "divo_antmaze", DIVO_FILES)  # --resume: the run's args
 
     # seeding
     random.seed(args.seed)
@@ -592,15 +590,20 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # data and env: a D4RL file or a Minari dataset, checked, and its evaluation envs (docs/data.md)
-    task = load_task(args, "divo_antmaze", normalized_score)  # the score: 100 x the success rate
+    task = load_task(args.env_id, args.dataset_path, args.eval_episodes, args.legacy_inertia,
+                     REF_SCORES)  # the score: 100 x the success rate
     transitions = qlearning_dataset(task.rows)
     print(task.summary(transitions))
+    print(f"reward     {REWARD_LABELS[args.reward_transform]}; alpha {args.alpha}; "
+          f"{len(task.envs)} evaluation episodes of {task.horizon} steps")
     transitions["rewards"] = transform_rewards(transitions["rewards"], args.reward_transform)
     data, heldout, obs_mean, obs_std = prepare_data(transitions, args, device, task.path)
 
     # networks and optimisers
     agent = DIVO(task.obs_dim, task.act_dim, args, device)
-    start_step, evaluations, loaded = restore_run(agent, args, resumed, task.fingerprint)
+    start_step, evaluations, started_from = restore_run(
+        agent, args, checkpoint, task.fingerprint, pad_script="pad_pretrain",
+        reward_transform=args.reward_transform)  # the pretraining must have learnt from it too
 
     def train_step(actor_step: bool) -> dict[str, torch.Tensor]:
         """One training iteration: a batch drawn on the device, then DIVO's update, eq. (1)-(13)."""
@@ -608,10 +611,11 @@ if __name__ == "__main__":
         return agent.update(batch, actor_step)
 
     train_step = speed_up(train_step, agent, args, device)  # --compile, --cudagraphs: docs/speed.md
-    diagnostics = Diagnostics(data, heldout, args.seed, adpo_target) if args.adpo else None
+    diagnostics = Diagnostics(data, heldout, args.seed) if args.adpo else None
 
     # tracking: the run's folder (new, or the resumed run's), TensorBoard, W&B
-    run = Run(args, "divo_antmaze", run_mode(args), start_step, loaded)  # locked; args.json
+    run = Run(args, "divo_antmaze", DIVO_FILES, run_mode(vars(args)), start_step,
+              started_from)  # locked; args.json written at once
     args = run.args
     run.describe(task, obs_mean, obs_std, len(data["rewards"]), device)  # what checkpoints record
     if args.track:
@@ -619,32 +623,13 @@ if __name__ == "__main__":
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=args.run_name, id=args.run_name, resume="allow",
                    save_code=True)  # videos: see divo_utils/video.py
-    writer = SummaryWriter(run.dir, purge_step=start_step if resumed else None)
+    writer = SummaryWriter(run.dir, purge_step=start_step if checkpoint else None)
     writer.add_text("hyperparameters", markdown_table(vars(args)))
 
-    def checkpoint(step: int, metrics: dict) -> str:
+    def save(step: int, metrics: dict) -> str:
         """Everything needed to continue the run exactly: networks, optimisers, step, RNG, data."""
         state = {"agent": agent_state(agent), "evaluations": evaluations}
         return run.save(step, metrics, agent, state)
-
-    def run_evaluation(step: int, metrics: dict) -> tuple[np.ndarray, np.ndarray]:
-        """Evaluate the actor, log it with PAD's sample quality, remember it; returns and scores."""
-        run.check(step, metrics, agent)
-        start = time.time()
-        returns = evaluate(agent.actor, task.envs, obs_mean, obs_std, args.seed + 10_000,
-                           args.eval_threads or os.cpu_count())
-        scores, seconds = task.score(returns), time.time() - start
-        run.log(writer, step, {task.chart: scores.mean(), "eval/return_mean": returns.mean(),
-                               f"eval/{task.metric}_std": scores.std(), "eval/seconds": seconds,
-                               **(diagnostics.sample_quality(agent) if diagnostics else {})})
-        mean, std = scores.mean().item(), scores.std().item()
-        evaluations.append({"step": step, "score": mean, "score_std": std})
-        print(f"eval   step {step:,}: {task.metric_words} {mean:.1f} +- {std:.1f} (return "
-              f"{returns.mean():.1f}, {len(returns)} episodes, {seconds:.1f}s)", flush=True)
-        if args.capture_video and (args.video_each_eval or step == args.total_timesteps):
-            film = task.video_env(run.dir, writer, step, final=step == args.total_timesteps)
-            evaluate(agent.actor, [film], obs_mean, obs_std, args.seed + 10_000)  # episode 0 again
-        return returns, scores
 
     stop = StopSignal()
     print(f"training {args.run_name} ({run.labels['mode']}) on {device} for "
@@ -652,25 +637,30 @@ if __name__ == "__main__":
     metrics, last_time, last_step = {}, time.time(), start_step
     for step in range(start_step, args.total_timesteps):
         if stop.signum is not None:  # SIGINT or SIGTERM: a checkpoint, then exit
-            stop.exit(step, checkpoint(step, metrics), __file__, run.checkpoint_path)
+            stop.exit(step, save(step, metrics), __file__, run.checkpoint_path)
         metrics.update(train_step(step % args.policy_freq == 0))  # the actor: every policy_freq-th
-        done = step + 1
-        if done % args.log_freq == 0:
-            logged = run.check(done, metrics, agent)  # host sync, with the diagnostics below
-            sps = (done - last_step) / (time.time() - last_time)
-            last_time, last_step = time.time(), done
+        global_step = step + 1  # the steps done
+        if global_step % args.log_freq == 0:
+            logged = run.sync_or_stop(global_step, metrics, agent)  # the loop's host sync
+            sps = (global_step - last_step) / (time.time() - last_time)
+            last_time, last_step = time.time(), global_step
             contest = diagnostics.contest(agent) if diagnostics else {}
-            run.log(writer, done, {**logged, "charts/SPS": sps, **contest})
-            print(progress_line(done, args.total_timesteps, sps, evaluations), flush=True)
-        if args.eval_freq and done % args.eval_freq == 0 and done < args.total_timesteps:
-            run_evaluation(done, metrics)
-        if args.checkpoint_freq and not done % args.checkpoint_freq and done < args.total_timesteps:
-            checkpoint(done, metrics)
+            run.log(writer, global_step, {**logged, "charts/SPS": sps, **contest})
+            run.report_progress(global_step, sps, evaluations)  # a line, and progress.json
+        last = global_step == args.total_timesteps  # evaluated and saved after the loop
+        if args.eval_freq and global_step % args.eval_freq == 0 and not last:
+            run.sync_or_stop(global_step, metrics, agent)  # a diverged run is not evaluated
+            evaluation(run, writer, global_step, agent, task, obs_mean, obs_std, diagnostics,
+                       evaluations)
+        if args.checkpoint_freq and global_step % args.checkpoint_freq == 0 and not last:
+            save(global_step, metrics)
 
     # the last policy: evaluation, checkpoint, model; scores.json last (it marks a finished run)
-    returns, scores = run_evaluation(args.total_timesteps, metrics)
-    if args.checkpoint_freq or resumed:  # resumed: its checkpoint must agree with scores.json
-        print(f"checkpoint: {checkpoint(args.total_timesteps, metrics)}")
+    run.sync_or_stop(args.total_timesteps, metrics, agent)
+    returns, scores = evaluation(run, writer, args.total_timesteps, agent, task, obs_mean, obs_std,
+                                 diagnostics, evaluations)
+    if args.checkpoint_freq or checkpoint:  # resumed: its checkpoint must agree with scores.json
+        print(f"checkpoint: {save(args.total_timesteps, metrics)}")
     if args.save_model:
         run.save_model({"actor": agent.actor.state_dict()})
     run.finish({**run.labels, "env_id": args.env_id, "run_name": args.run_name,

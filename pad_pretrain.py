@@ -30,11 +30,13 @@ import torch
 import torch.nn as nn
 from torch.utils.tensorboard import SummaryWriter
 
-from divo_utils.args import check_common, check_env_id, check_ranges, parse_args
+from divo_utils import PAD_FILES
+from divo_utils.args import check_common, check_env_id, check_schedule
 from divo_utils.data import REWARD_LABELS, check_transitions, load_task, split_holdout
 from divo_utils.diagnostics import before_after, diagnose, median_distance, plot_samples
-from divo_utils.runs import Run, StopSignal, agent_state, markdown_table, progress_line, restore_run
-from divo_utils.speed import speed_up
+from divo_utils.resume import parse_args, restore_run
+from divo_utils.runs import Run, StopSignal, agent_state, markdown_table
+from divo_utils.speed import adam, speed_up
 
 # Domain defaults (README: arguments that matter).
 DOMAIN_DEFAULTS = {
@@ -118,23 +120,12 @@ class Args:
     """replay each training iteration as a captured CUDA graph (needs a GPU; docs/speed.md)"""
 
     def __post_init__(self):
-        domain = check_env_id(self.env_id, "pad_pretrain")  # "locomotion" or "antmaze"
+        domain = check_env_id(self.env_id, ("locomotion", "antmaze"), {})
         for name, value in DOMAIN_DEFAULTS[domain].items():  # the domain's defaults
             if getattr(self, name) is None:
                 setattr(self, name, value)
-        check_ranges(self, ARG_RANGES)
-        check_common(self, Diffusion)  # names, device, noise schedule, data source: as every script
-
-
-# The range of every numeric argument ("[" closed, "(" open).
-ARG_RANGES = {
-    "seed": "[0, 4294967295]", "total_timesteps": "[1, inf)", "batch_size": "[1, inf)",
-    "critic_lr": "(0, inf)", "value_lr": "(0, inf)", "diffusion_lr": "(0, inf)", "gamma": "[0, 1)",
-    "tau": "(0, 1]", "expectile": "(0, 1)", "diffusion_steps": "[1, inf)", "beta_min": "(0, inf)",
-    "beta_max": "(0, inf)", "pad_strength": "(0, inf)", "hidden_dim": "[1, inf)",
-    "num_layers": "[1, inf)", "holdout": "[0, inf)", "diag_freq": "[0, inf)",
-    "log_freq": "[1, inf)", "checkpoint_freq": "[0, inf)",
-}
+        check_common(self, capture_video=False)  # ranges, names, device, data
+        check_schedule(self, vp_beta_schedule(self.diffusion_steps, self.beta_min, self.beta_max))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,9 +235,11 @@ class Diffusion(nn.Module):
         alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
         one_minus = (1 - alpha_bar).clamp(min=1e-20)  # only k = 0 is clamped, and it is never used
         # eq. (3), (5): the forward process, at a step k drawn per sample: tensors (not saved)
-        self.register_buffer("sqrt_alpha_bar", alpha_bar.sqrt().float(), False)
-        self.register_buffer("sqrt_one_minus_alpha_bar", (1 - alpha_bar).sqrt().float(), False)
-        # eq. (7), (8): the reverse process, step by step: float32 values as plain numbers
+        sqrt_one_minus_alpha_bar = (1 - alpha_bar).sqrt().float()
+        self.register_buffer("sqrt_alpha_bar", alpha_bar.sqrt().float(), persistent=False)
+        self.register_buffer("sqrt_one_minus_alpha_bar", sqrt_one_minus_alpha_bar, persistent=False)
+        # eq. (7), (8): the reverse process, step by step. Python floats (float32's values): a step
+        # scales by a number, with no tensor read, and a CUDA graph keeps them as constants
         self.sqrt_recip_alpha_bar = (1 / alpha_bar).sqrt().float().tolist()  # eq. (7)
         self.sqrt_recipm1_alpha_bar = (1 / alpha_bar - 1).sqrt().float().tolist()  # eq. (7)
         self.posterior_coef_a0 = (betas * alpha_bar_prev.sqrt() / one_minus).float().tolist()  # (8)
@@ -266,6 +259,8 @@ class Diffusion(nn.Module):
     def sample(self, s: torch.Tensor) -> torch.Tensor:
         """DDPM ancestral sampling a_K -> a_0 (eq. 4, 7, 8), noise drawn up front; in [-1, 1]."""
         K, n = self.num_steps, len(s)
+        # all the noise in one draw: row K is a_K, row k - 1 the noise of step k; row 0 is never
+        # used (drawn so that the random stream, and so every run, stays what it was)
         noise = torch.randn(K + 1, n, self.act_dim, device=s.device).unbind(0)
         k_emb = self.eps_model.time_mlp(torch.arange(K + 1, device=s.device))  # each step's, once
         k_emb = k_emb[:, None].expand(-1, n, -1).unbind(0)
@@ -287,11 +282,6 @@ class Diffusion(nn.Module):
 def expectile_loss(u: torch.Tensor, expectile: float) -> torch.Tensor:
     """Asymmetric squared loss of eq. (2): mean |tau - 1(u < 0)| u^2."""
     return (torch.abs(expectile - (u < 0).float()) * u**2).mean()
-
-
-def adam(module: nn.Module, lr: float, capturable: bool) -> torch.optim.Adam:
-    """Adam, fused (one kernel a step); `capturable` keeps its step count on the GPU, for graphs."""
-    return torch.optim.Adam(module.parameters(), lr=lr, fused=True, capturable=capturable)
 
 
 class PADPretrainer:
@@ -345,7 +335,7 @@ class PADPretrainer:
         self.diffusion_optimizer.zero_grad(set_to_none=True)
         pad_loss.backward()
         self.diffusion_optimizer.step()
-        with torch.no_grad():  # theta' <- tau theta + (1 - tau) theta'
+        with torch.no_grad():  # theta' <- tau theta + (1 - tau) theta', one fused kernel (LeanRL's)
             targets, online = list(self.critic_target.parameters()), list(self.critic.parameters())
             torch._foreach_lerp_(targets, online, args.tau)
         return {"losses/qf_loss": qf_loss.detach(), "losses/qf1_values": q[0].mean().detach(),
@@ -401,7 +391,7 @@ def transform_rewards(rewards: np.ndarray, transform: str) -> np.ndarray:
 
 
 if __name__ == "__main__":
-    args, resumed = parse_args(Args, "pad_pretrain")  # with --resume: the run's own arguments
+    args, checkpoint = parse_args(Args, "pad_pretrain", PAD_FILES)  # --resume: the run's args
 
     # seeding
     random.seed(args.seed)
@@ -411,7 +401,7 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # data: a D4RL file or a Minari dataset, checked (no env needed; docs/data.md)
-    task = load_task(args, "pad_pretrain")
+    task = load_task(args.env_id, args.dataset_path)
     transitions = qlearning_dataset(task.rows)
     print(task.summary(transitions))
     transitions["rewards"] = transform_rewards(transitions["rewards"], args.reward_transform)
@@ -425,8 +415,9 @@ if __name__ == "__main__":
     # networks and optimisers
     pretrainer = PADPretrainer(task.obs_dim, task.act_dim, args, device)
     initial_diffusion = copy.deepcopy(pretrainer.diffusion)  # the untrained model: "before"
-    start_step, history, _ = restore_run(pretrainer, args, resumed, task.fingerprint, "diagnostics",
-                                      initial_diffusion=initial_diffusion)
+    start_step, history, _ = restore_run(pretrainer, args, checkpoint, task.fingerprint,
+                                         "diagnostics",
+                                         initial_diffusion=initial_diffusion)
 
     def train_step() -> dict[str, torch.Tensor]:
         """One pretraining iteration: a batch drawn on the device, then the in-sample update."""
@@ -435,7 +426,7 @@ if __name__ == "__main__":
     train_step = speed_up(train_step, pretrainer, args, device)  # --compile, --cudagraphs
 
     # tracking: the run's folder (new, or the resumed run's), TensorBoard, W&B
-    run = Run(args, "pad_pretrain", None, start_step)  # locked; args.json written at once
+    run = Run(args, "pad_pretrain", PAD_FILES, None, start_step)  # locked; args.json
     args = run.args
     run.describe(task, obs_mean, obs_std, len(data["rewards"]), device)  # what checkpoints record
     if args.track:
@@ -443,10 +434,10 @@ if __name__ == "__main__":
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=args.run_name, id=args.run_name, resume="allow",
                    save_code=True)
-    writer = SummaryWriter(run.dir, purge_step=start_step if resumed else None)
+    writer = SummaryWriter(run.dir, purge_step=start_step if checkpoint else None)
     writer.add_text("hyperparameters", markdown_table(vars(args)))
 
-    def checkpoint(step: int, metrics: dict) -> str:
+    def save(step: int, metrics: dict) -> str:
         """What the DIVO scripts start from, plus what this script needs to continue exactly."""
         state = {**agent_state(pretrainer), "diagnostics": history,
                  "initial_diffusion": initial_diffusion.state_dict()}
@@ -464,31 +455,31 @@ if __name__ == "__main__":
     stop = StopSignal()
     print(f"pretraining {args.run_name} on {device} for {args.total_timesteps:,} steps; logs in "
           f"{run.dir}", flush=True)
-    if not resumed:
+    if not checkpoint:
         log_diagnostics(0, {"model": pretrainer.diffusion})
     metrics, last_time, last_step = {}, time.time(), start_step
     for step in range(start_step, args.total_timesteps):
         if stop.signum is not None:  # SIGINT or SIGTERM: a checkpoint, then exit
-            stop.exit(step, checkpoint(step, metrics), __file__, run.checkpoint_path)
+            stop.exit(step, save(step, metrics), __file__, run.checkpoint_path)
         metrics = train_step()
-        done = step + 1
-        if done % args.log_freq == 0:
-            logged = run.check(done, metrics, pretrainer)  # the loop's only host sync
-            sps = (done - last_step) / (time.time() - last_time)
-            last_time, last_step = time.time(), done
-            run.log(writer, done, {**logged, "charts/SPS": sps})
-            print(progress_line(done, args.total_timesteps, sps, [])
-                  + f" | pad_loss {logged['losses/pad_loss']:.4f}"
-                  + f" | positive {logged['pad/positive_fraction']:.2f}", flush=True)
-        if args.diag_freq and done % args.diag_freq == 0 and done < args.total_timesteps:
-            log_diagnostics(done, {"model": pretrainer.diffusion})
-        if args.checkpoint_freq and not done % args.checkpoint_freq and done < args.total_timesteps:
-            checkpoint(done, metrics)
+        global_step = step + 1  # the steps done
+        if global_step % args.log_freq == 0:
+            logged = run.sync_or_stop(global_step, metrics, pretrainer)  # the loop's only host sync
+            sps = (global_step - last_step) / (time.time() - last_time)
+            last_time, last_step = time.time(), global_step
+            run.log(writer, global_step, {**logged, "charts/SPS": sps})
+            run.report_progress(global_step, sps, [], f" | pad_loss {logged['losses/pad_loss']:.4f}"
+                                f" | positive {logged['pad/positive_fraction']:.2f}")
+        last = global_step == args.total_timesteps  # diagnosed and saved after the loop
+        if args.diag_freq and global_step % args.diag_freq == 0 and not last:
+            log_diagnostics(global_step, {"model": pretrainer.diffusion})
+        if args.checkpoint_freq and global_step % args.checkpoint_freq == 0 and not last:
+            save(global_step, metrics)
 
     # the untrained and trained models on the final labels; pad_diagnostics.json last (finished)
     models = {"model": pretrainer.diffusion, "initial": initial_diffusion}
     final = log_diagnostics(args.total_timesteps, models)
-    path = checkpoint(args.total_timesteps, metrics)
+    path = save(args.total_timesteps, metrics)
     plot_samples({"before": initial_diffusion, "after": pretrainer.diffusion}, s_ho, a_ho,
                  data["observations"], data["actions"], os.path.join(run.dir, "pad_samples.png"))
     run.finish({"env_id": args.env_id, "run_name": args.run_name,

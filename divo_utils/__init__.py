@@ -3,16 +3,21 @@
 The scripts (`divo_continuous.py`, `divo_antmaze.py`, `pad_pretrain.py`) hold DIVO itself; what is here is what a run
 needs around it. Copying a script into another project means copying this folder with it.
 
-    args         the command line: ranges, --resume (the checkpoint's arguments), what may differ on resume
-    runs         a run's folder: lock, atomic files, checkpoints, resume, the finished file, stop signals,
-                 divergence, the progress line
+    files        a run folder's files without torch: the lock, atomic writes, JSON (the sweep and report share them)
+    args         the checks of the command line: the env id, the values every script refuses
+    runs         a run's folder: checkpoints, the finished file, stop signals, divergence, the progress line
+    resume       --resume: the command line under the checkpoint's arguments, what may differ, restoring the run
     data         D4RL files (download, checks) and Minari datasets behind one call, `load_task`
     envs         evaluation envs: MuJoCo locomotion with D4RL's masses, D4RL's AntMaze, Minari's recorded envs
     speed        --compile and --cudagraphs around one training step
     diagnostics  does ADPO's contest exploit the critics; how well PAD's model fits the data
 
-This file imports neither torch nor MuJoCo, so that `tools/sweep.py` reads the ids, file names and limits from here
-on a machine that only launches runs. No module of this package imports a script.
+This file imports neither torch nor MuJoCo, so that `tools/sweep.py` and `tools/report.py` read the ids, file names,
+limits and the domain of an id from here on a machine that only launches runs. No module of this package imports a
+script or knows which script calls it: each takes values (a domain, sizes, paths, options) and returns values.
+
+Imports, from the bottom up (no arrow back):  __init__ <- files <- runs <- resume;  __init__ <- args;
+__init__, files <- data;  envs, video, speed (<- runs), diagnostics stand alone.
 """
 
 import os
@@ -25,12 +30,11 @@ LOCOMOTION_IDS = tuple(f"{robot}-{level}-v2" for robot in GYM_IDS for level in L
 ANTMAZE_TASKS = ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")
 ANTMAZE_IDS = tuple(f"antmaze-{task}-v2" for task in ANTMAZE_TASKS)
 
-# Each script's checkpoint and the file it writes last (its presence means every file of the run is final).
-RUN_FILES = {
-    "divo_continuous": ("checkpoint.pt", "scores.json"),
-    "divo_antmaze": ("checkpoint.pt", "scores.json"),
-    "pad_pretrain": ("pad_checkpoint.pt", "pad_diagnostics.json"),
-}
+MAZES = ("umaze", "medium", "large")
+# A run's checkpoint and the file it writes last (its presence means every file of the run is final): a DIVO run's
+# (divo_continuous.py, divo_antmaze.py) and a PAD pretraining's (pad_pretrain.py)
+DIVO_FILES = ("checkpoint.pt", "scores.json")
+PAD_FILES = ("pad_checkpoint.pt", "pad_diagnostics.json")
 # Arguments that name files a run reads: stored as absolute paths, so that --resume works from any folder (and made
 # absolute by tools/sweep.py, whose runs work in the sweep's folder).
 PATH_ARGS = ("dataset_path", "pad_checkpoint")
@@ -61,3 +65,38 @@ def is_folder_name(name: str, limit: int) -> bool:
 def is_minari_id(env_id: str) -> bool:
     """Whether --env-id names a Minari dataset (namespace/name-vN, e.g. mujoco/hopper/medium-v0), not a D4RL one."""
     return "/" in env_id
+
+
+def domain_of(env_id: str) -> str:
+    """Which domain a D4RL or Minari id (or a run, by its env_id) is: "antmaze" (antmaze-*-v2, or a Minari id with
+    antmaze in its namespace, e.g. D4RL/antmaze/umaze-v1) or "locomotion" (every other id)."""
+    if is_minari_id(env_id):
+        return "antmaze" if "antmaze" in env_id.split("/")[:-1] else "locomotion"
+    return "antmaze" if env_id.startswith("antmaze-") else "locomotion"
+
+
+def robot_of(env_id: str) -> str:
+    """The robot of a D4RL locomotion id (hopper-medium-v2: hopper)."""
+    return env_id.split("-")[0]
+
+
+def maze_of(env_id: str) -> str:
+    """The maze (umaze, medium or large) of an AntMaze id: D4RL's antmaze-medium-play-v2, or Minari's
+    D4RL/antmaze/medium-play-v1, whose name must begin with its maze; else stop."""
+    maze = env_id.split("/")[-1].split("-")[0] if is_minari_id(env_id) else env_id.split("-")[1]
+    if maze not in MAZES:
+        raise InputError(f"the Minari AntMaze id {env_id} must name its maze first (umaze, medium or large), as "
+                         "D4RL/antmaze/medium-play-v1 does: it picks --alpha")
+    return maze
+
+
+def run_mode(args: dict) -> str:
+    """The algorithm a DIVO run trains (its arguments, or an args.json), as scores.json and the report name it."""
+    return "td3bc" if args.get("adpo") is False else "divo-no-pad" if args.get("pad") is False else "divo"
+
+
+def task_name(args: dict) -> str:
+    """The data a run learns from (its arguments, or an args.json): the id, or the name of a local file."""
+    if args.get("dataset_path"):
+        return os.path.splitext(os.path.basename(args["dataset_path"]))[0]
+    return str(args.get("env_id", "unknown-task"))

@@ -19,8 +19,10 @@ import gymnasium as gym
 import h5py
 import numpy as np
 
-from divo_utils import ANTMAZE_IDS, LOCOMOTION_IDS, MIN_TRANSITIONS, InputError, is_minari_id
-from divo_utils.runs import check_writable
+from divo_utils import ANTMAZE_IDS, LOCOMOTION_IDS, MIN_TRANSITIONS, InputError, domain_of, is_minari_id, maze_of, \
+    robot_of
+from divo_utils.files import check_writable
+from divo_utils.video import SIZE, filmed
 
 D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl"
 ANTMAZE_FILES = {
@@ -174,18 +176,6 @@ def split_holdout(num_transitions: int, holdout: int, seed: int) -> tuple[np.nda
 # --------------------------------------------------------------------------------------------------------------
 
 
-def parse_minari_id(env_id: str) -> tuple[str, str]:
-    """The domain ("antmaze" where a part of the namespace is antmaze, else "locomotion") and name of a Minari id."""
-    from minari.dataset.minari_dataset import parse_dataset_id
-
-    try:
-        namespace, name, _ = parse_dataset_id(env_id)
-    except (ValueError, TypeError):  # TypeError: an id without -vN
-        raise InputError(f"--env-id {env_id!r} is not a Minari dataset id: write namespace/name-vN, e.g. "
-                         "mujoco/hopper/medium-v0 or D4RL/antmaze/umaze-v1") from None
-    return ("antmaze" if "antmaze" in (namespace or "").split("/") else "locomotion"), name
-
-
 def load_minari_dataset(env_id: str):
     """A Minari dataset from Minari's local store ($MINARI_DATASETS_PATH, else ~/.minari/datasets); one not there
     is downloaded by Minari first, and a failed download leaves nothing behind."""
@@ -306,8 +296,7 @@ def minari_scorer(dataset) -> tuple[str, Callable[[np.ndarray], np.ndarray]]:
     return "normalized_score", lambda returns: 100.0 * minari.get_normalized_score(dataset, np.asarray(returns))
 
 
-METRIC_LABELS = {"normalized_score": ("charts/d4rl_normalized_score", "normalised score"),
-                 "return": ("charts/return", "return")}
+METRIC_WORDS = {"normalized_score": "normalised score", "return": "return"}  # a metric, as the messages say it
 
 
 def score_fields(metric: str, scores: np.ndarray, returns: np.ndarray) -> dict:
@@ -322,14 +311,15 @@ def score_fields(metric: str, scores: np.ndarray, returns: np.ndarray) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 # One call: the data and envs of a run
 # ----------------------------------------------------------------------------------------------------------------------
-def read_dataset(args, obs_dim: int, act_dim: int, minari_dataset=None) -> tuple[dict[str, np.ndarray], str]:
+def read_dataset(env_id: str, dataset_path: Optional[str], obs_dim: int, act_dim: int,
+                 minari_dataset=None) -> tuple[dict[str, np.ndarray], str]:
     """The dataset's arrays (downloaded into D4RL's cache first if needed, then checked) and its path; those of a Minari
     dataset as D4RL-format rows."""
     if minari_dataset is not None:
         return minari_rows(minari_dataset, obs_dim, act_dim), minari_dataset.spec.data_path
-    path = args.dataset_path or default_dataset_path(args.env_id)
-    if not args.dataset_path and not os.path.isfile(path):
-        download(dataset_url(args.env_id), path)
+    path = dataset_path or default_dataset_path(env_id)
+    if not dataset_path and not os.path.isfile(path):
+        download(dataset_url(env_id), path)
     return load_d4rl_file(path, obs_dim, act_dim), path
 
 
@@ -342,35 +332,38 @@ def episode_bounds(data: dict) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([[0], ends[:-1] + 1]), ends
 
 
-def dataset_summary(path: str, data: dict, transitions: dict, kind: str, score=None) -> str:
-    """A few lines about a D4RL-format file for a run of `kind`: size, episodes (DIVO on locomotion: their returns
-    normalised with `score`; on AntMaze: the goal rows; pretraining: the returns), rewards, terminals, actions."""
+def dataset_summary(path: str, data: dict, transitions: dict, domain: str, score=None) -> str:
+    """A few lines about a D4RL-format file: size, episodes (on AntMaze: the goal rows; with `score`: their
+    returns normalised, else their returns), rewards, terminals, actions."""
     n, r = len(data["rewards"]), transitions["rewards"]
     starts, ends = episode_bounds(data)
     returns = np.add.reduceat(data["rewards"], starts)
-    if kind == "divo_antmaze":  # AntMaze episodes end by timeout; its terminals mark goal states
+    if domain == "antmaze":  # AntMaze episodes end by timeout; its terminals mark goal states
         goal = data["rewards"] > 0
         episodes = (f"episodes   {np.flatnonzero(data['timeouts']).size + (not data['timeouts'][-1]):,} (split by "
                     f"timeouts); {int(goal.sum()):,} rows ({goal.mean():.3%}) have the goal reward")
-    elif kind == "divo_continuous":
+    elif score is not None:
         scores = score(returns)
         episodes = (f"episodes   {len(scores):,}, mean length {np.mean(ends - starts + 1):.0f}, normalised return "
                     f"min {scores.min():.1f}  mean {scores.mean():.1f}  max {scores.max():.1f}")
     else:
         episodes = (f"episodes   {len(returns):,}, mean length {np.mean(ends - starts + 1):.0f}, return "
                     f"min {returns.min():.1f}  mean {returns.mean():.1f}  max {returns.max():.1f}")
-    before = "" if kind == "divo_continuous" else " (before --reward-transform)"
     outside = (np.abs(data["actions"]) > 1).any(axis=1).mean()
-    lines = [
+    return "\n".join([
         f"dataset    {path}: {n:,} rows -> {len(r):,} transitions (D4RL's qlearning_dataset)",
         episodes,
-        f"rewards    min {r.min():.3f}  mean {r.mean():.3f}  max {r.max():.3f}{before}; terminals "
+        f"rewards    min {r.min():.3f}  mean {r.mean():.3f}  max {r.max():.3f} (as in the file); terminals "
         f"{transitions['terminals'].mean():.4%} of transitions",
-    ]
-    if kind != "pad_pretrain":
-        lines.append(f"actions    |a| max {np.abs(data['actions']).max():.4f}"
-                     + (f" ({outside:.2%} of rows outside [-1, 1], clipped)" if outside else ""))
-    return "\n".join(lines)
+        f"actions    |a| max {np.abs(data['actions']).max():.4f}"
+        + (f" ({outside:.2%} of rows outside [-1, 1], clipped)" if outside else ""),
+    ])
+
+
+def d4rl_score(returns: np.ndarray, reference_returns: tuple[float, float]) -> np.ndarray:
+    """D4RL's normalised score: 100 * (return - random) / (expert - random), of the (random, expert) returns."""
+    low, high = reference_returns
+    return 100.0 * (np.asarray(returns) - low) / (high - low)
 
 
 @dataclass
@@ -382,41 +375,32 @@ class Task:
     fingerprint: str  # SHA-1 of the rows: a checkpoint refuses to resume on other data
     obs_dim: int
     act_dim: int
-    kind: str  # the script: divo_continuous, divo_antmaze or pad_pretrain
     domain: str  # "locomotion" or "antmaze"
     envs: list  # the evaluation envs, one per episode run side by side (none for pretraining)
     metric: str  # "normalized_score", or "return" for a Minari dataset without reference returns
-    score: Optional[Callable[[np.ndarray], np.ndarray]]  # episode returns -> the metric
+    score: Optional[Callable[[np.ndarray], np.ndarray]]  # episode returns -> the metric (None for pretraining)
     minari: object = None  # the Minari dataset, or None for a D4RL file
     horizon: int = 0  # the evaluation episodes' length (AntMaze)
     name: str = ""  # the robot (locomotion) or maze (AntMaze) of a D4RL task
-    note: str = ""  # a last line for the summary (AntMaze: the reward, alpha and the evaluation episodes)
     legacy_inertia: bool = False  # D4RL's link masses in the evaluation envs
-
-    @property
-    def chart(self) -> str:
-        """The metric's TensorBoard name."""
-        return METRIC_LABELS[self.metric][0]
 
     @property
     def metric_words(self) -> str:
         """The metric as the messages name it."""
-        return METRIC_LABELS[self.metric][1]
+        return METRIC_WORDS[self.metric]
 
     def summary(self, transitions: dict) -> str:
         """A few lines about the data, given its transitions (the script's qlearning_dataset of `rows`)."""
         if self.minari is not None:
-            env = self.envs[0] if self.kind == "divo_continuous" else None
-            return "\n".join(filter(None, [minari_summary(self.minari, self.rows, transitions, env), self.note]))
-        return "\n".join(filter(None, [dataset_summary(self.path, self.rows, transitions, self.kind, self.score),
-                                        self.note]))
+            env = self.envs[0] if self.envs and self.domain == "locomotion" else None
+            return minari_summary(self.minari, self.rows, transitions, env)
+        return dataset_summary(self.path, self.rows, transitions, self.domain, self.score)
 
     def video_env(self, run_dir: str, writer, step: int, final: bool) -> gym.Env:
         """An evaluation env like the others that films its episode into `run_dir`/videos as final-episode-0.mp4
         or step-{step}-episode-0.mp4 (--capture-video; AntMaze: a top view of the maze, the ant and the goal), and
         into TensorBoard's `writer` at `step`."""
-        from divo_utils import envs as eval_envs
-        from divo_utils.video import SIZE, filmed
+        from divo_utils import envs as eval_envs  # imports MuJoCo: only once --capture-video has set MUJOCO_GL
 
         render = {"render_mode": "rgb_array", "width": SIZE, "height": SIZE}
         if self.minari is not None:
@@ -433,40 +417,38 @@ class Task:
             env.close()
 
 
-def load_task(args, kind: str, d4rl_score: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> Task:
-    """The data (a D4RL file, downloaded first if needed, or a Minari dataset) and the evaluation envs of a run of
-    `kind` (a script's name); `d4rl_score` turns a D4RL task's returns into its normalised score. Every check of the
+def load_task(env_id: str, dataset_path: Optional[str], eval_episodes: int = 0, legacy_inertia: bool = True,
+              reference_returns: Optional[tuple[float, float]] = None) -> Task:
+    """The data (a D4RL file at `dataset_path`, or downloaded first if none, or a Minari dataset) and `eval_episodes`
+    evaluation envs (none for pretraining) of `env_id`; `reference_returns` (random, expert) turn a D4RL task's
+    returns into its normalised score (d4rl_score; a Minari dataset's come from its metadata). Every check of the
     data (keys, shapes, flags, finite values, a sparse reward on AntMaze) happens here, before any run folder exists."""
-    from divo_utils import envs as eval_envs
+    from divo_utils import envs as eval_envs  # imports MuJoCo: only once --capture-video has set MUJOCO_GL
 
-    episodes = getattr(args, "eval_episodes", 0) if kind != "pad_pretrain" else 0
-    minari = load_minari_dataset(args.env_id) if is_minari_id(args.env_id) else None
-    domain = parse_minari_id(args.env_id)[0] if minari else "antmaze" if args.env_id.startswith("antmaze") \
-        else "locomotion"
-    robot = args.env_id.split("-")[0]
-    envs = []
-    if kind == "divo_continuous":  # the envs first: a Minari dataset's sizes are its evaluation env's
-        envs = [eval_envs.make_minari_env(minari) if minari else eval_envs.make_eval_env(robot, args.legacy_inertia)
-                for _ in range(episodes)]
+    minari = load_minari_dataset(env_id) if is_minari_id(env_id) else None
+    domain, envs, horizon = domain_of(env_id), [], 0
+    name = maze_of(env_id) if domain == "antmaze" else robot_of(env_id)
+    if domain == "locomotion" and eval_episodes:  # the envs first: a Minari dataset's sizes are its env's
+        envs = [eval_envs.make_minari_env(minari) if minari else eval_envs.make_eval_env(name, legacy_inertia)
+                for _ in range(eval_episodes)]
         obs_dim, act_dim = envs[0].observation_space.shape[0], envs[0].action_space.shape[0]
     else:
-        obs_dim, act_dim = minari_dims(minari) if minari else D4RL_DIMS["antmaze" if domain == "antmaze" else robot]
-    rows, path = read_dataset(args, obs_dim, act_dim, minari)
+        obs_dim, act_dim = minari_dims(minari) if minari else D4RL_DIMS["antmaze" if domain == "antmaze" else name]
+    rows, path = read_dataset(env_id, dataset_path, obs_dim, act_dim, minari)
     if domain == "antmaze" and not (rows["rewards"] > 0).any():
         raise InputError(f"{path} has no goal rewards (no reward > 0): not a sparse AntMaze dataset; check the file")
-    metric, score = "normalized_score", d4rl_score
-    if kind == "divo_continuous" and minari:
+    metric, score = "normalized_score", None
+    if reference_returns is not None:
+        def score(returns):
+            return d4rl_score(returns, reference_returns)
+    if minari and domain == "locomotion" and eval_episodes:
         metric, score = minari_scorer(minari)
-    task = Task(rows, path, dataset_fingerprint(rows), obs_dim, act_dim, kind, domain, envs, metric, score, minari,
-                name=robot, legacy_inertia=getattr(args, "legacy_inertia", False))
-    if kind == "divo_antmaze":  # the mazes once the data are known to be good: each takes a while to build
-        maze = args.env_id.split("/")[-1].split("-")[0] if minari else args.env_id.split("-")[1]
-        task.horizon, task.name = eval_envs.antmaze_horizon(maze), maze
+    if domain == "antmaze" and eval_episodes:  # the mazes once the data are known to be good: each takes a while
+        horizon = eval_envs.antmaze_horizon(name)
         if minari:
-            task.envs = eval_envs.make_minari_mazes(minari, episodes)
-            task.horizon = task.envs[0].spec.max_episode_steps
+            envs = eval_envs.make_minari_mazes(minari, eval_episodes)
+            horizon = envs[0].spec.max_episode_steps
         else:
-            task.envs = [eval_envs.D4RLAntMaze(maze, task.horizon, args.legacy_inertia) for _ in range(episodes)]
-        task.note = (f"reward     {REWARD_LABELS[args.reward_transform]}; alpha {args.alpha}; {len(task.envs)} "
-                     f"evaluation episodes of {task.horizon} steps")
-    return task
+            envs = [eval_envs.D4RLAntMaze(name, horizon, legacy_inertia) for _ in range(eval_episodes)]
+    return Task(rows, path, dataset_fingerprint(rows), obs_dim, act_dim, domain, envs, metric, score, minari,
+                horizon, name, legacy_inertia)

@@ -62,8 +62,7 @@ def nearby_data_check(agent, s, actions, s_ref, a_ref, q_ref, neighbours: int):
 class Diagnostics:
     """Whether ADPO's targets exploit critic errors; how well PAD's model fits the positive data."""
 
-    def __init__(self, data: dict, heldout: dict, seed: int, adpo_target, probe=256, reference=10_000, k=10):
-        self.adpo_target = adpo_target  # the script's eq. (12)
+    def __init__(self, data: dict, heldout: dict, seed: int, probe=256, reference=10_000, k=10):
         rows = torch.randperm(len(data["rewards"]), generator=torch.Generator().manual_seed(seed))
         rows, probe = rows.to(data["rewards"].device), min(probe, len(rows) // 2)
         probe_rows, reference_rows = rows[:probe], rows[probe:probe + reference]
@@ -82,8 +81,7 @@ class Diagnostics:
         with torch.random.fork_rng(devices=[s.device] if s.device.type == "cuda" else []):
             v, q_data = agent.value(s), agent.critic_target(s, a)
             adv = q_data.min(dim=0).values - v
-            candidates, cand_adv = agent.adpo_candidates(s, v)
-        target, generated, target_adv = self.adpo_target(a, adv, candidates, cand_adv)
+            candidates, cand_adv, target, generated, target_adv = agent.adpo(s, a, adv, v)  # eq. (12)
         pi = agent.actor(s)
         both_back = (agent.critic_target(s, target) >= q_data).all(dim=0)  # Q'_1 and Q'_2 agree
         row = {

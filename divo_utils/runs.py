@@ -1,5 +1,5 @@
-"""A run's folder: one writer (a lock), files that are whole or absent, checkpoints, resume, the finished file,
-stop signals, divergence and the progress line.
+"""A run's folder: made and locked, checkpoints, the finished file, stop signals, divergence and the progress line
+(its lock and atomic files: divo_utils.files; --resume: divo_utils.resume).
 
 A run writes everything under runs/{run_name}/: args.json at once, TensorBoard events, its checkpoint every
 --checkpoint-freq steps, and last the file that marks it finished (scores.json; pad_diagnostics.json for
@@ -8,14 +8,11 @@ pretraining), which always describes the checkpoint beside it.
 
 import hashlib
 import io
-import json
 import math
 import os
 import shutil
 import signal
-import socket
 import sys
-import tempfile
 import time
 from dataclasses import asdict, replace
 from typing import Optional
@@ -23,73 +20,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from divo_utils import LOCK, RUN_FILES, InputError
-from divo_utils.args import refuse_mismatch
+from divo_utils import LOCK, InputError, task_name
+from divo_utils.files import lock_run, remove, write_atomically, write_json
 
-try:
-    import fcntl  # POSIX file locks: one writer per run folder (on Windows, run folders are not locked)
-except ImportError:
-    fcntl = None
-
-
-# Open a run's own files without following a symbolic link: a link would make a run write outside its folder.
-NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-
-
-def refuse_link(path: str) -> None:
-    """Stop if `path` (a file of a run's folder) is a symbolic link: nothing outside a run folder is written."""
-    if os.path.islink(path):
-        raise InputError(f"{path} is a symbolic link (to {os.readlink(path)}); a run's folder holds only its own "
-                         f"files, and this one would write through the link: remove {path} and run again")
-
-
-def lock_run(folder: str) -> None:
-    """Lock the run `folder` for this process's whole life (the kernel frees it however the process ends), or stop."""
-    refuse_link(os.path.join(folder, LOCK))
-    try:  # never closed: the lock lasts
-        fd = os.open(os.path.join(folder, LOCK), os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o644)
-    except OSError as e:
-        refuse_link(os.path.join(folder, LOCK))  # made between the check and the open
-        raise InputError(f"cannot write to {folder} ({e.strerror}): run where the run's folder can be written") from e
-    if fcntl is None:
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        raise InputError(f"{folder} is in use by {holder}, which holds {os.path.join(folder, LOCK)}: a run has one "
-                         "writer at a time; wait until that process ends, or stop it first") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
-
-
-def write_atomically(path: str, data: bytes, checkpoint: str) -> None:
-    """Write `data` to `path` by renaming a complete copy: a crash never leaves a broken file in place of a good one,
-    and a write that fails (a full disk) leaves nothing behind and stops with one line (resume from `checkpoint`)."""
-    tmp = f"{path}.tmp"
-    refuse_link(tmp)
-    try:
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | NOFOLLOW, 0o644), "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)  # a link at `path` is replaced, not followed
-    except OSError as e:
-        if os.path.exists(tmp) and not os.path.islink(tmp):
-            os.remove(tmp)
-        raise InputError(f"could not write {path} ({e.strerror or e}); nothing half-written was left. Free some disk "
-                         f"space, then continue with --resume {checkpoint}") from e
-
-
-def write_json(path: str, content: dict, checkpoint: str) -> None:
-    """Strict JSON (NaN and inf refused, so every file parses anywhere), written atomically."""
-    write_atomically(path, json.dumps(content, indent=2, allow_nan=False).encode(), checkpoint)
-
-
-def remove(path: str, why: str) -> None:
-    """Remove the file `path` if it is there (a link: the link itself, never its target), and say so."""
-    if os.path.isfile(path) or os.path.islink(path):
-        os.remove(path)
-        print(f"removed {path}, {why}")
+PROGRESS = "progress.json"  # a run's step, speed and starting step, rewritten at every progress line
 
 
 def clear_for_resume(resume: str) -> None:
@@ -105,20 +39,6 @@ def clear_for_resume(resume: str) -> None:
         remove(path, why)
 
 
-def check_writable(folder: str, fix: str) -> None:
-    """Stop with `fix` unless files can be made in `folder` (or, if it does not exist yet, where it would be made)."""
-    existing = os.path.abspath(folder)
-    while not os.path.isdir(existing):  # nothing is created here: the nearest existing folder is tried
-        if os.path.exists(existing):
-            raise InputError(f"cannot write to {folder}: {existing} is a file, not a folder; {fix}")
-        existing = os.path.dirname(existing)
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as e:
-        raise InputError(f"cannot write to {folder} ({e.strerror or e}): {fix}") from e
-
-
 def save_checkpoint(path: str, payload: dict, checkpoint: str, finished: Optional[str] = None) -> None:
     """torch.save, atomically (write_atomically). A run's checkpoint first removes the run's `finished` file: that
     file describes an earlier checkpoint (a run extended with --resume), and is written again after the last one."""
@@ -130,7 +50,7 @@ def save_checkpoint(path: str, payload: dict, checkpoint: str, finished: Optiona
 
 
 def load_checkpoint(path: str, kind: str) -> dict:
-    """Read a checkpoint written by `kind` (a script name), or stop with what is wrong. The payload gets "file_sha1",
+    """Read a checkpoint whose "kind" is `kind` (the label of the script that wrote it), or stop with what is wrong. The payload gets "file_sha1",
     the SHA-1 of the bytes read (what was loaded, even if the file changes afterwards)."""
     if not os.path.isfile(path):
         raise InputError(f"no checkpoint at {path}")
@@ -179,59 +99,7 @@ def rng_state(device: torch.device) -> dict:
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
 
 
-def load_pretrained_pad(agent, args, fingerprint: str) -> dict:
-    """--pad-checkpoint: start the diffusion model, critics and value net from a pad_pretrain.py checkpoint. Returns
-    what was loaded (its step, the SHA-1 of the file's bytes, whether that pretraining had finished), for args.json:
-    the path alone does not say, since a pretraining that still trains rewrites its checkpoint."""
-    pad = load_checkpoint(args.pad_checkpoint, "pad_pretrain")
-    names = ("diffusion_steps", "beta_min", "beta_max", "hidden_dim", "num_layers")
-    names += ("gamma", "expectile") if args.freeze_pad else ()  # a frozen model keeps the advantages it learnt from
-    if hasattr(args, "reward_transform"):  # AntMaze learns from r - 1 or r, as the pretraining did
-        ours, fix = {n: getattr(args, n) for n in ("reward_transform", *names)}, "pretrain with the same values"
-    else:  # locomotion learns from r
-        ours = {"reward_transform": "none", **{n: getattr(args, n) for n in names}}
-        fix = "pretrain with the same values (locomotion learns from r: --reward-transform none)"
-    refuse_mismatch(args.pad_checkpoint, ours, pad["args"], f"{fix} on the dataset you train on",
-                    same_data=pad["dataset_sha1"] == fingerprint)
-    for name in ("diffusion", "critic", "critic_target", "value"):
-        getattr(agent, name).load_state_dict(pad[name])
-    total = pad["args"].get("total_timesteps")
-    finished = pad["step"] == total and os.path.isfile(
-        os.path.join(os.path.dirname(args.pad_checkpoint), RUN_FILES["pad_pretrain"][1]))
-    print(f"loaded the PAD model, critics and value net of {args.pad_checkpoint} (step {pad['step']:,}, SHA-1 "
-          f"{pad['file_sha1'][:12]})" + (" (diffusion model frozen)" if args.freeze_pad else ""))
-    if not finished:
-        print(f"warning: that pretraining has not finished (step {pad['step']:,} of {total:,}, or no "
-              f"{RUN_FILES['pad_pretrain'][1]} beside it): if it still trains, its checkpoint will change; this run "
-              "records the step and SHA-1 it loaded in its args.json")
-    return {"pad_checkpoint_step": pad["step"], "pad_checkpoint_sha1": pad["file_sha1"],
-            "pad_checkpoint_finished": finished}
-
-
-def restore_run(agent, args, checkpoint: Optional[dict], fingerprint: str, history: str = "evaluations",
-                **extra: nn.Module) -> tuple[int, list, dict]:
-    """The step and history (evaluations, or pretraining's diagnostics) to start from: a resumed run's (networks,
-    optimisers, RNG, and the `extra` modules saved under their names), or a new run's (with --pad-checkpoint, the
-    pretrained PAD model's); and what the run started from (the PAD checkpoint loaded, see load_pretrained_pad)."""
-    if checkpoint is None:
-        if getattr(args, "pad_checkpoint", None):
-            return 0, [], load_pretrained_pad(agent, args, fingerprint)
-        return 0, [], {}
-    refuse_mismatch(args.resume, {}, {}, "resume on the dataset it was trained on",
-                    same_data=checkpoint["dataset_sha1"] == fingerprint)
-    load_agent_state(agent, checkpoint["agent"] if "agent" in checkpoint else checkpoint)
-    for name, module in extra.items():
-        module.load_state_dict(checkpoint[name])
-    torch.set_rng_state(checkpoint["rng"]["torch"])
-    if torch.cuda.is_available() and args.cuda and checkpoint["rng"]["cuda"] is not None:
-        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
-    print(f"resumed {args.run_name} at step {checkpoint['step']:,}")
-    # a run stopped while writing its final files evaluates (or diagnoses) its last step again
-    return checkpoint["step"], [e for e in checkpoint[history] if e["step"] < args.total_timesteps], \
-        checkpoint.get("started_from", {})
-
-
-def make_run_dir(args, kind: str):
+def make_run_dir(args, checkpoint_name: str):
     """The run's folder, locked, and its name in `args`: a new one under runs/ (a new run never writes into an
     existing folder), or with --resume the run's own (locked by parse_args), cleared of what is no longer valid."""
     if args.resume:
@@ -245,36 +113,28 @@ def make_run_dir(args, kind: str):
         except FileExistsError:
             if args.run_name:
                 raise InputError(f"runs/{name} exists: choose another --run-name, or continue that run with "
-                                 f"--resume runs/{name}/{RUN_FILES[kind][0]}") from None
+                                 f"--resume runs/{name}/{checkpoint_name}") from None
             continue
         lock_run(os.path.join("runs", name))
         return replace(args, run_name=name), os.path.join("runs", name)
     raise InputError(f"could not create a new folder runs/{base}-N: remove old runs or pass --run-name")
 
 
-def run_mode(args) -> str:
-    """The algorithm a DIVO run trains, as args.json, scores.json and the report name it."""
-    return "td3bc" if not args.adpo else "divo" if args.pad else "divo-no-pad"
-
-
-def task_name(args) -> str:
-    """The data a run learns from, as tools/report.py names it: the D4RL id, or the name of a local file."""
-    if args.dataset_path:
-        return os.path.splitext(os.path.basename(args.dataset_path))[0]
-    return args.env_id
-
-
 class Run:
     """A run's folder and files: made (or the resumed run's own, cleared) and locked, args.json written at once
     (--resume needs it) with the labels tools/report.py reads (script, mode, task), the checkpoint, and last the
-    finished file. `last_checkpoint` names the newest checkpoint, for the messages that stop a run."""
+    finished file. `last_checkpoint` names the newest checkpoint, for the messages that stop a run.
 
-    def __init__(self, args, kind: str, mode: Optional[str], start_step: int, started_from: Optional[dict] = None):
-        self.args, self.dir = make_run_dir(args, kind)
+    `script` labels its files (the checkpoint's "kind"); `files` are its checkpoint's and finished file's names
+    (divo_utils.DIVO_FILES, PAD_FILES); `mode` the algorithm it trains (run_mode), None for pretraining."""
+
+    def __init__(self, args, script: str, files: tuple[str, str], mode: Optional[str], start_step: int,
+                 started_from: Optional[dict] = None):
+        checkpoint_name, finished_name = files
+        self.args, self.dir = make_run_dir(args, checkpoint_name)
         self.started_from = started_from or {}  # what restore_run loaded: kept in args.json and every checkpoint
-        self.kind = kind
-        self.labels = {"script": kind, **({"mode": mode, "task": task_name(args)} if mode else {})}
-        checkpoint_name, finished_name = RUN_FILES[kind]
+        self.kind = script
+        self.labels = {"script": script, **({"mode": mode, "task": task_name(vars(args))} if mode else {})}
         self.checkpoint_path = os.path.join(self.dir, checkpoint_name)
         self.finished_path = os.path.join(self.dir, finished_name)
         resumed = args.resume is not None
@@ -282,8 +142,10 @@ class Run:
         self.info, self.device = {}, torch.device("cpu")
         self.resumed, self.saved = resumed, False
         sys.excepthook = self.out_of_memory  # an uncaught out-of-memory error: one line, and no half-made folder
+        self.start_step = start_step
         try:
             self.write_json("args.json", {**asdict(self.args), **self.labels, **self.started_from})
+            self.write_json(PROGRESS, self.progress(start_step, 0.0))
         except InputError as e:  # a full disk: a new run leaves no half-made folder behind
             if resumed:
                 raise
@@ -323,9 +185,29 @@ class Run:
         """A JSON file of the run's folder, written atomically."""
         write_json(os.path.join(self.dir, name), content, self.checkpoint_path)
 
-    def check(self, step: int, metrics: dict[str, torch.Tensor], agent) -> dict[str, float]:
+    def sync_or_stop(self, step: int, metrics: dict[str, torch.Tensor], agent) -> dict[str, float]:
         """The metrics as numbers (the loop's one host sync); stop if a metric or a weight is NaN/inf."""
         return check_finite(step, metrics, agent, self.last_checkpoint)
+
+    def progress(self, step: int, sps: float) -> dict:
+        """What progress.json says: the step reached, of how many, how fast, and where this attempt started."""
+        return {"step": step, "total_timesteps": self.args.total_timesteps, "steps_per_second": sps,
+                "start_step": self.start_step}
+
+    def report_progress(self, step: int, sps: float, evaluations: list[dict], extra: str = "") -> None:
+        """Print the progress line (and `extra` after it), and write progress.json, which tools/sweep.py reads."""
+        print(progress_line(step, self.args.total_timesteps, sps, evaluations) + extra, flush=True)
+        self.write_json(PROGRESS, self.progress(step, sps))
+
+    def log_evaluation(self, writer, step: int, scalars: dict[str, float], evaluations: list[dict], words: str,
+                       scores, returns, seconds: float) -> None:
+        """Log an evaluation's `scalars` (stop if one is NaN or inf), keep its score in `evaluations` (what
+        checkpoints and scores.json keep), and print it (`words`: the metric, as the line names it)."""
+        self.log(writer, step, scalars)
+        mean, std = scores.mean().item(), scores.std().item()
+        evaluations.append({"step": step, "score": mean, "score_std": std})
+        print(f"eval   step {step:,}: {words} {mean:.1f} +- {std:.1f} (return {returns.mean():.1f}, "
+              f"{len(returns)} episodes, {seconds:.1f}s)", flush=True)
 
     def log(self, writer, step: int, values: dict[str, float]) -> None:
         """Write `values` to TensorBoard; stop if one is NaN or inf."""
@@ -334,7 +216,7 @@ class Run:
     def save(self, step: int, metrics: dict[str, torch.Tensor], agent, state: dict) -> str:
         """The checkpoint at `step`: the run's description, `state` and the random streams (never of a diverged
         run: a good checkpoint is never overwritten by a bad one)."""
-        self.check(step, metrics, agent)
+        self.sync_or_stop(step, metrics, agent)
         payload = {**self.info, "step": step, **state, "rng": rng_state(self.device)}
         save_checkpoint(self.checkpoint_path, payload, self.checkpoint_path, self.finished_path)
         self.last_checkpoint, self.saved = f"{self.checkpoint_path} (step {step:,})", True

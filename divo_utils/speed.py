@@ -94,3 +94,8 @@ def training_state(agent) -> list[torch.Tensor]:
     tensors = [t for module in networks(agent).values() for t in module.state_dict(keep_vars=True).values()]
     return tensors + [t for opt in optimizers(agent).values() for state in opt.state.values() for t in state.values()
                       if torch.is_tensor(t)]
+
+
+def adam(module: torch.nn.Module, lr: float, capturable: bool) -> torch.optim.Adam:
+    """Adam, fused (one kernel a step); `capturable` keeps its step count on the GPU, so that a step can be graphed."""
+    return torch.optim.Adam(module.parameters(), lr=lr, fused=True, capturable=capturable)

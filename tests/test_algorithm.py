@@ -1,12 +1,11 @@
 """The maths of both DIVO scripts (divo_continuous.py, and the copies in divo_antmaze.py: test_drift.py keeps them
 identical): every loss against a hand computation with target networks that differ from the online ones, the ADPO
 contest, the diagnostics of the contest (divo_utils.diagnostics, fed each script's agent and eq. 12), the data
-semantics, the evaluation; and the parts of divo_utils these tests always covered beside them (D4RL files,
-checkpoints, the locomotion env). The sampler: test_diffusion.py; one iteration's wiring: test_wiring.py; --compile
+semantics. Env ids, D4RL files, the evaluation loop and the locomotion env: test_data_path.py; checkpoints:
+test_run_integrity.py. The sampler: test_diffusion.py; one iteration's wiring: test_wiring.py; --compile
 and --cudagraphs: test_speed.py; the data path end to end and the scores: test_data_path.py."""
 
 import copy
-import os
 
 import h5py
 import numpy as np
@@ -19,10 +18,8 @@ import pad_pretrain as pp
 from conftest import perturb, write_d4rl_file
 from divo_utils import InputError
 from divo_utils import data as dd
-from divo_utils import envs as de
-from divo_utils.args import check_env_id
 from divo_utils.diagnostics import Diagnostics, wasserstein_per_dim
-from divo_utils.runs import load_checkpoint, networks, optimizers, save_checkpoint
+from divo_utils.runs import networks, optimizers
 
 DIVO_SCRIPTS = pytest.mark.parametrize("m", [dc, da], ids=["continuous", "antmaze"])
 
@@ -260,7 +257,7 @@ def test_adpo_diagnostics_on_a_hand_built_contest(m):
     s_ref = torch.tensor([[0.0] * 5, [10.0] * 5])  # the first reference state is nearest to every probe state
     a_ref = torch.tensor([[0.3, 0.3, 0.3], [-0.9, -0.9, -0.9]])  # Q' = 0.9 and -2.7
     d = Diagnostics.__new__(Diagnostics)
-    d.probe, d.reference, d.neighbours, d.adpo_target = (s, a), (s_ref, a_ref), 1, m.adpo_target
+    d.probe, d.reference, d.neighbours = (s, a), (s_ref, a_ref), 1
     row = d.contest(agent)
     target = torch.stack([draws[0, 0], a[1], draws[0, 2]])  # generated wins at states 0 and 2
     assert row["adpo/advantage_gain"] == pytest.approx((0.3 + 0.0 + 0.3) / 3)
@@ -288,7 +285,7 @@ def test_twin_critic_diagnostics_on_a_hand_built_contest(m):
     a = torch.tensor([[0.0, 0.0, 0.0], [0.2, 0.0, -0.2]])  # Q' = (0, 0) and (0, 0.6)
     agent.diffusion.sample = lambda s_rep: torch.tensor([[0.3, -0.1, -0.1], [0.1, 0.1, 0.1]])  # (0.1, 0.9), (0.3, 0.3)
     d = Diagnostics.__new__(Diagnostics)
-    d.probe, d.reference, d.neighbours, d.adpo_target = (s, a), (s[:1], a[:1]), 1, m.adpo_target
+    d.probe, d.reference, d.neighbours = (s, a), (s[:1], a[:1]), 1
     row = d.contest(agent)
     assert row["adpo/advantage_gain"] == pytest.approx((0.1 + 0.3) / 2)
     assert row["adpo/twin_disagreement"] == pytest.approx((0.0 + 0.6) / 2)
@@ -395,128 +392,12 @@ def test_dataset_summary_counts_episodes_and_returns(tmp_path):
     path = tmp_path / "d.hdf5"
     write_d4rl_file(path, episode_lengths=(4, 6), terminal_episodes=(0,), rewards=np.ones(10, dtype=np.float32))
     raw = dd.load_d4rl_file(str(path), 11, 3)
-    text = dd.dataset_summary(str(path), raw, dc.qlearning_dataset(raw), "divo_continuous",
-                              lambda returns: dc.normalized_score("hopper", returns))  # as divo_continuous.py's main
-    low, high = dc.normalized_score("hopper", [4.0, 6.0])
+    text = dd.dataset_summary(str(path), raw, dc.qlearning_dataset(raw), "locomotion",
+                              lambda returns: dd.d4rl_score(returns, dc.REF_SCORES["hopper"]))  # as load_task's
+    low, high = dd.d4rl_score([4.0, 6.0], dc.REF_SCORES["hopper"])
     assert f"episodes   2, mean length 5, normalised return min {low:.1f}  mean" in text and f"max {high:.1f}" in text
     assert "10 rows -> 9 transitions" in text  # the last row (also episode 2's timeout) is dropped
     assert "terminals 11.1111% of transitions" in text  # one terminal among 9 transitions
-
-
-def test_env_ids_and_urls(monkeypatch, tmp_path):
-    assert len(dc.ENV_IDS) == 18
-    assert dd.dataset_url("halfcheetah-medium-expert-v2").endswith("gym_mujoco_v2/halfcheetah_medium_expert-v2.hdf5")
-    assert dd.dataset_url("walker2d-full-replay-v2").endswith("/walker2d_full_replay-v2.hdf5")
-    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path))
-    assert dd.default_dataset_path("hopper-medium-v2") == str(tmp_path / "hopper_medium-v2.hdf5")
-    assert check_env_id("walker2d-medium-replay-v2", "divo_continuous") == "walker2d"
-    with pytest.raises(InputError, match="did you mean hopper-medium-v2"):
-        check_env_id("hopper-meduim-v2", "divo_continuous")
-    with pytest.raises(InputError, match="is an AntMaze dataset: run divo_antmaze.py --env-id antmaze-umaze-v2"):
-        check_env_id("antmaze-umaze-v2", "divo_continuous")
-    with pytest.raises(InputError, match="did you mean hopper-medium-v2"):  # the script's Args makes the same check
-        dc.Args(env_id="hopper-meduim-v2")
-
-
-# ---------------------------------------------------------------------------------------------- env
-@pytest.mark.parametrize("robot, legacy, patched", [("hopper", 15.820, 15.265), ("walker2d", 23.677, 22.698)])
-def test_legacy_inertia_restores_d4rl_masses(robot, legacy, patched):
-    assert de.make_eval_env(robot, legacy_inertia=False).unwrapped.model.body_mass.sum() == pytest.approx(legacy, abs=1e-3)
-    env = de.make_eval_env(robot, legacy_inertia=True)
-    assert env.unwrapped.model.body_mass.sum() == pytest.approx(patched, abs=1e-3)
-    env.reset(seed=0)
-    obs, *_ = env.step(env.action_space.sample())
-    assert np.isfinite(obs).all()
-
-
-def test_evaluate_runs_episodes_side_by_side_and_is_deterministic():
-    envs = [de.make_eval_env("hopper", True) for _ in range(3)]
-    torch.manual_seed(0)
-    actor = dc.Actor(11, 3, 16, 1)
-    mean, std = np.zeros(11), np.ones(11)
-    r1 = dc.evaluate(actor, envs, mean, std, seed=7)
-    r2 = dc.evaluate(actor, envs, mean, std, seed=7)
-    assert r1.shape == (3,) and np.array_equal(r1, r2)
-    assert len(set(r1.tolist())) == 3  # each env has its own start state
-    # the same first episode, by hand
-    env = envs[0]
-    obs, _ = env.reset(seed=7)
-    total, done = 0.0, False
-    while not done:
-        with torch.no_grad():
-            action = actor(torch.as_tensor(obs, dtype=torch.float32)[None]).numpy()[0]
-        obs, reward, terminated, truncated, _ = env.step(action)
-        total, done = total + reward, terminated or truncated
-    assert total == pytest.approx(r1[0])
-
-
-# ---------------------------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("case, message", [
-    ("missing", "no dataset file"),
-    ("garbage", "partial or corrupt"),
-    ("truncated", "partial or corrupt"),
-    ("missing_key", "lacks the D4RL keys \\['timeouts'\\]"),
-    ("wrong_obs", "'observations' has shape \\(95, 7\\), expected \\(95, 11\\)"),
-    ("wrong_len", "'actions' has shape \\(94, 3\\)"),
-    ("nan", "1 row\\(s\\) of 'observations' hold NaN or inf \\(first at row 17\\)"),
-    ("inf", "'rewards' hold NaN or inf"),
-])
-def test_bad_dataset_files_are_refused_with_a_clear_message(tmp_path, case, message):
-    path = tmp_path / "bad.hdf5"
-    if case == "garbage":
-        path.write_bytes(os.urandom(5000))
-    elif case == "truncated":
-        write_d4rl_file(path)
-        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    elif case == "missing_key":
-        write_d4rl_file(path, timeouts=None)
-    elif case == "wrong_obs":
-        write_d4rl_file(path, obs_dim=7)
-    elif case == "wrong_len":
-        write_d4rl_file(path, actions=np.zeros((94, 3), np.float32))
-    elif case in ("nan", "inf"):
-        data = write_d4rl_file(tmp_path / "ok.hdf5")
-        if case == "nan":
-            data["observations"][17, 3] = np.nan
-        else:
-            data["rewards"][4] = np.inf
-        write_d4rl_file(path, observations=data["observations"], rewards=data["rewards"])
-    with pytest.raises(InputError, match=message):
-        dd.load_d4rl_file(str(path), obs_dim=11, act_dim=3)
-
-
-def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
-    path = str(tmp_path / "checkpoint.pt")
-    save_checkpoint(path, {"kind": "divo_continuous", "step": 1}, path)
-
-    def broken_save(obj, f):
-        f.write(b"half a checkpoint")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
-        save_checkpoint(path, {"kind": "divo_continuous", "step": 2}, path)
-    assert load_checkpoint(path, "divo_continuous")["step"] == 1
-    assert os.listdir(tmp_path) == ["checkpoint.pt"]  # nothing half-written beside it (a real full disk: test_run_folders)
-
-
-def test_foreign_and_corrupt_checkpoints_are_refused(tmp_path):
-    path = tmp_path / "c.pt"
-    torch.save({"kind": "pad_pretrain"}, path)
-    with pytest.raises(InputError, match="checkpoint of pad_pretrain, not of divo_continuous.py"):
-        load_checkpoint(str(path), "divo_continuous")
-    path.write_bytes(b"not a checkpoint")
-    with pytest.raises(InputError, match="cannot read checkpoint"):
-        load_checkpoint(str(path), "divo_continuous")
-    with pytest.raises(InputError, match="no checkpoint at"):
-        load_checkpoint(str(tmp_path / "nothing.pt"), "divo_continuous")
-
-
-def test_rewards_of_the_wrong_width_are_refused_not_truncated(tmp_path):
-    path = tmp_path / "wide.hdf5"
-    write_d4rl_file(path, rewards=np.ones((95, 2), np.float32))
-    with pytest.raises(InputError, match="'rewards' has shape \\(95, 2\\), expected \\(95,\\)"):
-        dd.load_d4rl_file(str(path), 11, 3)
 
 
 # ---------------------------------------------------------------------------------------------- modes

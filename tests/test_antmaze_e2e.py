@@ -14,7 +14,7 @@ import divo_antmaze as da
 import divo_utils.envs
 from conftest import FakeEnv, only_run, refused, run_main, run_script, write_d4rl_file
 from divo_utils import InputError
-from divo_utils.data import dataset_summary, load_d4rl_file, load_task
+from divo_utils.data import d4rl_score, dataset_summary, load_d4rl_file, load_task
 from divo_utils.envs import D4RLAntMaze, antmaze_horizon
 from divo_utils.runs import load_checkpoint
 
@@ -40,7 +40,7 @@ def test_antmaze_layout_loads_with_qlearning_semantics(tmp_path):
     q = da.qlearning_dataset(raw)
     assert len(q["rewards"]) == 297  # last row and the timeouts at rows 99 and 199 dropped
     assert q["terminals"].sum() == data["terminals"][:-1][~data["timeouts"][:-1]].sum()  # terminals as stored
-    text = dataset_summary("am.hdf5", raw, q, "divo_antmaze")
+    text = dataset_summary("am.hdf5", raw, q, "antmaze")
     assert "episodes   3 (split by timeouts" in text and f"{int(data['rewards'].sum())} rows (" in text
 
 
@@ -51,7 +51,7 @@ def test_reward_transform():
 
 
 def test_scores_are_success_rates():
-    assert da.normalized_score(np.array([1.0, 0.0, 1.0, 1.0])).mean() == 75.0
+    assert d4rl_score(np.array([1.0, 0.0, 1.0, 1.0]), da.REF_SCORES).mean() == 75.0
 
 
 @pytest.mark.parametrize("env_id, maze, horizon", [("antmaze-umaze-diverse-v2", "umaze", 700),
@@ -69,8 +69,8 @@ def test_load_task_checks_the_goal_rewards_before_it_builds_the_mazes(tmp_path, 
     data = antmaze_file(tmp_path / "am.hdf5")
     args = da.Args(env_id=env_id, dataset_path=str(tmp_path / "am.hdf5"), eval_episodes=3, legacy_inertia=False,
                    cuda=False)
-    task = load_task(args, "divo_antmaze", da.normalized_score)
-    assert (task.obs_dim, task.act_dim, task.domain, task.kind, task.horizon) == (29, 8, "antmaze", "divo_antmaze", horizon)
+    task = load_task(args.env_id, args.dataset_path, args.eval_episodes, args.legacy_inertia, da.REF_SCORES)
+    assert (task.obs_dim, task.act_dim, task.domain, task.horizon) == (29, 8, "antmaze", horizon)
     assert built == [(maze, horizon, False)] * 3 and len(task.envs) == 3
     assert task.path == str(tmp_path / "am.hdf5") and task.metric == "normalized_score" and task.minari is None
     assert np.array_equal(task.rows["rewards"], data["rewards"]) and np.array_equal(task.rows["timeouts"], data["timeouts"])
@@ -79,7 +79,7 @@ def test_load_task_checks_the_goal_rewards_before_it_builds_the_mazes(tmp_path, 
     antmaze_file(tmp_path / "flat.hdf5", goal_rewards=False)
     flat = da.Args(env_id=env_id, dataset_path=str(tmp_path / "flat.hdf5"), eval_episodes=3, cuda=False)
     with pytest.raises(InputError, match="flat.hdf5 has no goal rewards"):
-        load_task(flat, "divo_antmaze", da.normalized_score)
+        load_task(flat.env_id, flat.dataset_path, flat.eval_episodes, flat.legacy_inertia, da.REF_SCORES)
     assert built == []
 
 

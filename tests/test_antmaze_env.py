@@ -12,6 +12,7 @@ from gymnasium.envs.mujoco import ant_v5
 
 import divo_antmaze
 from divo_utils import ANTMAZE_IDS, InputError
+from divo_utils import maze_of
 from divo_utils.args import check_env_id
 from divo_utils.data import dataset_url
 from divo_utils.envs import (ANTMAZE_ACT_DIM, ANTMAZE_MAPS, ANTMAZE_OFFSETS, ANTMAZE_OBS_DIM, D4RLAntMaze, antmaze_horizon,
@@ -36,11 +37,12 @@ def env(request):
 
 
 def check_maze(env_id):
-    return check_env_id(env_id, "divo_antmaze")
+    check_env_id(env_id, ("antmaze",), {"locomotion": "divo_continuous.py"})  # as divo_antmaze.py checks its ids
+    return maze_of(env_id)
 
 
 def test_ids_and_horizons():
-    assert divo_antmaze.ENV_IDS == ANTMAZE_IDS and len(ANTMAZE_IDS) == 6
+    assert len(ANTMAZE_IDS) == 6
     assert check_maze("antmaze-medium-play-v2") == "medium"
     assert check_maze("antmaze-umaze-diverse-v2") == "umaze"
     assert check_maze("antmaze-large-diverse-v2") == "large"

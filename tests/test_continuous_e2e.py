@@ -14,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import divo_continuous as dc
 from conftest import ROOT, only_run, refused, run_script, write_d4rl_file
+from divo_utils.data import d4rl_score
 from divo_utils.runs import load_checkpoint
 
 TINY = ["--env-id", "hopper-medium-v2", "--hidden-dim", "32", "--num-layers", "2", "--batch-size", "64",
@@ -41,7 +42,7 @@ def test_training_writes_scores_checkpoint_and_logs(straight_run):
     assert scores["step"] == 60 and len(scores["returns"]) == 2
     assert (scores["script"], scores["mode"], scores["task"]) == ("divo_continuous", "divo", "data")  # for tools/report.py
     assert json.loads((run / "args.json").read_text())["script"] == "divo_continuous"
-    np.testing.assert_allclose(scores["normalized_scores"], dc.normalized_score("hopper", scores["returns"]))
+    np.testing.assert_allclose(scores["normalized_scores"], d4rl_score(scores["returns"], dc.REF_SCORES["hopper"]))
     assert [e["step"] for e in scores["evaluations"]] == [30, 60]
 
     checkpoint = load_checkpoint(str(run / "checkpoint.pt"), "divo_continuous")

@@ -4,6 +4,7 @@ terminals and not from timeouts; and the normalised score against D4RL's publish
 from D4RL's own table (d4rl/infos.py, REF_MIN_SCORE / REF_MAX_SCORE), for every task id."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -12,10 +13,12 @@ import torch
 import divo_antmaze as da
 import divo_continuous as dc
 import pad_pretrain as pp
-from conftest import FakeEnv, only_run
-from divo_utils import RUN_FILES
+from conftest import FakeEnv, only_run, write_d4rl_file
+from divo_utils import ANTMAZE_IDS, DIVO_FILES, LOCOMOTION_IDS, PAD_FILES, InputError, maze_of, robot_of
+from divo_utils import data as dd
+from divo_utils import envs as de
 from divo_utils.args import check_env_id
-from divo_utils.data import load_d4rl_file
+from divo_utils.data import d4rl_score, load_d4rl_file
 from divo_utils.runs import load_checkpoint
 from test_wiring import ROWS, hand_file, traced_main
 
@@ -72,7 +75,8 @@ def test_the_main_block_trains_on_the_transitions_it_should(m, tmp_path, monkeyp
     np.testing.assert_allclose(ns["obs_std"], std, rtol=1e-5)
     np.testing.assert_allclose(ns["run"].info["obs_mean"].numpy(), mean, rtol=1e-5)  # what checkpoints keep
     kind = m.__name__
-    checkpoint = load_checkpoint(str(only_run(tmp_path) / RUN_FILES[kind][0]), kind)  # and the one written
+    files = PAD_FILES if m is pp else DIVO_FILES
+    checkpoint = load_checkpoint(str(only_run(tmp_path) / files[0]), kind)  # and the one written
     np.testing.assert_allclose(checkpoint["obs_mean"].numpy(), mean, rtol=1e-5)
     np.testing.assert_allclose(checkpoint["obs_std"].numpy(), std, rtol=1e-5)
     actions = np.clip(data["actions"][KEPT], -1, 1)
@@ -142,20 +146,112 @@ def test_evaluate_normalises_every_observation(m):
 
 
 def test_locomotion_scores_against_d4rl_reference_returns():
-    assert len(dc.ENV_IDS) == 18
-    for env_id in dc.ENV_IDS:
-        robot = check_env_id(env_id, "divo_continuous")
+    assert len(LOCOMOTION_IDS) == 18
+    for env_id in LOCOMOTION_IDS:
+        robot = robot_of(env_id)
         low, high = D4RL_REFERENCE[env_id.split("-")[0]]
         returns = np.array([low, high, 1234.5, -50.0])
-        np.testing.assert_allclose(dc.normalized_score(robot, returns), 100 * (returns - low) / (high - low),
+        np.testing.assert_allclose(d4rl_score(returns, dc.REF_SCORES[robot]), 100 * (returns - low) / (high - low),
                                    rtol=1e-12, err_msg=env_id)
-        np.testing.assert_allclose(dc.normalized_score(robot, [low, high]), [0.0, 100.0], atol=1e-9)
+        np.testing.assert_allclose(d4rl_score([low, high], dc.REF_SCORES[robot]), [0.0, 100.0], atol=1e-9)
 
 
 def test_antmaze_scores_against_d4rl_reference_returns():
     low, high = D4RL_REFERENCE["antmaze"]
-    assert len(da.ENV_IDS) == 6
-    assert all(check_env_id(env_id, "divo_antmaze") in ("umaze", "medium", "large") for env_id in da.ENV_IDS)
+    assert len(ANTMAZE_IDS) == 6
+    assert all(maze_of(env_id) in ("umaze", "medium", "large") for env_id in ANTMAZE_IDS)
     returns = np.array([1.0, 0.0, 1.0, 1.0])
-    np.testing.assert_allclose(da.normalized_score(returns), 100 * (returns - low) / (high - low))
-    assert da.normalized_score(returns).mean() == 75.0
+    np.testing.assert_allclose(d4rl_score(returns, da.REF_SCORES), 100 * (returns - low) / (high - low))
+    assert d4rl_score(returns, da.REF_SCORES).mean() == 75.0
+
+
+# ---------------------------------------------------------------------------------------------- ids, files, env
+def test_env_ids_and_urls(monkeypatch, tmp_path):
+    assert len(LOCOMOTION_IDS) == 18
+    assert dd.dataset_url("halfcheetah-medium-expert-v2").endswith("gym_mujoco_v2/halfcheetah_medium_expert-v2.hdf5")
+    assert dd.dataset_url("walker2d-full-replay-v2").endswith("/walker2d_full_replay-v2.hdf5")
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path))
+    assert dd.default_dataset_path("hopper-medium-v2") == str(tmp_path / "hopper_medium-v2.hdf5")
+    locomotion = ("locomotion",), {"antmaze": "divo_antmaze.py"}  # as divo_continuous.py checks its ids
+    assert check_env_id("walker2d-medium-replay-v2", *locomotion) == "locomotion"
+    assert robot_of("walker2d-medium-replay-v2") == "walker2d"
+    with pytest.raises(InputError, match="did you mean hopper-medium-v2"):
+        check_env_id("hopper-meduim-v2", *locomotion)
+    with pytest.raises(InputError, match="is an AntMaze dataset: run divo_antmaze.py --env-id antmaze-umaze-v2"):
+        check_env_id("antmaze-umaze-v2", *locomotion)
+    with pytest.raises(InputError, match="did you mean hopper-medium-v2"):  # the script's Args makes the same check
+        dc.Args(env_id="hopper-meduim-v2")
+
+
+# ---------------------------------------------------------------------------------------------- env
+@pytest.mark.parametrize("robot, legacy, patched", [("hopper", 15.820, 15.265), ("walker2d", 23.677, 22.698)])
+def test_legacy_inertia_restores_d4rl_masses(robot, legacy, patched):
+    assert de.make_eval_env(robot, legacy_inertia=False).unwrapped.model.body_mass.sum() == pytest.approx(legacy, abs=1e-3)
+    env = de.make_eval_env(robot, legacy_inertia=True)
+    assert env.unwrapped.model.body_mass.sum() == pytest.approx(patched, abs=1e-3)
+    env.reset(seed=0)
+    obs, *_ = env.step(env.action_space.sample())
+    assert np.isfinite(obs).all()
+
+
+def test_evaluate_runs_episodes_side_by_side_and_is_deterministic():
+    envs = [de.make_eval_env("hopper", True) for _ in range(3)]
+    torch.manual_seed(0)
+    actor = dc.Actor(11, 3, 16, 1)
+    mean, std = np.zeros(11), np.ones(11)
+    r1 = dc.evaluate(actor, envs, mean, std, seed=7)
+    r2 = dc.evaluate(actor, envs, mean, std, seed=7)
+    assert r1.shape == (3,) and np.array_equal(r1, r2)
+    assert len(set(r1.tolist())) == 3  # each env has its own start state
+    # the same first episode, by hand
+    env = envs[0]
+    obs, _ = env.reset(seed=7)
+    total, done = 0.0, False
+    while not done:
+        with torch.no_grad():
+            action = actor(torch.as_tensor(obs, dtype=torch.float32)[None]).numpy()[0]
+        obs, reward, terminated, truncated, _ = env.step(action)
+        total, done = total + reward, terminated or truncated
+    assert total == pytest.approx(r1[0])
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("case, message", [
+    ("missing", "no dataset file"),
+    ("garbage", "partial or corrupt"),
+    ("truncated", "partial or corrupt"),
+    ("missing_key", "lacks the D4RL keys \\['timeouts'\\]"),
+    ("wrong_obs", "'observations' has shape \\(95, 7\\), expected \\(95, 11\\)"),
+    ("wrong_len", "'actions' has shape \\(94, 3\\)"),
+    ("nan", "1 row\\(s\\) of 'observations' hold NaN or inf \\(first at row 17\\)"),
+    ("inf", "'rewards' hold NaN or inf"),
+])
+def test_bad_dataset_files_are_refused_with_a_clear_message(tmp_path, case, message):
+    path = tmp_path / "bad.hdf5"
+    if case == "garbage":
+        path.write_bytes(os.urandom(5000))
+    elif case == "truncated":
+        write_d4rl_file(path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif case == "missing_key":
+        write_d4rl_file(path, timeouts=None)
+    elif case == "wrong_obs":
+        write_d4rl_file(path, obs_dim=7)
+    elif case == "wrong_len":
+        write_d4rl_file(path, actions=np.zeros((94, 3), np.float32))
+    elif case in ("nan", "inf"):
+        data = write_d4rl_file(tmp_path / "ok.hdf5")
+        if case == "nan":
+            data["observations"][17, 3] = np.nan
+        else:
+            data["rewards"][4] = np.inf
+        write_d4rl_file(path, observations=data["observations"], rewards=data["rewards"])
+    with pytest.raises(InputError, match=message):
+        dd.load_d4rl_file(str(path), obs_dim=11, act_dim=3)
+
+
+def test_rewards_of_the_wrong_width_are_refused_not_truncated(tmp_path):
+    path = tmp_path / "wide.hdf5"
+    write_d4rl_file(path, rewards=np.ones((95, 2), np.float32))
+    with pytest.raises(InputError, match="'rewards' has shape \\(95, 2\\), expected \\(95,\\)"):
+        dd.load_d4rl_file(str(path), 11, 3)

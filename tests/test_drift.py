@@ -1,5 +1,7 @@
-"""The parts of the algorithm copied on purpose between the three scripts (each script holds all of DIVO, as a CleanRL
-file does) must stay identical; the infrastructure around them lives once, in divo_utils/, and is not copied back.
+"""The algorithm, copied on purpose between the three scripts (each script holds all of DIVO, as a CleanRL file does),
+must stay identical in every copy: the networks, the diffusion model, the losses, DIVO's iteration and the data
+semantics, and nothing else. The infrastructure around them (argument checks, optimisers' construction, run
+management) lives once, in divo_utils/, and is not copied back.
 
 A fix made in one copy and not in the others fails here, with a message that names the part and the files.
 """
@@ -12,21 +14,21 @@ from conftest import ROOT
 
 ALL = ("divo_continuous.py", "divo_antmaze.py", "pad_pretrain.py")
 DIVO = ("divo_continuous.py", "divo_antmaze.py")
-# Which top-level definitions each group of files shares, word for word.
-SHARED = {
+# The algorithm: which top-level definitions each group of files shares, word for word.
+ALGORITHM = {
     ALL: (
         # networks and the diffusion model
         "mlp", "VectorizedLinear", "TwinCritic", "ValueNet", "SinusoidalEmbedding", "NoiseNet", "vp_beta_schedule",
-        "Diffusion", "expectile_loss", "adam",
+        "Diffusion", "expectile_loss",
         # data semantics: D4RL's transitions, the state normalisation, the data on the device, batches
         "qlearning_dataset", "normalize_states", "to_device", "prepare_data", "sample_batch",
     ),
-    # DIVO itself: the actor, eq. (12), one iteration, and the arguments --no-adpo refuses
-    DIVO: ("Actor", "adpo_target", "DIVO", "ADPO_ONLY_ARGS", "check_args"),
+    # DIVO itself: the actor, eq. (12), one iteration
+    DIVO: ("Actor", "adpo_target", "DIVO"),
     # AntMaze's reward, learned from by divo_antmaze.py and by pad_pretrain.py's AntMaze pretraining
     ("divo_antmaze.py", "pad_pretrain.py"): ("transform_rewards",),
 }
-UTILS = ("__init__", "args", "runs", "data", "envs", "speed", "diagnostics")
+UTILS = ("__init__", "files", "args", "runs", "resume", "data", "envs", "speed", "diagnostics", "video")
 
 
 def definitions(source: str) -> dict[str, str]:
@@ -49,7 +51,7 @@ def drift(sources: dict[str, str]) -> list[str]:
     """One message per shared part whose copies differ (or is missing), with the first lines of the difference."""
     parsed = {name: definitions(text) for name, text in sources.items()}
     problems = []
-    for files, parts in SHARED.items():
+    for files, parts in ALGORITHM.items():
         reference = files[0]
         for part in parts:
             for other in files:
@@ -110,12 +112,12 @@ def identical_parts(sources: dict[str, str]) -> dict[str, set[str]]:
     return copies
 
 
-def test_shared_lists_exactly_the_copied_parts():
+def test_algorithm_lists_exactly_the_copied_parts():
     """Every part copied word for word between scripts is guarded above (a new copy is listed, or written once in
     divo_utils), and every listed part is still there in each of its scripts (a part that stopped being copied
     leaves the list)."""
-    listed = {part: set(files) for files, parts in SHARED.items() for part in parts}
-    assert sum(len(parts) for parts in SHARED.values()) == len(listed), "a part is listed twice"
+    listed = {part: set(files) for files, parts in ALGORITHM.items() for part in parts}
+    assert sum(len(parts) for parts in ALGORITHM.values()) == len(listed), "a part is listed twice"
     assert identical_parts(read_scripts()) == listed
 
 

@@ -18,6 +18,7 @@ import divo_continuous as dc
 import pad_pretrain as pp
 from conftest import ROOT, only_run, run_script
 from divo_utils import InputError, data, envs
+from divo_utils import maze_of, robot_of
 from divo_utils.args import check_env_id
 from divo_utils.runs import load_checkpoint
 
@@ -98,17 +99,14 @@ def in_store(store, monkeypatch):
 def test_each_script_refuses_a_minari_id_it_cannot_take(module, env_id, message):
     """The check of the script's kind, and the script's own arguments, which run it."""
     with pytest.raises(InputError, match=message):
-        check_env_id(env_id, module.__name__)
-    with pytest.raises(InputError, match=message):
         module.Args(env_id=env_id)
 
 
 def test_minari_ids_pick_the_script_the_maze_and_the_domain_defaults():
-    assert check_env_id("mujoco/hopper/medium-v0", "divo_continuous") is None
-    assert check_env_id("hopper-medium-v2", "divo_continuous") == "hopper"
-    assert check_env_id("D4RL/antmaze/large-diverse-v1", "divo_antmaze") == "large"
-    assert check_env_id("D4RL/antmaze/umaze-v1", "pad_pretrain") == "antmaze"
-    assert check_env_id("mujoco/walker2d/expert-v0", "pad_pretrain") == "locomotion"
+    assert check_env_id("mujoco/hopper/medium-v0", ("locomotion",), {}) == "locomotion"
+    assert robot_of("hopper-medium-v2") == "hopper" and maze_of("D4RL/antmaze/large-diverse-v1") == "large"
+    assert check_env_id("D4RL/antmaze/umaze-v1", ("locomotion", "antmaze"), {}) == "antmaze"
+    assert check_env_id("mujoco/walker2d/expert-v0", ("locomotion", "antmaze"), {}) == "locomotion"
     assert dc.Args(env_id="mujoco/hopper/medium-v0").env_id == "mujoco/hopper/medium-v0"
     assert da.Args(env_id="D4RL/antmaze/large-diverse-v1").alpha == 20.0
     assert da.Args(env_id="D4RL/antmaze/medium-play-v1").alpha == 7.5
@@ -169,8 +167,9 @@ def test_pretraining_and_divo_load_the_same_rows_of_a_minari_dataset(in_store, t
     """load_task of pad_pretrain.py and of the DIVO script of the dataset's domain: the same rows, sizes and fingerprint
     (a PAD checkpoint is accepted only on the data it was trained on)."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the maze's xml files
-    pad = data.load_task(pp.Args(env_id=dataset_id), "pad_pretrain")
-    task = data.load_task(divo.Args(env_id=dataset_id, eval_episodes=1), divo.__name__)
+    pad = data.load_task(dataset_id, None)
+    task = data.load_task(dataset_id, None, eval_episodes=1, reference_returns=getattr(divo, "REF_SCORES", None)
+                          if divo is da else None)
     try:
         assert pad.fingerprint == task.fingerprint == data.dataset_fingerprint(pad.rows)
         assert (pad.obs_dim, pad.act_dim) == (task.obs_dim, task.act_dim) == data.minari_dims(minari.load_dataset(dataset_id))

@@ -79,7 +79,7 @@ def test_distances():
 
 def test_domain_defaults_and_ids(tmp_path):
     def domain(env_id):
-        return check_env_id(env_id, "pad_pretrain")
+        return check_env_id(env_id, ("locomotion", "antmaze"), {})  # as pad_pretrain.py checks its ids
 
     assert domain("antmaze-large-play-v2") == "antmaze" and domain("hopper-medium-v2") == "locomotion"
     assert all(domain(i) == "locomotion" for i in LOCOMOTION_IDS) and all(domain(i) == "antmaze" for i in ANTMAZE_IDS)
@@ -90,8 +90,8 @@ def test_domain_defaults_and_ids(tmp_path):
     antmaze_file(tmp_path / "am.hdf5")
     write_d4rl_file(tmp_path / "w.hdf5", obs_dim=17, act_dim=6)
     for env_id, path, dims in [("antmaze-umaze-v2", "am.hdf5", (29, 8)), ("walker2d-expert-v2", "w.hdf5", (17, 6))]:
-        task = load_task(pp.Args(env_id=env_id, dataset_path=str(tmp_path / path), cuda=False), "pad_pretrain")
-        assert (task.obs_dim, task.act_dim) == dims and task.envs == [] and task.kind == "pad_pretrain"
+        task = load_task(env_id, str(tmp_path / path))  # as pad_pretrain.py's main: no evaluation envs
+        assert (task.obs_dim, task.act_dim) == dims and task.envs == []
     assert dataset_url("antmaze-umaze-v2") == "http://rail.eecs.berkeley.edu/datasets/offline_rl/ant_maze_v2/" \
         "Ant_maze_u-maze_noisy_multistart_False_multigoal_False_sparse_fixed.hdf5"
     assert dataset_url("hopper-medium-replay-v2") == \

@@ -374,10 +374,10 @@ def test_every_interval_is_the_same_on_a_rerun_and_the_global_numpy_generator_is
 def test_the_file_names_it_reads_are_those_the_divo_scripts_write():
     """report.py reads args.json, scores.json (a finished run) and checkpoint.pt (an unfinished one's step) by name: they
     are the names divo_utils gives the DIVO scripts' files; pretraining's are others (and its runs are left out)."""
-    from divo_utils import RUN_FILES
+    from divo_utils import DIVO_FILES, PAD_FILES
 
-    assert RUN_FILES["divo_continuous"] == RUN_FILES["divo_antmaze"] == ("checkpoint.pt", "scores.json")
-    assert "scores.json" not in RUN_FILES["pad_pretrain"] and "checkpoint.pt" not in RUN_FILES["pad_pretrain"]
+    assert DIVO_FILES == ("checkpoint.pt", "scores.json")
+    assert "scores.json" not in PAD_FILES and "checkpoint.pt" not in PAD_FILES
 
 
 def test_a_seed_run_twice_is_one_seed_the_latest_finished(tmp_path, capsys):

@@ -15,7 +15,8 @@ import torch
 
 from conftest import ROOT, refused, run_script, write_d4rl_file
 from divo_utils import InputError
-from divo_utils.runs import lock_run, write_atomically
+from divo_utils.files import lock_run, write_atomically
+from divo_utils.runs import load_checkpoint, save_checkpoint
 
 TINY = ["--env-id", "hopper-medium-v2", "--hidden-dim", "16", "--num-layers", "1", "--batch-size", "32",
         "--eval-episodes", "1", "--log-freq", "10", "--no-cuda"]
@@ -189,3 +190,30 @@ def test_out_of_memory_is_one_line_and_a_new_run_leaves_no_folder(tmp_path):
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: out of memory"), proc.stderr
     assert "Traceback" not in proc.stderr
     assert "no run folder was made" in proc.stderr and not (tmp_path / "runs/wide").exists()
+
+
+def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint.pt")
+    save_checkpoint(path, {"kind": "divo_continuous", "step": 1}, path)
+
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        save_checkpoint(path, {"kind": "divo_continuous", "step": 2}, path)
+    assert load_checkpoint(path, "divo_continuous")["step"] == 1
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]  # nothing half-written beside it (a real full disk: test_run_folders)
+
+
+def test_foreign_and_corrupt_checkpoints_are_refused(tmp_path):
+    path = tmp_path / "c.pt"
+    torch.save({"kind": "pad_pretrain"}, path)
+    with pytest.raises(InputError, match="checkpoint of pad_pretrain, not of divo_continuous.py"):
+        load_checkpoint(str(path), "divo_continuous")
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="cannot read checkpoint"):
+        load_checkpoint(str(path), "divo_continuous")
+    with pytest.raises(InputError, match="no checkpoint at"):
+        load_checkpoint(str(tmp_path / "nothing.pt"), "divo_continuous")

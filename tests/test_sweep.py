@@ -373,15 +373,11 @@ def test_a_file_after_the_dashes_is_made_absolute(spelling, datasets, tmp_path):
 
 
 def test_env_ids_match_the_scripts():
-    """The sweep's copies of the valid ids (it does not import the scripts, to start fast) are theirs; paper = Table I."""
-    import divo_antmaze
-    import divo_continuous
-
+    """The sweep's valid ids (it does not import the scripts, to start fast) are divo_utils'; paper = Table I."""
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     from report import TABLE_I_TASKS
 
     sweep = load_sweep()
-    assert sweep.LOCOMOTION_IDS == divo_continuous.ENV_IDS and sweep.ANTMAZE_IDS == divo_antmaze.ENV_IDS
     assert sorted(sweep.SUITES["paper"]) == sorted(TABLE_I_TASKS) and len(sweep.SUITES["paper"]) == 15
     assert set(sweep.SUITES["locomotion"]) <= set(sweep.LOCOMOTION_IDS) and sweep.SUITES["antmaze"] == list(sweep.ANTMAZE_IDS)
 
@@ -401,7 +397,7 @@ def test_the_sweep_reads_the_scripts_names_and_limits_without_torch():
     assert (sweep.MAX_LABEL, sweep.MAX_RUN_NAME, sweep.LOCK) == (divo_utils.MAX_EXP_NAME, divo_utils.MAX_NAME, "lock")
     for script in ("divo_continuous", "divo_antmaze", "pad_pretrain"):
         run = sweep.Run("hopper-medium-v2", 0, os.path.join(ROOT, f"{script}.py"), None, "r")
-        checkpoint, finished = divo_utils.RUN_FILES[script]
+        checkpoint, finished = divo_utils.PAD_FILES if script == "pad_pretrain" else divo_utils.DIVO_FILES
         assert sweep.run_files(run) == (finished, checkpoint), script
     assert sweep.run_files(sweep.Run("antmaze-umaze-v2", 0, sweep.script_of("antmaze-umaze-v2"), None, "r")) == \
         ("scores.json", "checkpoint.pt")
@@ -454,9 +450,11 @@ def test_a_pretraining_sweep_knows_when_pad_pretrain_finished(datasets, tmp_path
 def test_the_eta_counts_the_running_runs_progress(tmp_path):
     """Before any run finished: running runs' own estimates, and their whole length for each run still queued."""
     sweep = load_sweep()
-    running, ended, queued = tmp_path / "a.log", tmp_path / "b.log", tmp_path / "never-started.log"
-    running.write_text(f"{HEADER} ...\n[ 10.0%] step 1,000/10,000 | 5 steps/s | score - | ETA 30m00s\n")
-    ended.write_text(f"{HEADER} ...\n[ 10.0%] step 1,000/10,000 | 5 steps/s | score - | ETA 30m00s\n=== exit -9 after 1m\n")
+    running, ended, queued = tmp_path / "a", tmp_path / "b", tmp_path / "never-started"  # the runs' folders
+    for folder, step in ((running, 1000), (ended, 10_000)):  # what divo_utils.runs.Run.report_progress writes
+        folder.mkdir()
+        (folder / "progress.json").write_text(json.dumps(
+            {"step": step, "total_timesteps": 10_000, "steps_per_second": 5.0, "start_step": 0}))
     progress = sweep.Progress(total=3, skipped=0, cpus_per_run=1)
     assert sweep.running_progress(str(running)) == (1000.0, 10000.0, 5.0) and sweep.running_progress(str(ended)) is None
     # 1,800 s left for the running run, 2,000 s (10,000 steps at 5 per second) for each of the two others, 2 slots

@@ -231,7 +231,7 @@ def test_diagnostics_leave_training_unchanged(m):
     runs = []
     for diagnose in (False, True):
         agent = small_agent(m)
-        diagnostics = Diagnostics(data, heldout, 0, m.adpo_target)
+        diagnostics = Diagnostics(data, heldout, 0)
         torch.manual_seed(1)
         for step in range(4):
             agent.update(m.sample_batch(data, 32), actor_step=step % 2 == 0)

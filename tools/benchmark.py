@@ -34,7 +34,7 @@ import tyro
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the scripts and divo_utils
 
-from divo_utils import is_minari_id  # noqa: E402
+from divo_utils import domain_of, is_minari_id, robot_of  # noqa: E402
 from divo_utils.data import (D4RL_DIMS, default_dataset_path, load_d4rl_file, load_minari_dataset,  # noqa: E402
                              minari_dims, minari_rows)
 from divo_utils.speed import GraphedTrainStep, compile_updates, training_state  # noqa: E402
@@ -84,8 +84,7 @@ def load_script(args: Args):
     """The training script's module: pad_pretrain, or the DIVO script of the env id's domain."""
     if args.script == "pad_pretrain":
         return importlib.import_module("pad_pretrain")
-    antmaze = args.env_id.lower().startswith("antmaze-") or (
-        is_minari_id(args.env_id) and "antmaze" in args.env_id.split("/")[:-1])  # D4RL/antmaze/umaze-v1
+    antmaze = domain_of(args.env_id.lower()) == "antmaze"  # AntMaze-umaze-v2 too: the script names the id
     return importlib.import_module("divo_antmaze" if antmaze else "divo_continuous")
 
 
@@ -125,7 +124,7 @@ def shapes(module, env_id: str) -> tuple[int, int]:
     """Observation and action sizes of the task (without building its env): a Minari dataset's own."""
     if is_minari_id(env_id):
         return minari_dims(load_minari_dataset(env_id))
-    return D4RL_DIMS["antmaze" if env_id.startswith("antmaze-") else env_id.split("-")[0]]
+    return D4RL_DIMS["antmaze" if domain_of(env_id) == "antmaze" else robot_of(env_id)]
 
 
 def load_data(module, args: Args, obs_dim: int, act_dim: int, device: torch.device) -> tuple[dict, str]:

@@ -41,7 +41,8 @@ import tyro  # noqa: E402
 from rliable import library as rly  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # divo_utils (its package: no torch)
-from divo_utils import ANTMAZE_IDS, LOCOMOTION_IDS, RUN_FILES  # noqa: E402
+from divo_utils import ANTMAZE_IDS, DIVO_FILES, LOCOMOTION_IDS, run_mode, task_name  # noqa: E402
+from divo_utils.files import read_json as read_json_file  # noqa: E402
 from rliable import metrics, plot_utils  # noqa: E402
 
 
@@ -74,7 +75,7 @@ TABLE_I_BLOCKS: list[tuple[str, list[str]]] = [
     ]),
     ("AntMaze", list(ANTMAZE_IDS)),
 ]
-CHECKPOINT, SCORES = RUN_FILES["divo_continuous"]  # a DIVO run's checkpoint and the file it writes last
+CHECKPOINT, SCORES = DIVO_FILES  # a DIVO run's checkpoint and the file it writes last
 TABLE_I_TASKS: list[str] = [task for _, tasks in TABLE_I_BLOCKS for task in tasks]
 MINARI_BLOCK, RETURN_BLOCK = "Minari", "Minari, return"  # Minari ids hold a "/"; RETURN_BLOCK: no reference returns
 OTHER_BLOCK = "Other tasks"
@@ -166,16 +167,10 @@ def find_run_folders(dirs: list[str]) -> list[str]:
 
 def read_json(path: str) -> Optional[dict]:
     """The JSON object in `path`, or None with a warning when it is not valid JSON or not an object."""
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        warn(f"{path} is not readable JSON ({e}); run skipped")
-        return None
-    if not isinstance(data, dict):
-        warn(f"{path} does not hold a JSON object; run skipped")
-        return None
-    return data
+    content, problem = read_json_file(path)
+    if problem:
+        warn(f"{problem}; run skipped")
+    return content
 
 
 def is_number(value) -> bool:
@@ -204,13 +199,6 @@ def check_scores(scores: dict) -> Optional[str]:
 D4RL_IDS = frozenset(LOCOMOTION_IDS + ANTMAZE_IDS)  # the D4RL datasets a run can download
 
 
-def task_of(args: dict) -> str:
-    """The dataset's name: the file stem of `dataset_path` for a user's own file, else the D4RL env id."""
-    if args.get("dataset_path"):
-        return os.path.splitext(os.path.basename(args["dataset_path"]))[0]
-    return str(args.get("env_id", "unknown-task"))
-
-
 def own_data_name(task: str, dataset_path: str) -> str:
     """The name of a run's task on the user's own file (`dataset_path`): the user's data are never D4RL's, so a file
     named like a D4RL dataset (my/hopper-medium-v2.hdf5) is a task of its own under its file's name
@@ -219,15 +207,6 @@ def own_data_name(task: str, dataset_path: str) -> str:
         return task
     name = os.path.basename(dataset_path)
     return name if name != task else f"{name} (your file)"
-
-
-def mode_of(args: dict) -> str:
-    """divo, divo-no-pad or td3bc (the --no-adpo backbone), from the flags of an older args.json."""
-    if args.get("adpo") is False:
-        return "td3bc"
-    if args.get("pad") is False:
-        return "divo-no-pad"
-    return "divo"
 
 
 def checkpoint_progress(folder: str, total_timesteps: Optional[int]) -> str:
@@ -268,10 +247,10 @@ def read_run(folder: str, label_key: str) -> Optional[Run]:
         label = f"(no {label_key})"
         warn(f"{os.path.join(folder, 'args.json')} has no '{label_key}'; its run is labelled {label}")
     run_name = scores.get("run_name", args.get("run_name", os.path.basename(folder)))
-    task = str(scores.get("task", task_of(args)))
+    task = str(scores.get("task", task_name(args)))
     if args.get("dataset_path"):  # a local file (null for D4RL's downloaded data and Minari's)
         task = own_data_name(task, str(args["dataset_path"]))
-    mode = scores.get("mode", args.get("mode", mode_of(args)))
+    mode = scores.get("mode", args.get("mode", run_mode(args)))
     seed = scores.get("seed", args.get("seed"))
     total_timesteps = args.get("total_timesteps")
     run = Run(path=folder, run_name=str(run_name), label=label, task=task, mode=str(mode),

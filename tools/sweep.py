@@ -34,8 +34,8 @@ A node lost mid-sweep: Ray retries each run it held on the nodes left (--max-ret
 run's checkpoint in the shared --out; each run's line and log name the node it ran on.
 """
 
+import contextlib
 import difflib
-import fcntl
 import json
 import math
 import os
@@ -56,8 +56,9 @@ import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: the training scripts live here
 sys.path.insert(0, ROOT)  # divo_utils, whose package imports no torch: the ids, file names and limits
-from divo_utils import (ANTMAZE_IDS, LOCK, LOCOMOTION_IDS, MAX_EXP_NAME, MAX_NAME, PATH_ARGS,  # noqa: E402
-                        RUN_FILES, flag, is_minari_id)
+from divo_utils import (ANTMAZE_IDS, DIVO_FILES, LOCK, LOCOMOTION_IDS, MAX_EXP_NAME, MAX_NAME,  # noqa: E402
+                        PAD_FILES, PATH_ARGS, domain_of, flag, is_minari_id)
+from divo_utils.files import read_json, try_lock  # noqa: E402
 
 LOCOMOTION_SCRIPT, ANTMAZE_SCRIPT = "divo_continuous.py", "divo_antmaze.py"
 SUITES = {
@@ -75,9 +76,9 @@ SWEEP_FLAGS = ("--env-id", "--seed", "--exp-name", "--run-name", "--resume", "--
 ATTEMPT_HEADER = "=== sweep attempt"  # the first words of the line the log gets before every attempt
 MAX_LABEL, MAX_RUN_NAME = MAX_EXP_NAME, MAX_NAME  # bytes of a run's --exp-name and --run-name, as the scripts take
 # A script's progress line: "[ 12.0%] step 120,000/1,000,000 | 1,234 steps/s | ..."
-PROGRESS_LINE = re.compile(r"step ([\d,]+)/([\d,]+) \| ([\d,.]+) steps/s")
 NODE_CHECK_EVERY = 2.0  # seconds between the sweep's looks at which Ray nodes are alive
-RESUMED_LINE = re.compile(r"^resumed \S+ at step ([\d,]+)$", re.MULTILINE)  # divo_utils.runs.restore_run's
+PROGRESS = "progress.json"  # what a run writes of its progress (divo_utils.runs.Run.report_progress)
+COMPARE_FLAG = "--compare-arguments"  # this file run as check_existing_runs' subprocess
 
 
 @dataclass
@@ -176,8 +177,7 @@ def absolute_paths(extra: list[str]) -> list[str]:
 
 
 def script_of(env_id: str) -> str:
-    antmaze = env_id.startswith("antmaze-") or "antmaze" in env_id.split("/")[:-1]  # D4RL/antmaze/umaze-v1
-    return ANTMAZE_SCRIPT if antmaze else LOCOMOTION_SCRIPT
+    return ANTMAZE_SCRIPT if domain_of(env_id) == "antmaze" else LOCOMOTION_SCRIPT
 
 
 def find_dataset(dataset_dir: str, env_id: str) -> tuple[Optional[str], list[str]]:
@@ -302,29 +302,19 @@ def plan_runs(args: Args) -> list[Run]:
 # ----------------------------------------------------------------------------------------------
 def run_files(run: Run) -> tuple[str, str]:
     """The file the run's script writes last (its presence means the run finished) and its checkpoint's."""
-    checkpoint, finished = RUN_FILES.get(os.path.basename(run.script)[: -len(".py")], RUN_FILES["divo_continuous"])
+    checkpoint, finished = PAD_FILES if os.path.basename(run.script) == "pad_pretrain.py" else DIVO_FILES
     return finished, checkpoint
-
-
-def read_json(path: str) -> Optional[dict]:
-    """A run's JSON file (args.json, its finished file), or None if it is missing or unreadable."""
-    try:
-        with open(path) as f:
-            content = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return content if isinstance(content, dict) else None
 
 
 def finished_steps(out: str, run: Run) -> Optional[int]:
     """The gradient steps a finished run trained: its finished file's (scores.json's "step", pad_diagnostics.json's
     last diagnostics), else its args.json's --total-timesteps; None where neither says."""
     run_dir = os.path.join(out, "runs", run.name)
-    finished = read_json(os.path.join(run_dir, run_files(run)[0])) or {}
+    finished = read_json(os.path.join(run_dir, run_files(run)[0]))[0] or {}
     steps = finished.get("step", (finished.get("final") or {}).get("step"))
     if not isinstance(steps, int):  # not the finished file's (scores.json of an extension that died before its first
         # checkpoint still has its old step, while args.json has the new --total-timesteps already)
-        steps = (read_json(os.path.join(run_dir, "args.json")) or {}).get("total_timesteps")
+        steps = (read_json(os.path.join(run_dir, "args.json"))[0] or {}).get("total_timesteps")
     return steps if isinstance(steps, int) else None
 
 
@@ -339,18 +329,6 @@ def run_state(out: str, run: Run, extend_to: Optional[int] = None) -> Literal["f
     if os.path.isfile(os.path.join(run_dir, checkpoint)):
         return "resume"
     return "restart" if os.path.exists(run_dir) else "new"  # restart: an attempt died before its first checkpoint
-
-
-def try_lock(run_dir: str) -> tuple[Optional[int], str]:
-    """Take a run folder's lock without waiting: (its open file, ""), or (None, the process that holds it)."""
-    fd = os.open(os.path.join(run_dir, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return fd, ""
-    except BlockingIOError:
-        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        return None, holder
 
 
 def script_args(run: Run, label: str, state: str, extra: list[str], cuda: bool) -> list[str]:
@@ -436,11 +414,9 @@ def run_one(run: Run, out: str, label: str, extra: list[str], cuda: bool, thread
             seconds = time.time() - start
             log.write(f"=== exit {proc.returncode} after {format_seconds(seconds)}\n")
     if run_state(out, run, extend_to) == "finished":  # its finished file, written last, is there (of the steps asked)
-        with open(log_path, errors="replace") as log:
-            log.seek(offset)
-            resumed = RESUMED_LINE.search(log.read())
+        start = (read_json(os.path.join(run_dir, PROGRESS))[0] or {}).get("start_step")  # this attempt's
         return {"name": run.name, "status": "finished", "seconds": seconds, "node": node,
-                "resumed_at": int(resumed.group(1).replace(",", "")) if resumed else None}
+                "resumed_at": start if isinstance(start, int) and start > 0 else None}
     exit_status = f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0 else \
         f"exited {proc.returncode}"
     message = f"no {run_files(run)[0]}" if proc.returncode == 0 else last_line(log_path, offset)
@@ -456,37 +432,23 @@ def run_one(run: Run, out: str, label: str, extra: list[str], cuda: bool, thread
 # makes of the command line script_args builds: the scripts' Args are tyro dataclasses whose defaults and
 # __post_init__ fill in values (divo_antmaze's --alpha per maze, pad_pretrain's per-domain defaults), so only the
 # script's own parser says. Importing a script imports torch, which this process never does (it only launches
-# runs), so the comparison is one subprocess for the whole sweep, and only where run folders with an args.json
-# exist. It reads a JSON list of {"name", "script", "argv", "recorded"} on stdin and prints for each the arguments
-# that differ (those a resume may change aside: RESUME_FREE_ARGS) and the --total-timesteps asked, or the script's
-# refusal of argv. The decision (mismatch, extension) is made here, from those answers and the run folders.
-COMPARE_ARGS = r"""
-import contextlib, importlib.util, io, json, os, sys
-from dataclasses import asdict, is_dataclass
-sys.path.insert(0, sys.argv[1])
-import torch
-import tyro
-from divo_utils.args import PATH_ARGS, RESUME_FREE_ARGS
+# runs), so compare_arguments runs in one subprocess (this file with COMPARE_FLAG) for the whole sweep, and only
+# where run folders with an args.json exist. The decision (mismatch, extension) is made here, from its answers.
+def compare_arguments(items: list[dict]) -> list[dict]:
+    """For each {"name", "script", "argv", "recorded"}: the arguments the script makes of argv that differ from the
+    recorded ones (those a resume may change aside: RESUME_FREE_ARGS) and the --total-timesteps asked, or the
+    script's refusal of argv. Imports the scripts (and torch): run in the subprocess, never in the driver."""
+    import importlib.util
+    import io
+    from dataclasses import asdict, is_dataclass
 
-torch.cuda.is_available = lambda: True  # --cudagraphs is checked by the machine that runs it, not this one
+    import torch
 
+    from divo_utils.resume import RESUME_FREE_ARGS
 
-def parse(module, argv):
-    errors = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(errors):
-            return tyro.cli(module.Args, args=argv), None
-    except SystemExit as e:  # the script's one-line InputError, or tyro's box of usage errors
-        if isinstance(e.code, str):
-            return None, e.code.removeprefix("error: ")
-        lines = [line.strip(" \u2502\u256d\u256e\u2570\u256f\u2500") for line in errors.getvalue().splitlines()][1:]
-        ends = [i for i, line in enumerate(lines) if line.startswith(("Argument helptext", "For full helptext"))]
-        return None, "; ".join(line for line in lines[:min(ends, default=len(lines))] if line) or "see its --help"
-
-
-modules, answers = {}, []
-with contextlib.redirect_stdout(sys.stderr):  # what a script prints stays out of the answer
-    for item in json.load(sys.stdin):
+    torch.cuda.is_available = lambda: True  # --cudagraphs is checked by the machine that runs it, not this one
+    modules, answers = {}, []
+    for item in items:
         if item["script"] not in modules:
             name = os.path.splitext(os.path.basename(item["script"]))[0]
             spec = importlib.util.spec_from_file_location(name, item["script"])
@@ -496,9 +458,12 @@ with contextlib.redirect_stdout(sys.stderr):  # what a script prints stays out o
         if not is_dataclass(getattr(module, "Args", None)):  # not a script of this project: nothing to compare
             answers.append({"name": item["name"]})
             continue
-        args, refusal = parse(module, item["argv"])
-        if refusal is not None:
-            answers.append({"name": item["name"], "refused": refusal})
+        errors = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(errors):
+                args = tyro.cli(module.Args, args=item["argv"])
+        except SystemExit as e:  # the script's one-line InputError, or tyro's box of usage errors
+            answers.append({"name": item["name"], "refused": refusal(e, errors.getvalue())})
             continue
         asked, recorded = json.loads(json.dumps(asdict(args))), item["recorded"]
         for values in (asked, recorded):  # files a run reads: absolute, from where its runs/ is (our cwd)
@@ -506,8 +471,25 @@ with contextlib.redirect_stdout(sys.stderr):  # what a script prints stays out o
         answers.append({"name": item["name"], "total_timesteps": asked.get("total_timesteps"), "differences": {
             k: [recorded[k], v] for k, v in asked.items() if k not in RESUME_FREE_ARGS and k in recorded
             and recorded[k] != v}})
-print(json.dumps(answers))
-"""
+    return answers
+
+
+def refusal(error: SystemExit, stderr: str) -> str:
+    """A script's refusal of its arguments in one line: its InputError's, or the lines of tyro's box of errors."""
+    if isinstance(error.code, str):
+        return error.code.removeprefix("error: ")
+    lines = [line.strip(" \u2502\u256d\u256e\u2570\u256f\u2500") for line in stderr.splitlines()][1:]
+    ends = [i for i, line in enumerate(lines) if line.startswith(("Argument helptext", "For full helptext"))]
+    return "; ".join(line for line in lines[:min(ends, default=len(lines))] if line) or "see its --help"
+
+
+def answer_comparisons() -> None:
+    """The subprocess of check_existing_runs: compare_arguments of the JSON list on stdin, printed as JSON."""
+    sys.path.insert(0, ROOT)
+    items = json.load(sys.stdin)
+    with contextlib.redirect_stdout(sys.stderr):  # what a script prints stays out of the answer
+        answers = compare_arguments(items)
+    print(json.dumps(answers))
 
 
 def names_of(names: list[str], most: int = 4) -> str:
@@ -521,14 +503,15 @@ def check_existing_runs(runs: list[Run], out: str, label: str, extra: list[str])
     items, recorded, states = [], {}, {}
     for run in runs:
         state = run_state(out, run)
-        content = read_json(os.path.join(out, "runs", run.name, "args.json"))
+        content = read_json(os.path.join(out, "runs", run.name, "args.json"))[0]
         if state in ("finished", "resume") and content is not None:  # restart, new: made anew with our arguments
             recorded[run.name], states[run.name] = content, state
             items.append({"name": run.name, "script": run.script, "recorded": content,
                           "argv": script_args(run, label, "new", extra, False)[1:]})
     if not items:
         return {}
-    proc = subprocess.run([sys.executable, "-c", COMPARE_ARGS, ROOT], input=json.dumps(items), cwd=out, text=True,
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), COMPARE_FLAG], input=json.dumps(items), cwd=out,
+                          text=True,
                           capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     try:
         answers = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None
@@ -627,44 +610,36 @@ class Progress:
         print(f"[{self.skipped + len(self.durations) + len(self.failed)}/{self.total}] FAILED {name}: {message} "
               f"(log: {log_path})", flush=True)
 
-    def status(self, ray, pending_logs: list[str]) -> str:
+    def status(self, ray, pending_dirs: list[str]) -> str:
         """`runs: N done, N running, N failed, N queued (skipped: N) | elapsed 12m03s | ETA ~40m`."""
         busy = ray.cluster_resources().get("CPU", 0) - ray.available_resources().get("CPU", 0)
-        pending = len(pending_logs)
+        pending = len(pending_dirs)
         running = max(0, min(pending, round(busy / self.cpus_per_run)))  # Ray's busy CPUs; exact on a dedicated cluster
         return (f"runs: {len(self.durations)} done, {running} running, {len(self.failed)} failed, {pending - running} "
                 f"queued (skipped: {self.skipped}) | elapsed {format_seconds(time.time() - self.start)} | ETA "
-                f"{self.eta(pending_logs, running)}")
+                f"{self.eta(pending_dirs, running)}")
 
-    def eta(self, pending_logs: list[str], running: int) -> str:
-        """Time left: the running runs' own estimates (their logs' last progress line), and for each run without one a
-        run's duration (the finished runs' mean, else a running run's total steps / steps per second), over the slots."""
-        progress = [p for p in map(running_progress, pending_logs) if p]
+    def eta(self, pending_dirs: list[str], running: int) -> str:
+        """Time left: the running runs' own estimates (their progress.json, in their folders `pending_dirs`), and for
+        each run without one a run's duration (the finished runs' mean, else a running run's total steps / steps per
+        second), over the slots."""
+        progress = [p for p in map(running_progress, pending_dirs) if p]
         per_run = [*self.durations] or [total / speed for _, total, speed in progress]
-        if not pending_logs or not per_run:
+        if not pending_dirs or not per_run:
             return "-"
         left = sum((total - step) / speed for step, total, speed in progress)
-        left = (left + (len(pending_logs) - len(progress)) * sum(per_run) / len(per_run)) / max(running, 1)
+        left = (left + (len(pending_dirs) - len(progress)) * sum(per_run) / len(per_run)) / max(running, 1)
         return f"~{format_seconds(left)[:-3]}" if left >= 60 else "~<1m"
 
 
-def running_progress(log_path: str) -> Optional[tuple[float, float, float]]:
-    """(step, total steps, steps per second) of a run's attempt that is running now, from its log's last progress
-    line; None when it has none yet or has ended."""
-    try:
-        with open(log_path, "rb") as f:
-            f.seek(max(0, os.path.getsize(log_path) - 8192))
-            lines = f.read().decode(errors="replace").splitlines()
-    except OSError:
+def running_progress(run_dir: str) -> Optional[tuple[float, float, float]]:
+    """(step, total steps, steps per second) of a run that has not finished, from the progress.json it writes at
+    every progress line; None when it has none yet, has no speed yet or reached its last step."""
+    progress = read_json(os.path.join(run_dir, PROGRESS))[0] or {}
+    step, total, speed = (progress.get(key) for key in ("step", "total_timesteps", "steps_per_second"))
+    if not all(isinstance(value, (int, float)) for value in (step, total, speed)) or speed <= 0 or step >= total:
         return None
-    for line in reversed(lines):
-        if line.startswith("=== "):  # an attempt's end, or a start with no progress line after it yet
-            return None
-        match = PROGRESS_LINE.search(line)
-        if match:
-            step, total, speed = (float(group.replace(",", "")) for group in match.groups())
-            return (step, total, speed) if speed > 0 else None
-    return None
+    return float(step), float(total), float(speed)
 
 
 class Nodes:
@@ -749,7 +724,7 @@ def run_sweep(args: Args, extra: list[str], runs: list[Run], out: str, extend: d
                         else:
                             progress.finished(run.name, result, log_path)
                 if time.time() >= next_status:
-                    print(progress.status(ray, [os.path.join(out, "logs", f"{refs[r].name}.log") for r in pending]),
+                    print(progress.status(ray, [os.path.join(out, "runs", refs[r].name) for r in pending]),
                           flush=True)
                     next_status = time.time() + args.status_every
         except KeyboardInterrupt:
@@ -829,4 +804,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == [COMPARE_FLAG]:  # check_existing_runs' subprocess
+        answer_comparisons()
+    else:
+        main()
