@@ -462,3 +462,20 @@ def test_the_eta_counts_the_running_runs_progress(tmp_path):
     progress.durations.append(600.0)  # once a run finished, its duration is the length of a queued one
     assert progress.eta([str(running), str(ended), str(queued)], running=2) == "~25m"
     assert sweep.Progress(total=1, skipped=0, cpus_per_run=1).eta([str(queued)], running=1) == "-"
+
+
+@pytest.mark.parametrize("script, others", [("pad_pretrain.py", ("checkpoint.pt", "scores.json")),
+                                            ("divo_continuous.py", ("pad_checkpoint.pt", "pad_diagnostics.json"))])
+def test_a_sweep_of_another_script_never_touches_a_finished_run(script, others, datasets, tmp_path):
+    """The same --out and --label with another --script: the other script's finished run is named and left alone
+    (it was removed as if it were an attempt that died before its first checkpoint), before anything starts."""
+    run_dir = tmp_path / "out" / "runs" / "hopper-medium-v2__tiny__0"
+    run_dir.mkdir(parents=True)
+    for name in others:
+        (run_dir / name).write_text("{}")
+    for dry in (["--dry-run"], []):
+        proc = subprocess.run([sys.executable, SWEEP, "--env-ids", "hopper-medium-v2", "--script", script, "--seeds", "0",
+                               "--label", "tiny", "--out", tmp_path / "out", "--dataset-dir", datasets, *dry],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and "another script" in proc.stderr and "Traceback" not in proc.stderr, explain(proc)
+        assert sorted(os.listdir(run_dir)) == sorted(others) and "--out" in proc.stderr

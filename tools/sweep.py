@@ -318,6 +318,13 @@ def finished_steps(out: str, run: Run) -> Optional[int]:
     return steps if isinstance(steps, int) else None
 
 
+def other_results(out: str, run: Run) -> list[str]:
+    """The files in the run's folder that another script writes as its checkpoint or finished file: results of a
+    run of another script under the same name, which this sweep must never continue, replace or remove."""
+    ours, run_dir = set(run_files(run)), os.path.join(out, "runs", run.name)
+    return [name for name in (*DIVO_FILES, *PAD_FILES) if name not in ours and os.path.exists(os.path.join(run_dir, name))]
+
+
 def run_state(out: str, run: Run, extend_to: Optional[int] = None) -> Literal["finished", "extend", "resume", "restart",
                                                                               "new"]:
     """What the next attempt of a run does: nothing, continue its finished run to `extend_to` steps (the sweep asks
@@ -380,6 +387,8 @@ def run_one(run: Run, out: str, label: str, extra: list[str], cuda: bool, thread
     if state == "finished":
         return {"name": run.name, "status": "skipped"}
     run_dir, log_path = os.path.join(out, "runs", run.name), os.path.join(out, "logs", f"{run.name}.log")
+    if other_results(out, run):  # checked before Ray by check_existing_runs; a folder made since is left alone too
+        raise RunRefused(f"left alone: runs/{run.name} holds {', '.join(other_results(out, run))} of another script")
     if state != "new":  # a run folder is never touched while its lock is held
         fd, holder = try_lock(run_dir)
         if fd is None:
@@ -500,6 +509,13 @@ def check_existing_runs(runs: list[Run], out: str, label: str, extra: list[str])
     """Stop unless every finished or resumable run of the grid in `out` was made with the arguments this sweep passes
     (those a resume may change aside, but not a shorter --total-timesteps); return the finished runs to extend to a
     larger --total-timesteps: run name -> steps."""
+    foreign = {run.name: other_results(out, run) for run in runs if other_results(out, run)}
+    if foreign:
+        name, files = next(iter(foreign.items()))
+        raise SweepError(f"{plural(len(foreign), 'run folder')} in {out}/runs hold results of another script than "
+                         f"its own ({name}: {', '.join(files)}{' and more' * (len(foreign) > 1)}); "
+                         "a sweep never continues or removes another script's run: give this sweep another --out or "
+                         "--label. Nothing was started")
     items, recorded, states = [], {}, {}
     for run in runs:
         state = run_state(out, run)
