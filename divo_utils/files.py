@@ -1,6 +1,7 @@
 """A run folder's files, without torch (tools/sweep.py and tools/report.py use them too): the lock that gives a folder
 one writer, files that are whole or absent, strict JSON, and reading a JSON file back."""
 
+import errno
 import json
 import os
 import socket
@@ -55,20 +56,31 @@ def lock_run(folder: str) -> None:
     os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
 
 
-def write_atomically(path: str, data: bytes, checkpoint: str) -> None:
+def write_atomically(path: str, data: bytes, checkpoint: str, replaces: Optional[str] = None) -> None:
     """Write `data` to `path` by renaming a complete copy: a crash never leaves a broken file in place of a good one,
-    and a write that fails (a full disk) leaves nothing behind and stops with one line (resume from `checkpoint`)."""
+    and a write that fails (a full disk) leaves nothing behind and stops with one line (resume from `checkpoint`).
+    `replaces`: a file that describes what `path` held (a run's finished file), removed only once the new copy is
+    whole, just before the rename, so that a failed write keeps both old files."""
     tmp = f"{path}.tmp"
     refuse_link(tmp)
+    for target in (tmp, path):
+        if os.path.isdir(target) and not os.path.islink(target):
+            raise InputError(f"could not write {path}: a folder stands at {target}; move or remove that folder, then "
+                             f"continue with --resume {checkpoint}")
     try:
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | NOFOLLOW, 0o644), "wb") as f:
             f.write(data)
+        if replaces:
+            remove(replaces, "the results of an earlier step: the run trains on")
         os.replace(tmp, path)  # a link at `path` is replaced, not followed
     except OSError as e:
-        if os.path.exists(tmp) and not os.path.islink(tmp):
+        if os.path.isfile(tmp) and not os.path.islink(tmp):
             os.remove(tmp)
-        raise InputError(f"could not write {path} ({e.strerror or e}); nothing half-written was left. Free some disk "
-                         f"space, then continue with --resume {checkpoint}") from e
+        fix = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some disk space (a quota is full)",
+               errno.EFBIG: "free some disk space or raise the file-size limit (ulimit -f)"}.get(
+            e.errno, f"make {os.path.dirname(path) or '.'} writable")
+        raise InputError(f"could not write {path} ({e.strerror or e}); nothing half-written was left: {fix}, then "
+                         f"continue with --resume {checkpoint}") from e
 
 
 def write_json(path: str, content: dict, checkpoint: str) -> None:

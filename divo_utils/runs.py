@@ -40,13 +40,12 @@ def clear_for_resume(resume: str) -> None:
 
 
 def save_checkpoint(path: str, payload: dict, checkpoint: str, finished: Optional[str] = None) -> None:
-    """torch.save, atomically (write_atomically). A run's checkpoint first removes the run's `finished` file: that
-    file describes an earlier checkpoint (a run extended with --resume), and is written again after the last one."""
-    if finished:
-        remove(finished, "the results of an earlier step: the run trains on")
+    """torch.save, atomically (write_atomically). A run's checkpoint replaces the run's `finished` file: that file
+    describes an earlier checkpoint (a run extended with --resume) and is removed only once the new checkpoint is
+    whole, just before it takes the old one's place; it is written again after the last checkpoint."""
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    write_atomically(path, buffer.getvalue(), checkpoint)
+    write_atomically(path, buffer.getvalue(), checkpoint, replaces=finished)
 
 
 def load_checkpoint(path: str, kind: str) -> dict:

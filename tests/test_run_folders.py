@@ -153,8 +153,9 @@ def test_a_full_disk_stops_with_one_line_leaves_nothing_half_written_and_the_nam
 
     proc = subprocess.run(args, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=300, preexec_fn=limit_file_size)
-    assert refused(proc, "could not write runs/f/checkpoint.pt (File too large); nothing half-written was left. Free "
-                         "some disk space, then continue with --resume runs/f/checkpoint.pt"), proc.stderr
+    assert refused(proc, "could not write runs/f/checkpoint.pt (File too large); nothing half-written was left: free "
+                         "some disk space or raise the file-size limit (ulimit -f), then continue with --resume "
+                         "runs/f/checkpoint.pt"), proc.stderr
     run = tmp_path / "runs" / "f"
     assert leftovers(run) == [] and not (run / "checkpoint.pt").exists()
     run_script("divo_continuous.py", "--resume", "runs/f/checkpoint.pt", "--no-cuda", cwd=tmp_path)

@@ -1,7 +1,9 @@
 """A run's folder describes what is there, and nothing outside it is touched: links are never written through, its
 checkpoint and scores.json agree in every mode, and the files it reads are found from any folder."""
 
+import errno
 import hashlib
+import io
 import json
 import os
 import resource
@@ -217,3 +219,40 @@ def test_foreign_and_corrupt_checkpoints_are_refused(tmp_path):
         load_checkpoint(str(path), "divo_continuous")
     with pytest.raises(InputError, match="no checkpoint at"):
         load_checkpoint(str(tmp_path / "nothing.pt"), "divo_continuous")
+
+
+def test_a_failed_checkpoint_write_keeps_the_finished_file(tmp_path, monkeypatch):
+    """An extension whose new checkpoint cannot be written (a full disk) keeps scores.json, which still describes the
+    checkpoint that stays (it used to be removed first, and the finished run read as unfinished)."""
+    path, finished = str(tmp_path / "checkpoint.pt"), tmp_path / "scores.json"
+    save_checkpoint(path, {"kind": "divo_continuous", "step": 1}, path)
+    finished.write_text('{"step": 1}')
+    real_fdopen = os.fdopen
+
+    class FullDisk(io.BytesIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def full_disk(fd, mode):
+        os.close(fd)
+        return FullDisk()
+
+    monkeypatch.setattr(os, "fdopen", full_disk)
+    with pytest.raises(InputError, match="free some disk space"):
+        save_checkpoint(path, {"kind": "divo_continuous", "step": 2}, path, str(finished))
+    monkeypatch.setattr(os, "fdopen", real_fdopen)
+    assert os.listdir(tmp_path) == ["checkpoint.pt", "scores.json"] or sorted(os.listdir(tmp_path)) == [
+        "checkpoint.pt", "scores.json"]
+    assert finished.read_text() == '{"step": 1}' and load_checkpoint(path, "divo_continuous")["step"] == 1
+    save_checkpoint(path, {"kind": "divo_continuous", "step": 3}, path, str(finished))  # a good write replaces both
+    assert not finished.exists() and load_checkpoint(path, "divo_continuous")["step"] == 3
+
+
+def test_a_folder_where_a_file_goes_is_named_and_the_results_stay(tmp_path):
+    path, finished = str(tmp_path / "checkpoint.pt"), tmp_path / "scores.json"
+    save_checkpoint(path, {"kind": "divo_continuous", "step": 1}, path)
+    finished.write_text("{}")
+    os.mkdir(path + ".tmp")
+    with pytest.raises(InputError, match=r"a folder stands at .*checkpoint\.pt\.tmp; move or remove that folder"):
+        save_checkpoint(path, {"kind": "divo_continuous", "step": 2}, path, str(finished))
+    assert finished.exists() and os.path.isdir(path + ".tmp")
