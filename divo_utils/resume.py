@@ -90,6 +90,13 @@ def resume_point(path: str, script: str, files: tuple[str, str]) -> tuple[Option
     if os.path.basename(path) != checkpoint_name or os.path.exists(path) or os.path.exists(
             os.path.join(folder, finished_name)):
         checkpoint = load_checkpoint(path, script)
+        newer = os.path.join(folder, checkpoint_name)
+        if os.path.basename(path) != checkpoint_name and os.path.isfile(newer):  # a copy beside the run's own
+            theirs = load_checkpoint(newer, script)
+            if theirs["step"] > checkpoint["step"]:
+                raise InputError(f"{path} is at step {checkpoint['step']:,}, and this folder's {checkpoint_name} (which "
+                                 f"the run would overwrite) at step {theirs['step']:,}: resuming would go backwards "
+                                 f"over it. Resume {newer}, or copy {path} into a folder of its own first")
         return checkpoint, checkpoint["args"]
     try:
         with open(args_path) as f:

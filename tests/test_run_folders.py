@@ -160,3 +160,19 @@ def test_a_full_disk_stops_with_one_line_leaves_nothing_half_written_and_the_nam
     assert leftovers(run) == [] and not (run / "checkpoint.pt").exists()
     run_script("divo_continuous.py", "--resume", "runs/f/checkpoint.pt", "--no-cuda", cwd=tmp_path)
     assert results(run) == results(ref)
+
+
+def test_resuming_an_older_copy_never_goes_back_over_the_runs_newer_checkpoint(reference, tmp_path):
+    """--resume of an older copy of a checkpoint (a backup at step 20) in a folder whose checkpoint.pt is at step 40:
+    refused in one line naming both, before anything changes (it used to replace checkpoint.pt and scores.json)."""
+    cwd, ref = reference
+    run = tmp_path / "runs" / "r"
+    shutil.copytree(ref, run)
+    older = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    older["step"] = 20
+    torch.save(older, run / "ck20.pt")
+    before = {name: (run / name).read_bytes() for name in ("checkpoint.pt", "scores.json")}
+    proc = run_script("divo_continuous.py", "--resume", "runs/r/ck20.pt", "--no-cuda", cwd=tmp_path, check=False)
+    assert refused(proc, "runs/r/ck20.pt is at step 20, and this folder's checkpoint.pt (which the run would "
+                         "overwrite) at step 40: resuming would go backwards over it"), proc.stderr
+    assert {name: (run / name).read_bytes() for name in before} == before
