@@ -538,8 +538,11 @@ def evaluation(run, writer, step: int, agent, task, obs_mean, obs_std, diagnosti
     run.log_evaluation(writer, step, scalars, evaluations, task.metric_words, scores, returns,
                        seconds)
     if args.capture_video and (args.video_each_eval or step == args.total_timesteps):
-        film = task.video_env(run.dir, writer, step, final=step == args.total_timesteps)
-        evaluate(agent.actor, [film], obs_mean, obs_std, args.seed + 10_000)  # episode 0 again
+        try:  # checked before training; a failure now must not cost the run its results
+            film = task.video_env(run.dir, writer, step, final=step == args.total_timesteps)
+            evaluate(agent.actor, [film], obs_mean, obs_std, args.seed + 10_000)  # episode 0 again
+        except Exception as e:
+            print(f"warning: no video at step {step:,} ({type(e).__name__}: {e}); the run goes on")
     return returns, scores
 
 

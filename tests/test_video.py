@@ -115,3 +115,24 @@ def test_pretraining_has_no_policy_to_film_and_says_so():
     assert "no policy to film" in help_text and "--capture-video" in help_text
     assert "--capture-video" in subprocess.run([sys.executable, os.path.join(ROOT, "divo_antmaze.py"), "--help"],
                                                capture_output=True, text=True, timeout=120).stdout
+
+
+def test_a_filming_failure_after_training_keeps_the_run(tmp_path, monkeypatch):
+    """Filming that passed the check before training but fails on the final episode (a display gone, ffmpeg
+    removed): one warning line, and the run still writes its checkpoint and scores.json."""
+    import divo_continuous as dc
+    import divo_utils.args
+    import divo_utils.data
+    from conftest import run_main
+
+    def broken_camera(self, *args, **kwargs):
+        raise OSError("ffmpeg is gone")
+
+    monkeypatch.setattr(divo_utils.args, "check_video", lambda: None)  # the check before training passes
+    monkeypatch.setattr(divo_utils.data.Task, "video_env", broken_camera)
+    monkeypatch.chdir(tmp_path)
+    write_d4rl_file(tmp_path / "data.hdf5", episode_lengths=(60, 60))
+    run_main(dc, ["--env-id", "hopper-medium-v2", "--dataset-path", "data.hdf5", "--eval-episodes", "2",
+                  "--no-legacy-inertia", *TINY, "--capture-video", "--run-name", "v"], monkeypatch)
+    scores = json.loads((tmp_path / "runs/v/scores.json").read_text())
+    assert scores["step"] == 20 and (tmp_path / "runs/v/checkpoint.pt").exists()
