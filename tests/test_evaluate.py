@@ -1,0 +1,98 @@
+"""tools/evaluate.py and divo_utils.policy: a trained policy evaluated, loaded and exported outside training."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, refused, run_script, write_d4rl_file
+from divo_utils import InputError
+from divo_utils.policy import load_actor
+
+TINY = ["--env-id", "hopper-medium-v2", "--hidden-dim", "32", "--num-layers", "2", "--batch-size", "64",
+        "--eval-episodes", "3", "--log-freq", "20", "--no-cuda", "--no-legacy-inertia", "--seed", "4"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny locomotion run with --save-model: its folder."""
+    cwd = tmp_path_factory.mktemp("trained")
+    write_d4rl_file(cwd / "data.hdf5", episode_lengths=(120, 90, 150, 140), terminal_episodes=(1,))
+    run_script("divo_continuous.py", *TINY, "--dataset-path", cwd / "data.hdf5", "--total-timesteps", 40,
+               "--save-model", "--run-name", "r", cwd=cwd)
+    return cwd / "runs" / "r"
+
+
+@pytest.mark.parametrize("name", ["divo_continuous.cleanrl_model", "checkpoint.pt"])
+def test_evaluate_reproduces_the_runs_final_scores(trained, name, tmp_path):
+    """The run's own seed and number of episodes give its final per-episode scores exactly; the run's scores.json is
+    left alone."""
+    before = (trained / "scores.json").read_bytes()
+    proc = run_script("tools/evaluate.py", trained / name, "--episodes", 3, "--out", tmp_path / "e.json", cwd=tmp_path)
+    result = json.loads((tmp_path / "e.json").read_text())
+    run = json.loads(before)
+    assert result["scores"] == run["normalized_scores"] and result["returns"] == run["returns"], proc.stdout
+    assert result["seed"] == 4 and result["step"] in (None, 40) and (trained / "scores.json").read_bytes() == before
+
+
+def test_load_actor_is_the_scripts_actor_with_the_normalisation_inside(trained):
+    import divo_continuous as dc
+
+    payload = torch.load(trained / "checkpoint.pt", map_location="cpu", weights_only=True)
+    actor = dc.Actor(payload["obs_dim"], payload["act_dim"], 32, 2)
+    actor.load_state_dict(payload["agent"]["actor"])
+    policy = load_actor(str(trained / "divo_continuous.cleanrl_model"))
+    obs = np.random.default_rng(0).normal(2.0, 3.0, (5, payload["obs_dim"]))
+    mean, std = payload["obs_mean"].numpy(), payload["obs_std"].numpy()
+    expected = actor(torch.as_tensor(dc.normalize_states(obs, mean, std), dtype=torch.float32)).detach().numpy()
+    assert np.array_equal(policy(obs), expected) and policy(obs[0]).shape == (payload["act_dim"],)
+    with pytest.raises(InputError, match="observations of 11 numbers"):
+        policy(np.zeros(7))
+
+
+def test_the_exported_policy_runs_with_torch_alone(trained, tmp_path):
+    """--export: a TorchScript file that a process without this repository on its path loads with torch.jit.load and
+    steps a gymnasium env with, giving the loaded policy's actions."""
+    run_script("tools/evaluate.py", trained / "divo_continuous.cleanrl_model", "--episodes", 1, "--out",
+               tmp_path / "e.json", "--export", tmp_path / "policy.pt", cwd=tmp_path)
+    code = ("import sys, torch, gymnasium as gym, numpy as np\n"
+            "assert not any('divo' in p for p in sys.path if p)\n"
+            "policy = torch.jit.load(sys.argv[1])\n"
+            "env = gym.make('Hopper-v4')\n"
+            "obs, _ = env.reset(seed=0)\n"
+            "first = None\n"
+            "for _ in range(5):\n"
+            "    action = policy(torch.as_tensor(obs, dtype=torch.float32)[None])[0].numpy()\n"
+            "    first = action if first is None else first\n"
+            "    obs, *_ = env.step(action)\n"
+            "print(' '.join(map(repr, first.tolist())))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "policy.pt")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    import gymnasium as gym
+
+    obs, _ = gym.make("Hopper-v4").reset(seed=0)
+    expected = load_actor(str(trained / "divo_continuous.cleanrl_model"))(obs.astype(np.float32))
+    assert np.allclose([float(x) for x in proc.stdout.split()], expected, atol=1e-6)
+
+
+def test_wrong_files_are_refused_in_one_line(trained, tmp_path):
+    (tmp_path / "random.pt").write_bytes(os.urandom(3000))
+    (tmp_path / "truncated.pt").write_bytes((trained / "checkpoint.pt").read_bytes()[:5000])
+    pad = torch.load(trained / "checkpoint.pt", map_location="cpu", weights_only=True)
+    torch.save({**pad, "kind": "pad_pretrain"}, tmp_path / "pad.pt")
+    wrong = torch.load(trained / "divo_continuous.cleanrl_model", map_location="cpu", weights_only=True)
+    torch.save({**wrong, "env_id": "halfcheetah-medium-v2"}, tmp_path / "cheetah.pt")  # hopper sizes, cheetah env
+    cases = {trained / "args.json": "not a readable checkpoint", tmp_path / "random.pt": "not a readable checkpoint",
+             tmp_path / "truncated.pt": "not a readable checkpoint", tmp_path / "pad.pt": "trains no policy",
+             tmp_path / "cheetah.pt": "is the file of another env", tmp_path / "none.pt": "no file at"}
+    for path, words in cases.items():
+        proc = run_script("tools/evaluate.py", path, "--episodes", 1, "--out", tmp_path / "e.json", cwd=tmp_path,
+                          check=False)
+        assert refused(proc, words), (path, proc.stderr)
+        assert not (tmp_path / "e.json").exists()
