@@ -88,3 +88,13 @@ def test_packed_copies_report_aggregate_rates_and_the_grid_cost(tmp_path):
         assert divo > 0 and backbone > 0
         # 75 runs of each algorithm x 1M steps at the printed (rounded) rates
         assert float(hours) == pytest.approx(75e6 * (1 / divo + 1 / backbone) / 3600, rel=0.05)
+
+
+def test_rates_keep_three_significant_digits():
+    assert [benchmark.rate(x) for x in (1.437, 31.24, 1234.6)] == ["1.44", "31.2", "1,235"]
+
+
+def test_cuda_graphs_alone_without_a_gpu_is_refused_not_silently_skipped(tmp_path):
+    proc = run_script("tools/benchmark.py", "--env-id", "hopper-medium-v2", "--no-cuda", "--modes", "cudagraphs",
+                      cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "needs a CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr

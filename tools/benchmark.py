@@ -24,12 +24,17 @@ import multiprocessing
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional
 
 import numpy as np
 import torch
 import tyro
+
+# torch.compile on a CPU warns through torch._logging about what it cannot fuse: not about the measurement
+warnings.filterwarnings("ignore", module=r"torch\._logging.*")
+warnings.filterwarnings("ignore", module=r"torch\._inductor.*")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the scripts and divo_utils
@@ -264,16 +269,19 @@ def main(args: Args) -> None:
     divo = not hasattr(module, "PADPretrainer")
     print(f"  {'mode':<20}{'steps/s':>10}{'warm-up s':>11}"
           + (f"{'TD3+BC backbone':>17}{'warm-up s':>11}{'DIVO / backbone':>17}" if divo else ""))
+    if all("cudagraphs" in mode for mode in args.modes) and device.type != "cuda":
+        raise SystemExit(f"error: --modes {' '.join(args.modes)} needs a CUDA GPU (and --cuda); on the CPU, time "
+                         "--modes eager or compile")
     for mode in args.modes:
         if "cudagraphs" in mode and device.type != "cuda":
             print(f"  {mode:<20}{'needs a CUDA GPU':>10}")
             continue
         timings = {}
         sps = time_mode(module, args, data, mode, device, obs_dim, act_dim, timings)
-        line = f"  {mode:<20}{sps:>10,.0f}{timings['warmup_s']:>11.1f}"
+        line = f"  {mode:<20}{rate(sps):>10}{timings['warmup_s']:>11.1f}"
         if divo:
             backbone = time_mode(module, args, data, mode, device, obs_dim, act_dim, timings, adpo=False)
-            line += f"{backbone:>17,.0f}{timings['warmup_s']:>11.1f}{backbone / sps:>16.2f}x"
+            line += f"{rate(backbone):>17}{timings['warmup_s']:>11.1f}{backbone / sps:>16.2f}x"
         print(line, flush=True)
     if args.parts and divo:
         print("  per gradient step, eager, each part timed alone (ADPO and actor parts divided by policy_freq):")
@@ -281,6 +289,11 @@ def main(args: Args) -> None:
             print(f"    {part:<28}{ms:8.3f} ms")
     if args.runs_per_gpu and divo:
         print_packed(args, device)
+
+
+def rate(steps_per_second: float) -> str:
+    """Steps per second with at least three significant digits (a CPU's 1.4 is not "1")."""
+    return f"{steps_per_second:,.0f}" if steps_per_second >= 100 else f"{steps_per_second:.3g}"
 
 
 def print_packed(args: Args, device: torch.device) -> None:
@@ -296,7 +309,7 @@ def print_packed(args: Args, device: torch.device) -> None:
             rates = time_packed(args, mode, copies)
             divo, backbone = rates["divo"], rates["backbone"]
             hours = grid_runs * grid_steps * (1 / divo + 1 / backbone) / 3600
-            print(f"  {mode:<20}{copies:>3}{divo:>10,.0f}{backbone:>10,.0f}{hours:>20.1f}", flush=True)
+            print(f"  {mode:<20}{copies:>3}{rate(divo):>10}{rate(backbone):>10}{hours:>20.1f}", flush=True)
 
 
 if __name__ == "__main__":
