@@ -248,6 +248,13 @@ def out_of_memory_before_the_run(kind, error, trace) -> None:
           "--hidden-dim, or free memory on the device", file=sys.stderr)
 
 
+def cpu_notice(cuda: bool, device: torch.device) -> None:
+    """Say so when --cuda (the default) found no GPU: the run trains on the CPU, tens of times slower."""
+    if cuda and device.type == "cpu":
+        print(f"no GPU found: training on the CPU ({os.cpu_count()} cores); expect about 30 gradient steps/s per core "
+              "with the default sizes (tools/benchmark.py --no-cuda measures this machine; --no-cuda silences this)")
+
+
 def markdown_table(values: dict) -> str:
     """The arguments as a markdown table, for TensorBoard's text tab."""
     return "|param|value|\n|-|-|\n%s" % "\n".join(f"|{key}|{value}|" for key, value in values.items())

@@ -147,3 +147,15 @@ def test_track_logs_to_weights_and_biases_offline(straight_run, tmp_path, monkey
     run_name = only_run(tmp_path).name
     (offline,) = (tmp_path / "wandb").glob(f"offline-run-*-{run_name}")
     assert list((offline / "files" / "runs" / run_name).glob("events.out.tfevents.*"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there: the run uses it")
+def test_cuda_without_a_gpu_says_so_in_one_line(tmp_path):
+    write_d4rl_file(tmp_path / "data.hdf5", episode_lengths=(120, 90, 150, 140), terminal_episodes=(1,))
+    args = [a for a in TINY if a != "--no-cuda"]
+    proc = run_script("divo_continuous.py", *args, "--dataset-path", tmp_path / "data.hdf5", "--total-timesteps", 20,
+                      "--eval-freq", 0, cwd=tmp_path)
+    assert [line for line in proc.stdout.splitlines() if line.startswith("no GPU found: training on the CPU")]
+    quiet = run_script("divo_continuous.py", *TINY, "--dataset-path", tmp_path / "data.hdf5", "--total-timesteps", 20,
+                       "--eval-freq", 0, cwd=tmp_path)
+    assert "no GPU found" not in quiet.stdout
