@@ -60,7 +60,8 @@ def test_the_exported_policy_runs_with_torch_alone(trained, tmp_path):
     run_script("tools/evaluate.py", trained / "divo_continuous.cleanrl_model", "--episodes", 1, "--out",
                tmp_path / "e.json", "--export", tmp_path / "policy.pt", cwd=tmp_path)
     code = ("import sys, torch, gymnasium as gym, numpy as np\n"
-            "assert not any('divo' in p for p in sys.path if p)\n"
+            "import importlib.util\n"
+            "assert sys.argv[2] not in sys.path and importlib.util.find_spec('divo_utils') is None\n"
             "policy = torch.jit.load(sys.argv[1])\n"
             "env = gym.make('Hopper-v4')\n"
             "obs, _ = env.reset(seed=0)\n"
@@ -71,7 +72,7 @@ def test_the_exported_policy_runs_with_torch_alone(trained, tmp_path):
             "    obs, *_ = env.step(action)\n"
             "print(' '.join(map(repr, first.tolist())))\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "policy.pt")], cwd=tmp_path, env=env,
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "policy.pt"), ROOT], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     import gymnasium as gym
@@ -96,3 +97,22 @@ def test_wrong_files_are_refused_in_one_line(trained, tmp_path):
                           check=False)
         assert refused(proc, words), (path, proc.stderr)
         assert not (tmp_path / "e.json").exists()
+
+
+def test_evaluate_reproduces_an_antmaze_runs_final_scores(tmp_path):
+    """AntMaze: D4RL's maze envs with the run's --legacy-inertia, 100 x success per episode, as the run scored them."""
+    rng = np.random.default_rng(0)
+    rewards = (rng.random(300) < 0.05).astype(np.float32)
+    write_d4rl_file(tmp_path / "am.hdf5", obs_dim=29, act_dim=8, episode_lengths=(100, 100, 100), terminal_episodes=(),
+                    next_observations=False, rewards=rewards, terminals=rewards.astype(bool),
+                    **{"infos/goal": rng.uniform(0, 9, (300, 2))})
+    run_script("divo_antmaze.py", "--env-id", "antmaze-umaze-v2", "--hidden-dim", "32", "--num-layers", "2",
+               "--batch-size", "64", "--eval-episodes", "2", "--log-freq", "10", "--no-cuda", "--seed", "3",
+               "--dataset-path", tmp_path / "am.hdf5", "--total-timesteps", 10, "--save-model", "--run-name", "am",
+               cwd=tmp_path)
+    run = tmp_path / "runs" / "am"
+    proc = run_script("tools/evaluate.py", run / "divo_antmaze.cleanrl_model", "--episodes", 2, cwd=tmp_path)
+    result = json.loads((run / "evaluation.json").read_text())
+    scores = json.loads((run / "scores.json").read_text())
+    assert result["scores"] == scores["normalized_scores"] and result["returns"] == scores["returns"], proc.stdout
+    assert result["env_id"] == "antmaze-umaze-v2" and set(result["scores"]) <= {0.0, 100.0}
