@@ -61,10 +61,10 @@ def read_policy_file(path: str) -> dict:
     try:
         with open(path, "rb") as f:
             payload = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, truncated, corrupt
-        first = (str(e).strip().splitlines() or [""])[0][:160]
-        raise InputError(f"{path} is not a readable checkpoint or model file ({type(e).__name__}: {first}); give a "
-                         "run's <exp>.cleanrl_model or checkpoint.pt") from None
+    except Exception as e:  # not a torch file, truncated, corrupt, or pickled objects beyond tensors and dicts
+        # torch's own text for these is pages long and talks about weights_only; its type name says enough
+        raise InputError(f"{path} is not a readable checkpoint or model file ({type(e).__name__}: not a torch file, "
+                         "or truncated or damaged); give a run's <exp>.cleanrl_model or checkpoint.pt") from None
     if not isinstance(payload, dict) or "kind" not in payload:
         raise InputError(f"{path} is not a file of this project's runs (no 'kind'); give a run's <exp>.cleanrl_model "
                          "or checkpoint.pt")

@@ -95,7 +95,7 @@ def test_wrong_files_are_refused_in_one_line(trained, tmp_path):
     for path, words in cases.items():
         proc = run_script("tools/evaluate.py", path, "--episodes", 1, "--out", tmp_path / "e.json", cwd=tmp_path,
                           check=False)
-        assert refused(proc, words), (path, proc.stderr)
+        assert refused(proc, words) and "error: error" not in proc.stderr, (path, proc.stderr)
         assert not (tmp_path / "e.json").exists()
 
 

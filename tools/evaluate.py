@@ -124,7 +124,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Args))
-    except InputError as e:
-        raise SystemExit(f"error: {e}") from None
+    main(tyro.cli(Args))  # bad input ends in InputError: one line, `error: ...`, exit status 1
