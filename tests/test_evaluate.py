@@ -12,6 +12,7 @@ import torch
 from conftest import ROOT, refused, run_script, write_d4rl_file
 from divo_utils import InputError
 from divo_utils.policy import load_actor
+from test_minari import HOPPER as MINARI_HOPPER, store  # noqa: F401 (test_minari's Minari store fixture)
 
 TINY = ["--env-id", "hopper-medium-v2", "--hidden-dim", "32", "--num-layers", "2", "--batch-size", "64",
         "--eval-episodes", "3", "--log-freq", "20", "--no-cuda", "--no-legacy-inertia", "--seed", "4"]
@@ -116,3 +117,34 @@ def test_evaluate_reproduces_an_antmaze_runs_final_scores(tmp_path):
     scores = json.loads((run / "scores.json").read_text())
     assert result["scores"] == scores["normalized_scores"] and result["returns"] == scores["returns"], proc.stdout
     assert result["env_id"] == "antmaze-umaze-v2" and set(result["scores"]) <= {0.0, 100.0}
+
+
+
+def test_evaluate_reproduces_a_minari_runs_final_scores_with_minaris_normalisation(store, tmp_path):
+    """A Minari run: the env the dataset records and its reference returns, as the run scored them."""
+    env = {"MINARI_DATASETS_PATH": str(store)}
+    run_script("divo_continuous.py", "--env-id", MINARI_HOPPER, "--hidden-dim", "16", "--num-layers", "1",
+               "--batch-size", "32", "--eval-episodes", "2", "--no-cuda", "--seed", "5", "--total-timesteps", 4,
+               "--save-model", "--run-name", "m", cwd=tmp_path, env=env)
+    run = tmp_path / "runs" / "m"
+    proc = run_script("tools/evaluate.py", run / "divo_continuous.cleanrl_model", "--episodes", 2, cwd=tmp_path,
+                      env=env)
+    result = json.loads((run / "evaluation.json").read_text())
+    scores = json.loads((run / "scores.json").read_text())
+    assert result["scores"] == scores["normalized_scores"] and result["returns"] == scores["returns"], proc.stdout
+    np.testing.assert_allclose(result["scores"], 100 * (np.array(result["returns"]) + 20.0) / 3020.0)
+
+
+def test_capture_video_films_the_first_episode_and_keeps_the_scores(trained, tmp_path):
+    """--capture-video: the scripts' filming code writes videos/evaluation-episode-0.mp4 beside --out; the scores are
+    the run's all the same."""
+    from test_video import can_render, frames
+
+    if can_render():
+        pytest.skip(f"no offscreen rendering here: {can_render()}")
+    run_script("tools/evaluate.py", trained / "checkpoint.pt", "--episodes", 3, "--out", tmp_path / "e.json",
+               "--capture-video", cwd=tmp_path)
+    video = tmp_path / "videos" / "evaluation-episode-0.mp4"
+    assert video.is_file() and len(frames(video)) > 1
+    run = json.loads((trained / "scores.json").read_text())
+    assert json.loads((tmp_path / "e.json").read_text())["scores"] == run["normalized_scores"]
