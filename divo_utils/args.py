@@ -4,6 +4,7 @@ parsed arguments and values (a domain, the schedule's betas, the defaults) and s
 
 import difflib
 import math
+import os
 from dataclasses import fields
 
 import torch
@@ -80,6 +81,22 @@ def schedule_is_finite(betas: torch.Tensor) -> bool:
     return bool(betas.isfinite().all()) and bool(alpha_bar[-1].float() > 0)
 
 
+def check_wandb() -> None:
+    """--track: refuse before any file is made unless W&B can log (a key, or WANDB_MODE offline or disabled)."""
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return
+    try:
+        import netrc
+
+        key = os.environ.get("WANDB_API_KEY") or (netrc.netrc().authenticators("api.wandb.ai") or (None,) * 3)[2]
+    except (OSError, netrc.NetrcParseError):  # no ~/.netrc
+        key = None
+    if not key:
+        raise InputError("--track logs to W&B, which has no API key here (no WANDB_API_KEY, no `wandb login`): run "
+                         "`wandb login`, or set WANDB_MODE=offline to log locally, or pass --no-track; nothing was "
+                         "written")
+
+
 def check_common(args, capture_video: bool) -> None:
     """The checks every script makes: ranges, diagnostics' size, the device, folder names, the data, and
     --capture-video (the noise schedule: check_schedule, once the ranges allow building it)."""
@@ -98,6 +115,8 @@ def check_common(args, capture_video: bool) -> None:
     for message, refused in problems.items():
         if refused:
             raise InputError(message)
+    if args.track:
+        check_wandb()
     if capture_video:
         check_video()  # renders offscreen and writes MP4, or one line naming the fix
 

@@ -159,3 +159,22 @@ def test_cuda_without_a_gpu_says_so_in_one_line(tmp_path):
     quiet = run_script("divo_continuous.py", *TINY, "--dataset-path", tmp_path / "data.hdf5", "--total-timesteps", 20,
                        "--eval-freq", 0, cwd=tmp_path)
     assert "no GPU found" not in quiet.stdout
+
+
+def test_track_without_a_wandb_key_is_refused_before_any_file(tmp_path):
+    """--track with no W&B key and no WANDB_MODE: one line naming --no-track and WANDB_MODE=offline, no run folder;
+    resuming a --track run the same way leaves its args.json as it was."""
+    write_d4rl_file(tmp_path / "data.hdf5", episode_lengths=(120, 90, 150, 140), terminal_episodes=(1,))
+    no_key = {"WANDB_MODE": "", "WANDB_API_KEY": "", "HOME": str(tmp_path)}  # no ~/.netrc either
+    common = [*TINY, "--dataset-path", tmp_path / "data.hdf5", "--total-timesteps", 20, "--eval-freq", 0]
+    proc = run_script("divo_continuous.py", *common, "--track", "--run-name", "t", cwd=tmp_path, check=False,
+                      env=no_key)
+    assert refused(proc, "--no-track") and "WANDB_MODE=offline" in proc.stderr, proc.stderr
+    assert not (tmp_path / "runs").exists()
+    run_script("divo_continuous.py", *common, "--track", "--run-name", "t", cwd=tmp_path,
+               env={**no_key, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"})
+    before = (tmp_path / "runs/t/args.json").read_bytes()
+    proc = run_script("divo_continuous.py", "--resume", "runs/t/checkpoint.pt", "--total-timesteps", 40, "--no-cuda",
+                      cwd=tmp_path, check=False, env=no_key)
+    assert refused(proc, "--no-track"), proc.stderr
+    assert (tmp_path / "runs/t/args.json").read_bytes() == before
