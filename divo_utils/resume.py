@@ -127,10 +127,12 @@ def load_pretrained_pad(agent, args, fingerprint: str, pad_script: str, reward_t
     names = ("diffusion_steps", "beta_min", "beta_max", "hidden_dim", "num_layers")
     names += ("gamma", "expectile") if args.freeze_pad else ()  # a frozen model keeps the advantages it learnt from
     ours = {"reward_transform": reward_transform, **{n: getattr(args, n) for n in names}}
+    theirs = " ".join(f"{flag(n)} {pad['args'][n]}" for n in names
+                      if n in pad["args"] and pad["args"][n] != getattr(args, n))  # the checkpoint's own values
     fix = "pretrain with the same values" + (" (this run learns from r: --reward-transform none)"
-                                             if reward_transform == "none" else "")
-    refuse_mismatch(args.pad_checkpoint, ours, pad["args"], f"{fix} on the dataset you train on",
-                    same_data=pad["dataset_sha1"] == fingerprint)
+                                             if reward_transform == "none" else "") + " on the dataset you train on"
+    fix += f", or pass the checkpoint's values ({theirs})" if theirs else ""
+    refuse_mismatch(args.pad_checkpoint, ours, pad["args"], fix, same_data=pad["dataset_sha1"] == fingerprint)
     for name in ("diffusion", "critic", "critic_target", "value"):
         getattr(agent, name).load_state_dict(pad[name])
     total = pad["args"].get("total_timesteps")
