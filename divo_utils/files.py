@@ -63,7 +63,7 @@ def write_atomically(path: str, data: bytes, checkpoint: str, replaces: Optional
     whole, just before the rename, so that a failed write keeps both old files."""
     tmp = f"{path}.tmp"
     refuse_link(tmp)
-    for target in (tmp, path):
+    for target in (tmp, path, *((f"{replaces}.tmp",) if replaces else ())):  # the replaced file is written again
         if os.path.isdir(target) and not os.path.islink(target):
             raise InputError(f"could not write {path}: a folder stands at {target}; move or remove that folder, then "
                              f"continue with --resume {checkpoint}")

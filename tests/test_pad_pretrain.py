@@ -159,7 +159,8 @@ def test_divo_refuses_a_checkpoint_that_does_not_match(pretrained, tmp_path):
         (["--dataset-path", tmp_path / "other.hdf5", "--pad-checkpoint", pad], "was trained on another dataset"),
         (["--dataset-path", cwd / "hopper.hdf5", "--pad-checkpoint", pad, "--diffusion-steps", "10"],
          "does not match this run: --diffusion-steps 10 here, 5 in the checkpoint. To fix: pretrain with the same "
-         "values on the dataset you train on, or pass the checkpoint's values (--diffusion-steps 5)"),
+         "values (this run learns from r: --reward-transform none) on the dataset you train on, or pass the "
+         "checkpoint's values (--diffusion-steps 5)"),
         (["--dataset-path", cwd / "hopper.hdf5", "--freeze-pad"], "--freeze-pad keeps a pretrained diffusion model fixed"),
     ]
     for extra, message in cases:

@@ -23,7 +23,21 @@ import torch
 
 from conftest import ROOT, folder_bytes, run_script, write_d4rl_file
 
-pytestmark = pytest.mark.skipif(os.environ.get("DIVO_RELIABILITY_IV") != "1", reason="fixes pending")
+# The cases whose fixes have landed run always; the others are the open work of issue 40 (DIVO_RELIABILITY_IV=1 runs
+# them too, and they fail until their fixes land).
+FIXED = {"test_a_sweep_of_another_script_never_removes_a_finished_run",
+         "test_resuming_an_older_copy_never_overwrites_a_newer_checkpoint",
+         "test_an_extension_keeps_scores_json_until_its_new_files_are_safe",
+         "test_a_video_that_cannot_be_made_never_costs_the_run",
+         "test_track_without_a_wandb_key_is_refused_before_the_run_folder",
+         "test_resuming_a_tracked_run_without_a_wandb_key_changes_no_file",
+         "test_benchmark_cudagraphs_without_cuda_is_refused"}
+
+
+@pytest.fixture(autouse=True)
+def pending_fix(request):
+    if request.node.originalname not in FIXED and os.environ.get("DIVO_RELIABILITY_IV") != "1":
+        pytest.skip("its fix is pending (issue 40)")
 
 TINY = ["--env-id", "hopper-medium-v2", "--hidden-dim", "16", "--num-layers", "1", "--batch-size", "32",
         "--eval-episodes", "1", "--log-freq", "10", "--no-cuda", "--no-legacy-inertia"]
