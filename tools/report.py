@@ -13,7 +13,7 @@ select_runs), and writes into `--out`:
     curves.png      evaluation curves per task, mean ± std over seeds
 
 Run:
-    python tools/report.py                                  # runs/ -> report/
+    python tools/report.py                                  # runs/ -> report/ (ignored by git)
     python tools/report.py runs/sweep_a runs/sweep_b --out report/ab --reps 2000
     python tools/report.py runs/ --label-key mode           # one column per algorithm variant
 
