@@ -40,7 +40,7 @@ from divo_utils.args import check_common, check_env_id, check_schedule, check_sw
 from divo_utils.data import REWARD_LABELS, check_transitions, load_task, score_fields, split_holdout
 from divo_utils.diagnostics import Diagnostics
 from divo_utils.resume import parse_args, restore_run
-from divo_utils.runs import Run, StopSignal, agent_state, cpu_notice, markdown_table
+from divo_utils.runs import Run, StopSignal, agent_state, markdown_table, pick_device
 from divo_utils.speed import adam, speed_up
 
 ALPHAS = {"umaze": 2.5, "medium": 7.5, "large": 20.0}  # alpha of eq. (13) per maze (README)
@@ -590,8 +590,7 @@ if __name__ == "__main__":
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    cpu_notice(args.cuda, device)  # --cuda without a GPU: one line, and what to expect
+    device = pick_device(args.cuda)  # the GPU; without one, the CPU and a line saying so
 
     # data and env: a D4RL file or a Minari dataset, checked, and its evaluation envs (docs/data.md)
     task = load_task(args.env_id, args.dataset_path, args.eval_episodes, args.legacy_inertia,

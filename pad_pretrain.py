@@ -35,7 +35,7 @@ from divo_utils.args import check_common, check_env_id, check_schedule
 from divo_utils.data import REWARD_LABELS, check_transitions, load_task, split_holdout
 from divo_utils.diagnostics import before_after, diagnose, median_distance, plot_samples
 from divo_utils.resume import parse_args, restore_run
-from divo_utils.runs import Run, StopSignal, agent_state, cpu_notice, markdown_table
+from divo_utils.runs import Run, StopSignal, agent_state, markdown_table, pick_device
 from divo_utils.speed import adam, speed_up
 
 # Domain defaults (README: arguments that matter).
@@ -398,8 +398,7 @@ if __name__ == "__main__":
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    cpu_notice(args.cuda, device)  # --cuda without a GPU: one line, and what to expect
+    device = pick_device(args.cuda)  # the GPU; without one, the CPU and a line saying so
 
     # data: a D4RL file or a Minari dataset, checked (no env needed; docs/data.md)
     task = load_task(args.env_id, args.dataset_path)

@@ -248,11 +248,13 @@ def out_of_memory_before_the_run(kind, error, trace) -> None:
           "--hidden-dim, or free memory on the device", file=sys.stderr)
 
 
-def cpu_notice(cuda: bool, device: torch.device) -> None:
-    """Say so when --cuda (the default) found no GPU: the run trains on the CPU, tens of times slower."""
-    if cuda and device.type == "cpu":
+def pick_device(cuda: bool) -> torch.device:
+    """The GPU with --cuda (the default) where there is one, else the CPU; say so when --cuda found none (the run
+    trains tens of times slower)."""
+    if cuda and not torch.cuda.is_available():
         print(f"no GPU found: training on the CPU ({os.cpu_count()} cores); expect about 30 gradient steps/s per core "
               "with the default sizes (tools/benchmark.py --no-cuda measures this machine; --no-cuda silences this)")
+    return torch.device("cuda" if cuda and torch.cuda.is_available() else "cpu")
 
 
 def markdown_table(values: dict) -> str:
