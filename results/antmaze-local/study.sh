@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The AntMaze study's runs, one after another on one core; a finished run is skipped, an interrupted one resumed.
 set -u
+ARMS=${ARMS:-divo td3bc}  # e.g. ARMS=td3bc for a second stream on another core, which then never meets the first
 CODE=${CODE:-../..}  # a checkout of the code the study ran (see README); run from a folder holding data/
 for task in antmaze-umaze-local:antmaze-umaze-v2 antmaze-umaze-diverse-local:antmaze-umaze-diverse-v2; do
   name=${task%%:*}; env_id=${task##*:}
   for seed in 0 1 2; do
-    for arm in divo td3bc; do
+    for arm in $ARMS; do
       run=${name}__${arm}__${seed}
       [ -f runs/$run/scores.json ] && continue
       extra=(); [ $arm = td3bc ] && extra=(--no-adpo)
