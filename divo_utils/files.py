@@ -34,7 +34,11 @@ def try_lock(folder: str) -> tuple[Optional[int], str]:
         fd = os.open(os.path.join(folder, LOCK), os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o644)
     except OSError as e:
         refuse_link(os.path.join(folder, LOCK))  # made between the check and the open
-        raise InputError(f"cannot write to {folder} ({e.strerror}): run where the run's folder can be written") from e
+        lock = os.path.join(folder, LOCK)
+        if os.path.isdir(lock):
+            raise InputError(f"{lock} is a directory where the run's lock file goes: remove it (the run's own files "
+                             "are beside it) and run again") from e
+        raise InputError(f"cannot write {lock} ({e.strerror}): run where the run's folder can be written") from e
     if fcntl is None:
         return fd, ""
     try:
