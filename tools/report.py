@@ -41,9 +41,10 @@ import tyro  # noqa: E402
 from rliable import library as rly  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # divo_utils (its package: no torch)
-from divo_utils import ANTMAZE_IDS, DIVO_FILES, LOCOMOTION_IDS, run_mode, task_name  # noqa: E402
-from divo_utils.files import read_json as read_json_file  # noqa: E402
+from divo_utils import ANTMAZE_IDS, DIVO_FILES, LOCOMOTION_IDS, flag, is_minari_id, run_mode, task_name  # noqa: E402
+from divo_utils.files import read_json as read_json_file, remove  # noqa: E402
 from rliable import metrics, plot_utils  # noqa: E402
+from sweep import out_problem  # noqa: E402  (the checks of an --out; sweep.py imports no Ray until a sweep starts)
 
 
 @dataclass
@@ -118,6 +119,10 @@ class Run:
     """the gradient step of the policy its final score is of: scores.json's `step` (older runs: --total-timesteps)"""
     finished_at: float = 0.0
     """when it finished: the modification time of its scores.json"""
+    dataset_path: Optional[str] = None
+    """the local file it learnt from (args.json's --dataset-path), None for D4RL's downloaded data and Minari's"""
+    args: dict = field(default_factory=dict)
+    """its args.json"""
 
 
 def check_args(args: Args) -> None:
@@ -128,18 +133,9 @@ def check_args(args: Args) -> None:
         raise ReportError("--versus needs the label to compare with, e.g. --versus td3bc")
     if args.at_step is not None and (not args.at_step or min(args.at_step) < 0):
         raise ReportError(f"--at-step needs one or more steps >= 0, got {' '.join(map(str, args.at_step)) or 'none'}")
-    existing = os.path.abspath(args.out)
-    while not os.path.exists(existing):  # the folder that --out would be made in
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ReportError(f"--out {args.out}: {existing} is a file, not a folder")
-    import tempfile
-
-    try:  # a read-only folder, /proc: refused now, not after the report's work
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as e:
-        raise ReportError(f"--out {args.out}: cannot make folders in {existing} ({e.strerror or e})") from None
+    problem = out_problem(args.out, args.out)  # a read-only folder, /proc, a run's folder: refused now, not after the work
+    if problem:
+        raise ReportError(problem)
 
 
 def find_run_folders(dirs: list[str]) -> list[str]:
@@ -153,13 +149,20 @@ def find_run_folders(dirs: list[str]) -> list[str]:
             warn(f"no such folder: {d} (skipped)")
     folders: list[str] = []
     seen: set[str] = set()  # the same folder given twice (or as a run and as its parent) counts once
+    def results(folder: str) -> list[str]:
+        return [name for name in (SCORES, CHECKPOINT) if os.path.isfile(os.path.join(folder, name))]
+
     for d in existing:
-        if os.path.isfile(os.path.join(d, "args.json")):
+        if os.path.isfile(os.path.join(d, "args.json")) or results(d):
             candidates = [d]
         else:
             candidates = [os.path.join(d, name) for name in sorted(os.listdir(d))]
         for folder in candidates:
-            if os.path.isfile(os.path.join(folder, "args.json")) and os.path.realpath(folder) not in seen:
+            if not os.path.isfile(os.path.join(folder, "args.json")):
+                if results(folder):  # a run's folder whose args.json (its label, task, seed) is gone
+                    warn(f"{folder} has {' and '.join(results(folder))} but no args.json, which names the run's label, "
+                         "task and seed: left out of the report; copy its args.json back to include it")
+            elif os.path.realpath(folder) not in seen:
                 seen.add(os.path.realpath(folder))
                 folders.append(folder)
     return folders
@@ -209,6 +212,28 @@ def own_data_name(task: str, dataset_path: str) -> str:
     return name if name != task else f"{name} (your file)"
 
 
+def name_files_apart(runs: list[Run]) -> None:
+    """Runs on different files of one name (a/mydata.hdf5, b/mydata.hdf5) learnt other tasks: each task gets as much
+    of its file's path as tells them apart, `mydata (a/mydata.hdf5)`. A path stored as typed (a file name, by runs made
+    before paths were stored absolute) does not say where its file was: its runs keep the task's name."""
+    files: dict[str, set[str]] = {}
+    for run in runs:
+        if run.dataset_path and os.path.isabs(run.dataset_path):
+            files.setdefault(run.task, set()).add(os.path.normpath(run.dataset_path))
+    for task, paths in files.items():
+        if len(paths) < 2:
+            continue
+        parts = {path: path.split(os.sep) for path in paths}
+        depth = next(k for k in range(1, max(map(len, parts.values())) + 1)
+                     if len({os.sep.join(p[-k:]) for p in parts.values()}) == len(paths))
+        names = {path: f"{task} ({os.sep.join(p[-depth:])})" for path, p in parts.items()}
+        warn(f"{len(paths)} different files make the task {task} ({', '.join(sorted(paths))}): not pooled, each is a "
+             f"task of its own: {', '.join(sorted(names.values()))}")
+        for run in runs:
+            if run.task == task and run.dataset_path and os.path.isabs(run.dataset_path):
+                run.task = names[os.path.normpath(run.dataset_path)]
+
+
 def checkpoint_progress(folder: str, total_timesteps: Optional[int]) -> str:
     """How far an unfinished run got, from the step of its checkpoint.pt."""
     path = os.path.join(folder, CHECKPOINT)
@@ -248,15 +273,16 @@ def read_run(folder: str, label_key: str) -> Optional[Run]:
         warn(f"{os.path.join(folder, 'args.json')} has no '{label_key}'; its run is labelled {label}")
     run_name = scores.get("run_name", args.get("run_name", os.path.basename(folder)))
     task = str(scores.get("task", task_name(args)))
-    if args.get("dataset_path"):  # a local file (null for D4RL's downloaded data and Minari's)
-        task = own_data_name(task, str(args["dataset_path"]))
+    dataset_path = str(args["dataset_path"]) if args.get("dataset_path") else None  # null: D4RL's download, Minari
+    if dataset_path:  # a local file
+        task = own_data_name(task, dataset_path)
     mode = scores.get("mode", args.get("mode", run_mode(args)))
     seed = scores.get("seed", args.get("seed"))
     total_timesteps = args.get("total_timesteps")
     run = Run(path=folder, run_name=str(run_name), label=label, task=task, mode=str(mode),
               seed=seed if isinstance(seed, int) else None,
               total_timesteps=total_timesteps if isinstance(total_timesteps, int) else None,
-              finished=os.path.isfile(scores_path))
+              finished=os.path.isfile(scores_path), dataset_path=dataset_path, args=args)
     if run.finished:
         run.score, run.metric = float(scores[score_key(scores)]), scores.get("metric", run.metric)
         run.evaluations = scores.get("evaluations", [])
@@ -272,15 +298,24 @@ def score_at_step(runs: list[Run], steps: list[int]) -> list[Run]:
     """Score each finished run by the mean of its evaluations at `steps` (its history), not its last policy's.
 
     Training up to a step does not depend on the total length, so this compares runs of different lengths at
-    the same point. A run that lacks an evaluation at one of `steps` leaves the table, with the reason listed."""
-    for run in runs:
-        if run.finished:
-            found = {e["step"]: e["score"] for e in run.evaluations}
-            missing = [step for step in steps if step not in found]
-            if missing:
-                run.finished, run.progress = False, f"finished, but no evaluation at step {missing[0]:,}"
-            else:
-                run.score = float(np.mean([found[step] for step in steps]))
+    the same point. A run that lacks an evaluation at one of `steps` leaves the table, with the reason listed; when
+    that leaves no run, stop with the steps the runs were evaluated at."""
+    finished = [run for run in runs if run.finished]
+    for run in finished:
+        found = {e["step"]: e["score"] for e in run.evaluations}
+        missing = [step for step in steps if step not in found]
+        if missing:
+            run.finished, run.progress = False, f"finished, but no evaluation at step {missing[0]:,}"
+        else:
+            run.score = float(np.mean([found[step] for step in steps]))
+    if finished and not any(run.finished for run in finished):
+        evaluated = sorted({e["step"] for run in finished for e in run.evaluations})
+        shown = ", ".join(f"{step:,}" for step in evaluated[:10]) + (f", ... {evaluated[-1]:,}" if len(evaluated) > 10
+                                                                     else "")
+        raise ReportError(f"--at-step {' '.join(map(str, steps))}: no finished run has an evaluation at "
+                          f"{'that step' if len(steps) == 1 else 'all of those steps'}; "
+                          + (f"they were evaluated at steps {shown}: pass some of those" if evaluated else
+                             "they have no evaluation history (--eval-freq 0): leave out --at-step"))
     return runs
 
 
@@ -342,6 +377,27 @@ def select_runs(runs: list[Run], at_step: Optional[list[int]] = None) -> list[Ru
     return runs
 
 
+def warn_mixed_arguments(runs: list[Run]) -> None:
+    """Warn of each cell whose runs were trained with different arguments (those that change the training: not the
+    seed or the names, nor what a resume may change, RESUME_FREE_ARGS): they are pooled as its seeds all the same."""
+    for (label, task), cell in group_runs(runs).items():
+        values: dict[str, dict[str, list[str]]] = {}  # argument -> its value (as JSON) -> the runs
+        for run in cell:
+            for name in run.args.keys() - {"seed", "run_name", "exp_name"}:
+                values.setdefault(name, {}).setdefault(json.dumps(run.args[name], sort_keys=True), []).append(run.run_name)
+        mixed = {name: found for name, found in values.items()
+                 if len(found) > 1 or sum(map(len, found.values())) < len(cell)}  # or absent from some runs' args.json
+        if mixed:
+            from divo_utils.resume import RESUME_FREE_ARGS  # imports torch: only once some argument differs
+
+            mixed = {name: found for name, found in mixed.items() if name not in RESUME_FREE_ARGS}
+        if mixed:
+            what = "; ".join(f"{flag(name)} " + ", ".join(f"{value} ({', '.join(names)})" for value, names in found.items())
+                             for name, found in sorted(mixed.items()))
+            warn(f"{label} on {task}: its runs were trained with different arguments ({what}), and are pooled as the "
+                 "seeds of one cell: give runs of other arguments another --exp-name, or pass only the folders of one")
+
+
 def collect_runs(dirs: list[str], label_key: str = "exp_name", at_step: Optional[list[int]] = None) -> list[Run]:
     """All runs (finished or not) under `dirs`, labelled by args.json's `label_key` (split by mode when mixed), scored
     at `at_step` if given, with each cell made one run per seed of one length (select_runs: the others are listed)."""
@@ -350,10 +406,13 @@ def collect_runs(dirs: list[str], label_key: str = "exp_name", at_step: Optional
         run = read_run(folder, label_key)
         if run is not None:
             runs.append(run)
+    name_files_apart(runs)
     split_labels_by_mode(runs)
     if at_step:
         score_at_step(runs, at_step)
-    return select_runs(runs, at_step)
+    select_runs(runs, at_step)
+    warn_mixed_arguments(runs)
+    return runs
 
 
 def group_runs(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
@@ -433,8 +492,9 @@ def build_table(runs: list[Run]) -> Table:
     if table_i_present:
         rows.append(average_row("Total", table_i_present))
     others = sorted(set(means.index) - set(TABLE_I_TASKS))
-    blocks = {MINARI_BLOCK: [t for t in others if "/" in t and t not in returns], RETURN_BLOCK: sorted(returns),
-              OTHER_BLOCK: [t for t in others if "/" not in t]}
+    minari = {run.task for run in runs if run.finished and not run.dataset_path and is_minari_id(run.task)} - returns
+    blocks = {MINARI_BLOCK: [t for t in others if t in minari], RETURN_BLOCK: sorted(returns),
+              OTHER_BLOCK: [t for t in others if t not in minari | returns]}  # a file's name may hold its path's "/"
     for block, block_tasks in blocks.items():
         if block_tasks:
             rows += [task_row(task) for task in block_tasks]
@@ -806,8 +866,7 @@ def make_report(runs: list[Run], out_dir: str, reps: int = 2000, profile_reps: i
         aggregate["skipped"] = note
         print(f"note: {note}")
         for name in ("aggregate.png", "profiles.png"):  # never leave a figure of an earlier report next to this one
-            if os.path.isfile(os.path.join(out_dir, name)):
-                os.remove(os.path.join(out_dir, name))
+            remove(os.path.join(out_dir, name), "a figure of an earlier report (this one has no aggregates)")
     else:
         points, intervals = compute_aggregates(score_dict, reps)
         aggregate["tasks"] = tasks
@@ -832,7 +891,10 @@ def make_report(runs: list[Run], out_dir: str, reps: int = 2000, profile_reps: i
     written["curves.png"] = os.path.join(out_dir, "curves.png")
     plot_curves(runs, colors, written["curves.png"])
 
-    if versus is not None:
+    if versus is None:  # nor an earlier report's comparison, of other runs
+        for name in ("versus.md", "versus.json"):
+            remove(os.path.join(out_dir, name), "the --versus comparison of an earlier report (this one has no --versus)")
+    else:
         result = compare_labels(runs, versus, reps)
         text = format_versus(result, at_step)
         written["versus.md"], written["versus.json"] = (os.path.join(out_dir, name) for name in ("versus.md", "versus.json"))

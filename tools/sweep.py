@@ -242,17 +242,32 @@ def check_args(args: Args, extra: list[str]) -> None:
                          "(use --env-ids, --seeds, --label and --dataset-dir)")
     if args.dataset_dir is not None and not os.path.isdir(args.dataset_dir):
         raise SweepError(f"--dataset-dir {args.dataset_dir} is not a folder")
-    if args.out is not None:
-        existing = os.path.abspath(os.path.expanduser(args.out))
-        while not os.path.exists(existing):  # the folder that --out would be made in
-            existing = os.path.dirname(existing)
-        if not os.path.isdir(existing):
-            raise SweepError(f"--out {args.out}: {existing} is a file, not a folder")
-        try:  # os.access alone says yes to root, also in /proc
-            with tempfile.TemporaryFile(dir=existing):
-                pass
-        except OSError as e:
-            raise SweepError(f"--out {args.out}: cannot make folders in {existing} ({e.strerror or e})") from None
+    problem = out_problem(args.out, os.path.expanduser(args.out)) if args.out is not None else None
+    if problem:
+        raise SweepError(problem)
+
+
+def out_problem(out: str, folder: str) -> Optional[str]:
+    """What keeps --out `out` (the folder `folder`) from holding a sweep's or a report's files, or None: a file where
+    a folder of its path goes, a run's folder around it (one with an args.json: it holds that run's files only), or
+    no right to make folders there. tools/report.py checks its --out with this too."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):  # the folder that --out would be made in
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"--out {out}: {existing} is a file, not a folder"
+    around = existing  # the folders it would be in, up to /
+    while not os.path.isfile(os.path.join(around, "args.json")) and os.path.dirname(around) != around:
+        around = os.path.dirname(around)
+    if os.path.isfile(os.path.join(around, "args.json")):
+        return (f"--out {out} is inside the run folder {around} (it has an args.json), which holds that run's own files "
+                "only: choose an --out outside it")
+    try:  # os.access alone says yes to root, also in /proc
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        return f"--out {out}: cannot make folders in {existing} ({e.strerror or e})"
+    return None
 
 
 def resolve_script(script: str) -> str:
