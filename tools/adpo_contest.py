@@ -31,7 +31,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the scripts and divo_utils
 
 from divo_utils import is_minari_id  # noqa: E402
-from divo_utils.data import default_dataset_path, load_d4rl_file, load_minari_dataset, minari_rows  # noqa: E402
+from divo_utils.data import (dataset_fingerprint, default_dataset_path, load_d4rl_file,  # noqa: E402
+                             load_minari_dataset, minari_rows)
+from divo_utils.resume import refuse_mismatch  # noqa: E402
 from divo_utils.runs import load_agent_state  # noqa: E402
 
 
@@ -146,6 +148,16 @@ def load_run(folder: str):
     return module, agent, payload, data, obs_dim, act_dim
 
 
+def read_trained_rows(folder: str, agent, payload: dict, path: str, obs_dim: int, act_dim: int) -> dict:
+    """The rows of the run's dataset `path`, or stop if they are not those it trained on (their SHA-1 is not the
+    checkpoint's, as --resume checks): the contest would be held on states its critics never learnt."""
+    rows = read_rows(agent.args, path, obs_dim, act_dim)
+    refuse_mismatch(os.path.join(folder, "checkpoint.pt"), {}, {}, f"{path} changed since the run trained on it (its "
+                    "SHA-1 is not the checkpoint's dataset_sha1): put back the file the run was trained on",
+                    same_data=dataset_fingerprint(rows) == payload["dataset_sha1"])
+    return rows
+
+
 def main(args: Args) -> None:
     try:  # every argument and run before any work
         if not args.runs:
@@ -162,10 +174,12 @@ def main(args: Args) -> None:
             raise ContestError(f"--num-candidates takes counts of at least 1, got "
                                f"{' '.join(map(str, args.num_candidates))}")
         runs = [load_run(folder) for folder in args.runs]
+        datasets = [read_trained_rows(folder, agent, payload, path, obs_dim, act_dim)
+                    for folder, (_, agent, payload, path, obs_dim, act_dim) in zip(args.runs, runs)]
     except ContestError as e:
         raise SystemExit(f"error: {e}") from None
-    for folder, (module, agent, payload, path, obs_dim, act_dim) in zip(args.runs, runs):
-        transitions = module.qlearning_dataset(read_rows(agent.args, path, obs_dim, act_dim))
+    for folder, (module, agent, payload, _, obs_dim, act_dim), dataset in zip(args.runs, runs, datasets):
+        transitions = module.qlearning_dataset(dataset)
         n = len(transitions["rewards"])
         rows = np.random.default_rng(args.seed).choice(n, min(args.samples, n), replace=False)
         mean, std = payload["obs_mean"].numpy(), payload["obs_std"].numpy()
