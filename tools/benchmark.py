@@ -76,7 +76,7 @@ class Args:
     diffusion_steps: int = 5
     """number of DDPM steps K"""
     num_candidates: int = 1
-    """N of eq. (12)"""
+    """N of eq. (12) (DIVO's; pad_pretrain has no contest)"""
     runs_per_gpu: list[int] = field(default_factory=list)
     """also time K copies side by side on the device, for each K given (e.g. 1 2 4 8): aggregate steps per second"""
 
@@ -101,6 +101,9 @@ def check_args(args: Args, module) -> None:
         raise BenchmarkError("--modes needs at least one of eager, compile, cudagraphs, compile+cudagraphs")
     if any(copies < 1 for copies in args.runs_per_gpu):
         raise BenchmarkError(f"--runs-per-gpu takes counts of at least 1, got {' '.join(map(str, args.runs_per_gpu))}")
+    if args.script == "pad_pretrain" and args.num_candidates != 1:
+        raise BenchmarkError(f"--num-candidates {args.num_candidates} is N of DIVO's contest (eq. 12), which "
+                             "pad_pretrain has not: leave it out with --script pad_pretrain")
     if args.dataset_path is not None and not os.path.isfile(args.dataset_path):
         raise BenchmarkError(f"--dataset-path {args.dataset_path}: no such file (leave it out to use the cached D4RL "
                              "file, or else random transitions)")
@@ -263,10 +266,10 @@ def main(args: Args) -> None:
     obs_dim, act_dim = shapes(module, args.env_id)
     data, source = load_data(module, args, obs_dim, act_dim, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    print(f"benchmark: {module.__name__}, {args.env_id} shapes (observation {obs_dim}, action {act_dim}), batch "
-          f"{args.batch_size}, {args.num_layers} x {args.hidden_dim} hidden, K {args.diffusion_steps}, N "
-          f"{args.num_candidates}\n  device {name}, torch {torch.__version__}; data: {source}")
     divo = not hasattr(module, "PADPretrainer")
+    print(f"benchmark: {module.__name__}, {args.env_id} shapes (observation {obs_dim}, action {act_dim}), batch "
+          f"{args.batch_size}, {args.num_layers} x {args.hidden_dim} hidden, K {args.diffusion_steps}"
+          + (f", N {args.num_candidates}" if divo else "") + f"\n  device {name}, torch {torch.__version__}; data: {source}")
     print(f"  {'mode':<20}{'steps/s':>10}{'warm-up s':>11}"
           + (f"{'TD3+BC backbone':>17}{'warm-up s':>11}{'DIVO / backbone':>17}" if divo else ""))
     if all("cudagraphs" in mode for mode in args.modes) and device.type != "cuda":
