@@ -232,6 +232,8 @@ def check_args(args: Args, extra: list[str]) -> None:
                          "(--num-cpus, default all): no run could start")
     if not 0 < args.status_every < math.inf:
         raise SweepError(f"--status-every must be a positive number of seconds, got {args.status_every}")
+    if args.status_every < 1:  # a line per loop of the sweep would flood the output
+        raise SweepError(f"--status-every {args.status_every:g}: at most one status line a second; pass 1 or more")
     if len(args.label.encode()) > MAX_LABEL:
         raise SweepError(f"--label is {len(args.label.encode())} bytes long: the scripts take at most {MAX_LABEL}")
     if args.address and (args.num_cpus is not None or args.temp_dir):
@@ -456,8 +458,9 @@ def run_one(run: Run, out: str, label: str, extra: list[str], cuda: bool, thread
 # makes of the command line script_args builds: the scripts' Args are tyro dataclasses whose defaults and
 # __post_init__ fill in values (divo_antmaze's --alpha per maze, pad_pretrain's per-domain defaults), so only the
 # script's own parser says. Importing a script imports torch, which this process never does (it only launches
-# runs), so compare_arguments runs in one subprocess (this file with COMPARE_FLAG) for the whole sweep, and only
-# where run folders with an args.json exist. The decision (mismatch, extension) is made here, from its answers.
+# runs), so compare_arguments runs in one subprocess (this file with COMPARE_FLAG) for the whole sweep: for the run
+# folders with an args.json, and for one run of each script (its parser's refusal of the arguments after `--`). The
+# decision (mismatch, extension) is made here, from its answers.
 def compare_arguments(items: list[dict]) -> list[dict]:
     """For each {"name", "script", "argv", "recorded"}: the arguments the script makes of argv that differ from the
     recorded ones (those a resume may change aside: RESUME_FREE_ARGS) and the --total-timesteps asked, or the
@@ -488,6 +491,9 @@ def compare_arguments(items: list[dict]) -> list[dict]:
                 args = tyro.cli(module.Args, args=item["argv"])
         except SystemExit as e:  # the script's one-line InputError, or tyro's box of usage errors
             answers.append({"name": item["name"], "refused": refusal(e, errors.getvalue())})
+            continue
+        if item["recorded"] is None:  # no earlier run: only the script's parser is asked
+            answers.append({"name": item["name"]})
             continue
         asked, recorded = json.loads(json.dumps(asdict(args))), item["recorded"]
         for values in (asked, recorded):  # files a run reads: absolute, from where its runs/ is (our cwd)
@@ -521,9 +527,10 @@ def names_of(names: list[str], most: int = 4) -> str:
 
 
 def check_existing_runs(runs: list[Run], out: str, label: str, extra: list[str]) -> dict[str, int]:
-    """Stop unless every finished or resumable run of the grid in `out` was made with the arguments this sweep passes
-    (those a resume may change aside, but not a shorter --total-timesteps); return the finished runs to extend to a
-    larger --total-timesteps: run name -> steps."""
+    """Stop unless each script takes the arguments after `--` (its own parser, once, before Ray and any folder) and
+    every finished or resumable run of the grid in `out` was made with the arguments this sweep passes (those a resume
+    may change aside, but not a shorter --total-timesteps); return the finished runs to extend to a larger
+    --total-timesteps: run name -> steps."""
     foreign = {run.name: other_results(out, run) for run in runs if other_results(out, run)}
     if foreign:
         name, files = next(iter(foreign.items()))
@@ -539,11 +546,14 @@ def check_existing_runs(runs: list[Run], out: str, label: str, extra: list[str])
             recorded[run.name], states[run.name] = content, state
             items.append({"name": run.name, "script": run.script, "recorded": content,
                           "argv": script_args(run, label, "new", extra, False)[1:]})
-    if not items:
-        return {}
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), COMPARE_FLAG], input=json.dumps(items), cwd=out,
-                          text=True,
-                          capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    for script in dict.fromkeys(run.script for run in runs):  # each script's parser once, even without earlier runs
+        if not any(item["script"] == script for item in items):
+            run = next(run for run in runs if run.script == script)
+            items.append({"name": run.name, "script": script, "recorded": None,
+                          "argv": script_args(run, label, "new", extra, False)[1:]})
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), COMPARE_FLAG], input=json.dumps(items),
+                          cwd=out if os.path.isdir(out) else None, text=True, capture_output=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     try:
         answers = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None
     except (IndexError, ValueError):
@@ -557,11 +567,12 @@ def check_existing_runs(runs: list[Run], out: str, label: str, extra: list[str])
     unextendable: list[str] = []
     for answer in answers:
         name = answer["name"]
-        run, finished = by_name[name], states[name] == "finished"
+        run = by_name[name]
         if "refused" in answer:  # so would every run be
             raise SweepError(f"{os.path.basename(run.script)} refuses the arguments after `--`: {answer['refused']}")
-        if "differences" not in answer:
+        if "differences" not in answer:  # a script's parser only, or not a script of this project
             continue
+        finished = states[name] == "finished"
         what = [f"{flag(k)} {old!r} recorded, {new!r} asked" for k, (old, new) in answer["differences"].items()]
         asked = answer["total_timesteps"]
         done = finished_steps(out, run) if finished else recorded[name].get("total_timesteps")
@@ -598,6 +609,8 @@ def start_ray(args: Args):
         import ray
     except ImportError:
         raise SweepError("Ray is not installed: pip install -r requirements-tools.txt") from None
+    if args.address:
+        check_reachable(args.address)
     try:
         if args.address:
             ray.init(address=args.address, log_to_driver=False, logging_level="WARNING")
@@ -610,6 +623,18 @@ def start_ray(args: Args):
         first_line = (str(e).strip().splitlines() or [""])[0]
         raise SweepError(f"could not {where}: {type(e).__name__}: {first_line}") from None
     return ray
+
+
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Stop at once if nothing answers at HOST:PORT (ray.init would wait minutes); `auto` and other forms are Ray's."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise SweepError(f"could not join the Ray cluster at {address}: nothing answers there ({e.strerror or e}); is "
+                         "`ray start --head` running there, at that port?") from None
 
 
 def error_message(error: Exception) -> str:
@@ -712,6 +737,12 @@ def run_sweep(args: Args, extra: list[str], runs: list[Run], out: str, extend: d
         return progress
     ray = start_ray(args)
     try:
+        for folder in ("runs", "logs"):  # made once Ray is there: a sweep that cannot start leaves nothing
+            try:
+                os.makedirs(os.path.join(out, folder), exist_ok=True)
+            except OSError as e:
+                raise SweepError(f"--out {args.out or out}: cannot make {os.path.join(out, folder)} ({e.strerror or e})") \
+                    from None
         resources = ray.cluster_resources()
         gpus = resources.get("GPU", 0) > 0
         where = f"the Ray cluster at {args.address}" if args.address else "a local Ray"
@@ -815,12 +846,6 @@ def main() -> None:
             print_plan(runs, out, args.label, extra, False, extend)
             print("(with --cuda added when the Ray cluster has GPUs)")
             return
-        for folder in ("runs", "logs"):
-            try:
-                os.makedirs(os.path.join(out, folder), exist_ok=True)
-            except OSError as e:
-                raise SweepError(f"--out {args.out or out}: cannot make {os.path.join(out, folder)} ({e.strerror or e})") \
-                    from None
         progress = run_sweep(args, extra, runs, out, extend)
     except SweepError as e:
         raise SystemExit(f"error: {e}") from None
