@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from dataclasses import fields, replace
-from typing import Optional
+from typing import Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 import torch
 import torch.nn as nn
@@ -51,21 +51,30 @@ def read_command_line(args_class, script: str, files: tuple[str, str]):
             raise InputError(f"runs/{args.run_name} exists: choose another --run-name, or continue that run with "
                              f"--resume runs/{args.run_name}/{checkpoint_name}")
         return absolute_paths(args), None
+    if os.path.isdir(args.resume):  # --resume runs/NAME: that run's checkpoint
+        args = replace(args, resume=os.path.join(args.resume, checkpoint_name))
     folder = os.path.dirname(args.resume) or "."  # "." when resumed from inside the run's folder
     resume = os.path.join(folder, os.path.basename(args.resume))
+    if os.path.basename(resume) == "args.json":
+        raise InputError(f"{resume} holds a run's arguments, not a checkpoint: resume with --resume "
+                         f"{os.path.join(folder, checkpoint_name)}")
     if not os.path.isfile(resume) and not os.path.isfile(os.path.join(folder, "args.json")):
         raise InputError(f"no checkpoint at {resume}, and no args.json beside it (if that folder is of a run that "
                          "stopped before it began, remove it and start the run again)")
     lock_run(folder)  # held until this process ends
     checkpoint, saved = resume_point(resume, script, files)
+    source = f"{resume}'s arguments" if checkpoint else os.path.join(folder, "args.json")
     values = {f.name: saved[f.name] for f in fields(args_class) if f.name in saved}
+    check_types(values, args_class, source)
     origin = os.path.dirname(os.path.dirname(os.path.abspath(folder)))  # where runs/{run_name} was made
     for name in PATH_ARGS:  # a run made before paths were stored absolute: relative to where it was made
         if values.get(name) and not os.path.isabs(values[name]):
             values[name] = os.path.join(origin, values[name])
-    values["run_name"] = values.get("run_name") or os.path.basename(os.path.abspath(folder))
-    # --cudagraphs depends on this machine: it is checked once the command line (e.g. --no-cudagraphs) applies
-    saved = args_class(**{**values, "resume": resume, "cudagraphs": False})
+    values["run_name"] = os.path.basename(os.path.abspath(folder))  # a copied run is the run of its own folder
+    try:  # --cudagraphs depends on this machine: it is checked once the command line (e.g. --no-cudagraphs) applies
+        saved = args_class(**{**values, "resume": resume, "cudagraphs": False})
+    except InputError as e:  # a value the checks refuse came from the run's files, not from the command line
+        raise InputError(f"{source} (run {values['run_name']}): {e}") from e
     saved.cudagraphs = values.get("cudagraphs", False)
     args = absolute_paths(replace(tyro.cli(args_class, default=saved), resume=resume))
     names = [f.name for f in fields(args_class) if f.name not in RESUME_FREE_ARGS]
@@ -75,11 +84,36 @@ def read_command_line(args_class, script: str, files: tuple[str, str]):
     if step > args.total_timesteps or step == args.total_timesteps and os.path.exists(
             os.path.join(folder, finished_name)):
         state = "finished" if step == args.total_timesteps else f"at step {step:,}, beyond --total-timesteps"
-        raise InputError(f"{resume} is {state} ({step:,} of {args.total_timesteps:,} steps; its results are in "
-                         f"{folder}). To train it longer, pass --total-timesteps larger than {step:,}")
+        results = f"; its results are in {folder}" if os.path.exists(os.path.join(folder, finished_name)) else ""
+        raise InputError(f"{resume} is {state} ({step:,} of {args.total_timesteps:,} steps{results}). To train it "
+                         f"longer, pass --total-timesteps larger than {step:,}")
     if checkpoint is None:
         print(f"{folder} has no {checkpoint_name}: the run stopped before its first one, and starts again from step 0")
     return args, checkpoint
+
+
+def fits(value, hint) -> bool:
+    """Whether a value read back from a run's files has the type of its argument (bool, int, float, str, Optional,
+    Literal; other annotations are not checked)."""
+    if get_origin(hint) is Union:
+        return any(fits(value, h) for h in get_args(hint))
+    if get_origin(hint) is Literal:
+        return value in get_args(hint)
+    if hint is type(None):
+        return value is None
+    if hint in (int, float):
+        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
+    return isinstance(value, hint) if hint in (bool, str) else True
+
+
+def check_types(values: dict, args_class, source: str) -> None:
+    """Stop with one line if a value of a run's files (`source`: a hand-edited args.json, say) is not of its
+    argument's type."""
+    hints = get_type_hints(args_class)
+    for name, value in values.items():
+        if not fits(value, hints[name]):
+            raise InputError(f"{source}: {name} is {value!r}, not a value of {flag(name)} "
+                             f"({getattr(hints[name], '__name__', hints[name])}): correct it, or start a new run")
 
 
 def resume_point(path: str, script: str, files: tuple[str, str]) -> tuple[Optional[dict], dict]:

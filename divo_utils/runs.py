@@ -48,14 +48,21 @@ def save_checkpoint(path: str, payload: dict, checkpoint: str, finished: Optiona
     write_atomically(path, buffer.getvalue(), checkpoint, replaces=finished)
 
 
+# What every checkpoint holds besides its script's state (Run.save): --resume reads each of them.
+CHECKPOINT_KEYS = ("step", "args", "rng", "dataset_sha1")
+
+
 def load_checkpoint(path: str, kind: str) -> dict:
     """Read a checkpoint whose "kind" is `kind` (the label of the script that wrote it), or stop with what is wrong. The payload gets "file_sha1",
     the SHA-1 of the bytes read (what was loaded, even if the file changes afterwards)."""
     if not os.path.isfile(path):
         raise InputError(f"no checkpoint at {path}")
+    with open(path, "rb") as f:
+        raw = f.read()
+    if not raw.startswith(b"PK\x03\x04"):  # torch.save writes a zip archive; torch's own error gives pickle advice
+        raise InputError(f"{path} is not a PyTorch checkpoint ({len(raw):,} bytes, empty or of another format): pass "
+                         "the checkpoint.pt of a run's folder")
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
         payload = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
         raise InputError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]}); it is "
@@ -63,6 +70,10 @@ def load_checkpoint(path: str, kind: str) -> dict:
     found = payload.get("kind") if isinstance(payload, dict) else None
     if found != kind:
         raise InputError(f"{path} is a checkpoint of {found or 'something else'}, not of {kind}.py")
+    missing = [key for key in CHECKPOINT_KEYS if key not in payload]
+    if missing or not isinstance(payload["args"], dict):
+        raise InputError(f"{path} has no {', '.join(missing) or 'dict of arguments'} (a checkpoint of another "
+                         "version of this project, or edited): resume it with that version, or start a new run")
     payload["file_sha1"] = hashlib.sha1(raw).hexdigest()
     return payload
 

@@ -84,7 +84,7 @@ def test_a_second_writer_is_refused_and_a_killed_writer_leaves_no_lock(reference
     step = runs.load_checkpoint(str(run / "checkpoint.pt"), "divo_continuous")["step"]
     proc = run_script("divo_continuous.py", "--resume", run / "checkpoint.pt", "--total-timesteps", step + 20, "--no-cuda",
                       "--dataset-path", cwd / "data.hdf5", cwd=tmp_path)  # the kernel freed the lock of the killed run
-    assert f"resumed ref at step {step:,}" in proc.stdout
+    assert f"resumed r at step {step:,}" in proc.stdout  # a copied run is named after its own folder
     assert json.loads((run / "scores.json").read_text())["step"] == step + 20
     assert (run / "lock").read_text().startswith("process ") and leftovers(run) == []
 

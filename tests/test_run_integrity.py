@@ -196,7 +196,7 @@ def test_out_of_memory_is_one_line_and_a_new_run_leaves_no_folder(tmp_path):
 
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint.pt")
-    save_checkpoint(path, {"kind": "divo_continuous", "step": 1}, path)
+    save_checkpoint(path, minimal_checkpoint(1), path)
 
     def broken_save(obj, f):
         f.write(b"half a checkpoint")
@@ -204,9 +204,14 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError):
-        save_checkpoint(path, {"kind": "divo_continuous", "step": 2}, path)
+        save_checkpoint(path, minimal_checkpoint(2), path)
     assert load_checkpoint(path, "divo_continuous")["step"] == 1
     assert os.listdir(tmp_path) == ["checkpoint.pt"]  # nothing half-written beside it (a real full disk: test_run_folders)
+
+
+def minimal_checkpoint(step: int) -> dict:
+    """The keys every checkpoint holds (load_checkpoint refuses one without them), at `step`."""
+    return {"kind": "divo_continuous", "step": step, "args": {}, "rng": {}, "dataset_sha1": "0" * 40}
 
 
 def test_foreign_and_corrupt_checkpoints_are_refused(tmp_path):
@@ -215,7 +220,14 @@ def test_foreign_and_corrupt_checkpoints_are_refused(tmp_path):
     with pytest.raises(InputError, match="checkpoint of pad_pretrain, not of divo_continuous.py"):
         load_checkpoint(str(path), "divo_continuous")
     path.write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="is not a PyTorch checkpoint"):
+        load_checkpoint(str(path), "divo_continuous")
+    save_checkpoint(str(path), minimal_checkpoint(1), str(path))
+    path.write_bytes(path.read_bytes()[:200])  # a zip archive cut short
     with pytest.raises(InputError, match="cannot read checkpoint"):
+        load_checkpoint(str(path), "divo_continuous")
+    save_checkpoint(str(path), {**minimal_checkpoint(1), "args": None}, str(path))
+    with pytest.raises(InputError, match="no dict of arguments"):
         load_checkpoint(str(path), "divo_continuous")
     with pytest.raises(InputError, match="no checkpoint at"):
         load_checkpoint(str(tmp_path / "nothing.pt"), "divo_continuous")
@@ -225,7 +237,7 @@ def test_a_failed_checkpoint_write_keeps_the_finished_file(tmp_path, monkeypatch
     """An extension whose new checkpoint cannot be written (a full disk) keeps scores.json, which still describes the
     checkpoint that stays (it used to be removed first, and the finished run read as unfinished)."""
     path, finished = str(tmp_path / "checkpoint.pt"), tmp_path / "scores.json"
-    save_checkpoint(path, {"kind": "divo_continuous", "step": 1}, path)
+    save_checkpoint(path, minimal_checkpoint(1), path)
     finished.write_text('{"step": 1}')
     real_fdopen = os.fdopen
 
@@ -239,20 +251,20 @@ def test_a_failed_checkpoint_write_keeps_the_finished_file(tmp_path, monkeypatch
 
     monkeypatch.setattr(os, "fdopen", full_disk)
     with pytest.raises(InputError, match="free some disk space"):
-        save_checkpoint(path, {"kind": "divo_continuous", "step": 2}, path, str(finished))
+        save_checkpoint(path, minimal_checkpoint(2), path, str(finished))
     monkeypatch.setattr(os, "fdopen", real_fdopen)
     assert os.listdir(tmp_path) == ["checkpoint.pt", "scores.json"] or sorted(os.listdir(tmp_path)) == [
         "checkpoint.pt", "scores.json"]
     assert finished.read_text() == '{"step": 1}' and load_checkpoint(path, "divo_continuous")["step"] == 1
-    save_checkpoint(path, {"kind": "divo_continuous", "step": 3}, path, str(finished))  # a good write replaces both
+    save_checkpoint(path, minimal_checkpoint(3), path, str(finished))  # a good write replaces both
     assert not finished.exists() and load_checkpoint(path, "divo_continuous")["step"] == 3
 
 
 def test_a_folder_where_a_file_goes_is_named_and_the_results_stay(tmp_path):
     path, finished = str(tmp_path / "checkpoint.pt"), tmp_path / "scores.json"
-    save_checkpoint(path, {"kind": "divo_continuous", "step": 1}, path)
+    save_checkpoint(path, minimal_checkpoint(1), path)
     finished.write_text("{}")
     os.mkdir(path + ".tmp")
     with pytest.raises(InputError, match=r"a folder stands at .*checkpoint\.pt\.tmp; move or remove that folder"):
-        save_checkpoint(path, {"kind": "divo_continuous", "step": 2}, path, str(finished))
+        save_checkpoint(path, minimal_checkpoint(2), path, str(finished))
     assert finished.exists() and os.path.isdir(path + ".tmp")
