@@ -57,9 +57,10 @@ def flag(name: str, value=None) -> str:
 
 
 def is_folder_name(name: str, limit: int) -> bool:
-    """Whether `name` can name one folder: no path in it, not `.` or `..`, at most `limit` bytes."""
-    return os.path.basename(name) == name and name not in ("", ".", "..") and "\0" not in name \
-        and len(os.fsencode(name)) <= limit
+    """Whether `name` can name one folder: no path in it, not `.` or `..`, no control character (a newline would
+    break every line that names the run), no space at either end, at most `limit` bytes."""
+    return os.path.basename(name) == name and name not in ("", ".", "..") and name.strip() == name \
+        and not any(ord(c) < 32 or ord(c) == 127 for c in name) and len(os.fsencode(name)) <= limit
 
 
 def is_minari_id(env_id: str) -> bool:

@@ -9,8 +9,8 @@ from dataclasses import fields
 
 import torch
 
-from divo_utils import (ANTMAZE_IDS, GYM_IDS, LOCOMOTION_IDS, MAX_EXP_NAME, MAX_NAME, InputError, domain_of, flag,
-                        is_folder_name, is_minari_id)
+from divo_utils import (ANTMAZE_IDS, GYM_IDS, LOCOMOTION_IDS, MAX_EXP_NAME, MAX_NAME, PAD_FILES, InputError, domain_of,
+                        flag, is_folder_name, is_minari_id)
 from divo_utils.video import check_video
 
 DOMAIN_IDS = {"locomotion": LOCOMOTION_IDS, "antmaze": ANTMAZE_IDS}
@@ -112,6 +112,13 @@ def check_common(args, capture_video: bool) -> None:
         "--dataset-path reads a D4RL-format file; a Minari id reads Minari's store: give one of them": bool(
             args.dataset_path) and is_minari_id(args.env_id),
     }
+    pad_checkpoint = getattr(args, "pad_checkpoint", None) if args.resume is None else None  # read by new runs only
+    if pad_checkpoint and not os.path.isfile(pad_checkpoint):
+        what = "is a folder" if os.path.isdir(pad_checkpoint) else "does not exist"
+        problems[f"--pad-checkpoint {pad_checkpoint} {what}: pass a pretraining's checkpoint file "
+                 f"(runs/NAME/{PAD_FILES[0]})"] = True
+    if getattr(args, "video_each_eval", False) and not capture_video and args.resume is None:
+        problems["--video-each-eval films every evaluation of --capture-video: pass --capture-video too"] = True
     for message, refused in problems.items():
         if refused:
             raise InputError(message)

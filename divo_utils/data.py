@@ -19,8 +19,8 @@ import gymnasium as gym
 import h5py
 import numpy as np
 
-from divo_utils import ANTMAZE_IDS, LOCOMOTION_IDS, MIN_TRANSITIONS, InputError, domain_of, is_minari_id, maze_of, \
-    robot_of
+from divo_utils import (ANTMAZE_IDS, GYM_IDS, LOCOMOTION_IDS, MAZES, MIN_TRANSITIONS, InputError, domain_of,
+                        is_minari_id, maze_of, robot_of)
 from divo_utils.files import check_writable
 from divo_utils.video import SIZE, filmed
 
@@ -88,8 +88,19 @@ def download(url: str, path: str, timeout: float = 60.0) -> None:
             os.remove(tmp)
 
 
-def load_d4rl_file(path: str, obs_dim: int, act_dim: int) -> dict[str, np.ndarray]:
-    """Read a D4RL-format HDF5 file and refuse anything else: keys, types, shapes, 0/1 flags, finite values."""
+def recorded_for(env: str) -> Optional[str]:
+    """The robot or maze of a D4RL-format file's own `env` attribute (halfcheetah-medium-v2 or HalfCheetah-v4:
+    halfcheetah; antmaze-umaze-diverse-v2: umaze), None where it names neither."""
+    words = env.lower().split("-")
+    if words[0] == "antmaze" and len(words) > 1:
+        return words[1] if words[1] in MAZES else None
+    return words[0] if words[0] in GYM_IDS else None
+
+
+def load_d4rl_file(path: str, obs_dim: int, act_dim: int, name: Optional[str] = None) -> dict[str, np.ndarray]:
+    """Read a D4RL-format HDF5 file and refuse anything else: keys, types, shapes, 0/1 flags, finite values, and a
+    file whose `env` attribute records another robot or maze than `name` (sizes alone do not tell HalfCheetah's
+    data from Walker2d's, or one maze's from another's)."""
     if os.path.isdir(path):
         raise InputError(f"{path} is a directory; pass the D4RL-format HDF5 file itself")
     if not os.path.isfile(path):
@@ -107,11 +118,17 @@ def load_d4rl_file(path: str, obs_dim: int, act_dim: int) -> dict[str, np.ndarra
                     found = "a group" if isinstance(f[key], h5py.Group) else f"of type {f[key].dtype}"
                     raise InputError(f"{path}: {key!r} is {found}, not an array of numbers; is it a D4RL file?")
             data = {key: f[key][()] for key in HDF5_COLUMNS}
+            env = f.attrs.get("env", "")
+            env = env.decode(errors="replace") if isinstance(env, bytes) else str(env)
     except BlockingIOError as e:  # HDF5's own file lock
         raise InputError(f"{path} is open for writing in another process (HDF5 file lock): wait until it is closed, "
                          "then run again") from e
     except OSError as e:
         raise InputError(f"cannot read {path} as HDF5 ({e}): the file is partial or corrupt; {fix}") from e
+    recorded = recorded_for(env)
+    if name and recorded and recorded != name:
+        raise InputError(f"{path} records itself as {env} (its `env` attribute), data of {recorded}, not of {name} "
+                         "as --env-id says: pass the --env-id of that file, or the dataset of this one")
     n = len(data["observations"]) if data["observations"].ndim else 0
     shapes = {"observations": (n, obs_dim), "actions": (n, act_dim), "rewards": (n,), "terminals": (n,), "timeouts": (n,)}
     for key, shape in shapes.items():
@@ -128,6 +145,13 @@ def load_d4rl_file(path: str, obs_dim: int, act_dim: int) -> dict[str, np.ndarra
             row = int(np.argmax(bad))
             raise InputError(f"{path}: {key!r} must hold only 0/1 (or booleans); row {row} holds {data[key][row].item()} "
                              f"({int(bad.sum())} such row(s)): {fix}")
+    for key in ("observations", "actions", "rewards"):  # finite in the file, yet too large for float32
+        big = np.isfinite(data[key]) & (np.abs(data[key]) > np.finfo(np.float32).max)
+        if big.any():
+            first = int(np.argmax(big.reshape(-1)))
+            raise InputError(f"{path}: {int(big.sum())} value(s) of {key!r} are too large for float32, which training "
+                             f"uses (first at row {first // (big.size // n)}: {data[key].reshape(-1)[first]:.3g}); "
+                             "rescale or drop those rows")
     data = {key: data[key].astype(dtype) for key, dtype in HDF5_COLUMNS.items()}  # medium-replay files are float64
     for key in ("observations", "actions", "rewards"):
         bad = ~np.isfinite(data[key].reshape(n, -1)).all(axis=1)
@@ -320,7 +344,8 @@ def read_dataset(env_id: str, dataset_path: Optional[str], obs_dim: int, act_dim
     path = dataset_path or default_dataset_path(env_id)
     if not dataset_path and not os.path.isfile(path):
         download(dataset_url(env_id), path)
-    return load_d4rl_file(path, obs_dim, act_dim), path
+    name = maze_of(env_id) if domain_of(env_id) == "antmaze" else robot_of(env_id)
+    return load_d4rl_file(path, obs_dim, act_dim, name), path
 
 
 def episode_bounds(data: dict) -> tuple[np.ndarray, np.ndarray]:

@@ -74,7 +74,7 @@ def read_command_line(args_class, script: str, files: tuple[str, str]):
     try:  # --cudagraphs depends on this machine: it is checked once the command line (e.g. --no-cudagraphs) applies
         saved = args_class(**{**values, "resume": resume, "cudagraphs": False})
     except InputError as e:  # a value the checks refuse came from the run's files, not from the command line
-        raise InputError(f"{source} (run {values['run_name']}): {e}") from e
+        raise InputError(f"{source} (run {values['run_name']}): {str(e).removeprefix('error: ')}") from e
     saved.cudagraphs = values.get("cudagraphs", False)
     args = absolute_paths(replace(tyro.cli(args_class, default=saved), resume=resume))
     names = [f.name for f in fields(args_class) if f.name not in RESUME_FREE_ARGS]

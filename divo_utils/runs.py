@@ -197,7 +197,18 @@ class Run:
 
     def sync_or_stop(self, step: int, metrics: dict[str, torch.Tensor], agent) -> dict[str, float]:
         """The metrics as numbers (the loop's one host sync); stop if a metric or a weight is NaN/inf."""
-        return check_finite(step, metrics, agent, self.last_checkpoint)
+        try:
+            return check_finite(step, metrics, agent, self.last_checkpoint)
+        except InputError as e:
+            raise self.no_folder_left(e) from None
+
+    def no_folder_left(self, error: InputError) -> InputError:
+        """A new run that diverged before its first checkpoint keeps nothing worth a folder: it is removed, so that
+        the same command (with the data or arguments fixed) runs again."""
+        if self.resumed or self.saved:
+            return error
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return InputError(f"{str(error).removeprefix('error: ')}; the run's new folder {self.dir} was removed again")
 
     def progress(self, step: int, sps: float) -> dict:
         """What progress.json says: the step reached, of how many, how fast, and where this attempt started."""
@@ -221,7 +232,10 @@ class Run:
 
     def log(self, writer, step: int, values: dict[str, float]) -> None:
         """Write `values` to TensorBoard; stop if one is NaN or inf."""
-        log_scalars(writer, step, values, self.last_checkpoint)
+        try:
+            log_scalars(writer, step, values, self.last_checkpoint)
+        except InputError as e:
+            raise self.no_folder_left(e) from None
 
     def save(self, step: int, metrics: dict[str, torch.Tensor], agent, state: dict) -> str:
         """The checkpoint at `step`: the run's description, `state` and the random streams (never of a diverged

@@ -526,10 +526,15 @@ def scored_at(steps: list[int], metric: str = "D4RL normalised score") -> str:
             "(from its history; each evaluation the")
 
 
+def md_cell(text: str) -> str:
+    """`text` (a label or task name: --exp-name may hold a `|`) as one cell of a Markdown table."""
+    return str(text).replace("|", "\\|")
+
+
 def markdown_table(labels: list[str], rows: list[Row]) -> list[str]:
-    lines = ["| Task | " + " | ".join(labels) + " |", "|:--|" + "--:|" * len(labels)]
+    lines = ["| Task | " + " | ".join(map(md_cell, labels)) + " |", "|:--|" + "--:|" * len(labels)]
     for row in rows:
-        name = f"**{row.name}**" if row.average else row.name
+        name = f"**{md_cell(row.name)}**" if row.average else md_cell(row.name)
         lines.append(f"| {name} | " + " | ".join(format_cell(row.cells.get(label), row.average) for label in labels) + " |")
     return lines
 
@@ -732,7 +737,8 @@ def format_versus(result: dict, at_step: Optional[list[int]] = None) -> str:
     for row in result["tasks"]:
         for cell in row["cells"]:
             iqm, diff = cell["iqm"], cell.get("difference")
-            lines.append(f"| {row['task']} | {cell['label']} | {cell['n']} | {cell['mean']:.1f} ± {cell['std']:.1f} | "
+            lines.append(f"| {md_cell(row['task'])} | {md_cell(cell['label'])} | {cell['n']} | "
+                         f"{cell['mean']:.1f} ± {cell['std']:.1f} | "
                          f"{iqm[0]:.1f} [{iqm[1]:.1f}, {iqm[2]:.1f}] | "
                          + (f"{diff[0]:+.1f} [{diff[1]:+.1f}, {diff[2]:+.1f}] | {cell['verdict']} |" if diff else
                             "(reference) | |"))
@@ -744,7 +750,7 @@ def format_versus(result: dict, at_step: Optional[list[int]] = None) -> str:
                   "|:--|--:|--:|--:|--:|:--|"]
         for label, entry in overall["labels"].items():
             d, p = entry["iqm_difference"], entry["probability_of_improvement"]
-            lines.append(f"| {label} | {len(entry['tasks'])} | {entry['runs_per_task']} | "
+            lines.append(f"| {md_cell(label)} | {len(entry['tasks'])} | {entry['runs_per_task']} | "
                          f"{d[0]:+.1f} [{d[1]:+.1f}, {d[2]:+.1f}] | {p[0]:.2f} [{p[1]:.2f}, {p[2]:.2f}] | "
                          f"{entry['verdict']} |")
     lines += ["", "Scores: " + (scored_at(at_step) + " mean over its episodes)" if at_step else
