@@ -112,11 +112,6 @@ def check_common(args, capture_video: bool) -> None:
         "--dataset-path reads a D4RL-format file; a Minari id reads Minari's store: give one of them": bool(
             args.dataset_path) and is_minari_id(args.env_id),
     }
-    pad_checkpoint = getattr(args, "pad_checkpoint", None) if args.resume is None else None  # read by new runs only
-    if pad_checkpoint and not os.path.isfile(pad_checkpoint):
-        what = "is a folder" if os.path.isdir(pad_checkpoint) else "does not exist"
-        problems[f"--pad-checkpoint {pad_checkpoint} {what}: pass a pretraining's checkpoint file "
-                 f"(runs/NAME/{PAD_FILES[0]})"] = True
     if getattr(args, "video_each_eval", False) and not capture_video and args.resume is None:
         problems["--video-each-eval films every evaluation of --capture-video: pass --capture-video too"] = True
     for message, refused in problems.items():
@@ -144,7 +139,8 @@ ADPO_ONLY_ARGS = ("value_lr", "diffusion_lr", "expectile", "diffusion_steps", "b
 
 def check_switches(args) -> None:
     """Refuse the combinations of DIVO's switches (--no-adpo, --no-pad, --freeze-pad) that would not do what they
-    say: --freeze-pad without a pretrained model or with --no-pad, --no-adpo with values of what it does not build."""
+    say: --freeze-pad without a pretrained model or with --no-pad, --no-adpo with values of what it does not build;
+    then a --pad-checkpoint that is not a file."""
     defaults = {f.name: f.default for f in fields(args)}
     no_effect = [flag(n, v) for n in ADPO_ONLY_ARGS if (v := getattr(args, n)) != defaults[n]]
     if args.freeze_pad and not args.pad_checkpoint:
@@ -154,3 +150,7 @@ def check_switches(args) -> None:
     if not args.adpo and no_effect:
         raise InputError(f"--no-adpo trains no diffusion model and no value net; these would have no effect: "
                          f"{', '.join(no_effect)}")
+    if args.pad_checkpoint and args.resume is None and not os.path.isfile(args.pad_checkpoint):  # new runs read it
+        what = "is a folder" if os.path.isdir(args.pad_checkpoint) else "does not exist"
+        raise InputError(f"--pad-checkpoint {args.pad_checkpoint} {what}: pass a pretraining's checkpoint file "
+                         f"(runs/NAME/{PAD_FILES[0]})")

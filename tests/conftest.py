@@ -115,6 +115,22 @@ def hopper_file(tmp_path):
     return path
 
 
+# The arguments of a DIVO run of a second or two on a hopper-shaped file (the reliability tests' runs).
+TINY = ["--env-id", "hopper-medium-v2", "--hidden-dim", "16", "--num-layers", "1", "--batch-size", "32",
+        "--eval-episodes", "1", "--log-freq", "10", "--no-cuda", "--no-legacy-inertia"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished 40-step run `done` (evaluations and checkpoints at 20 and 40) on a small hopper-shaped file, one
+    per test module; returns (its working folder, the run folder)."""
+    cwd = tmp_path_factory.mktemp("finished")
+    write_d4rl_file(cwd / "data.hdf5", episode_lengths=(120, 90, 150, 140), terminal_episodes=(1,))
+    run_script("divo_continuous.py", *TINY, "--dataset-path", cwd / "data.hdf5", "--total-timesteps", 40,
+               "--eval-freq", 20, "--checkpoint-freq", 20, "--run-name", "done", cwd=cwd)
+    return cwd, cwd / "runs" / "done"
+
+
 def tiny_data(n=300, obs_dim=5, act_dim=3, seed=0, done_rate=0.05):
     """Random device-format transitions (what a script's to_device returns), for agents' updates."""
     g = torch.Generator().manual_seed(seed)

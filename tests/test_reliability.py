@@ -21,21 +21,9 @@ from torch.utils.tensorboard import SummaryWriter
 import divo_antmaze as da
 import divo_continuous as dc
 import pad_pretrain as pp
-from conftest import folder_bytes, refused, run_script, write_d4rl_file
+from conftest import TINY, folder_bytes, refused, run_script, write_d4rl_file
 from divo_utils import InputError, data, diagnostics, files, run_mode, runs, task_name
 
-TINY = ["--env-id", "hopper-medium-v2", "--hidden-dim", "16", "--num-layers", "1", "--batch-size", "32",
-        "--eval-episodes", "1", "--log-freq", "10", "--no-cuda", "--no-legacy-inertia"]
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    """A finished 40-step run (checkpoints at 20 and 40) on a small hopper-shaped file."""
-    cwd = tmp_path_factory.mktemp("finished")
-    write_d4rl_file(cwd / "data.hdf5", episode_lengths=(120, 90, 150, 140), terminal_episodes=(1,))
-    run_script("divo_continuous.py", *TINY, "--dataset-path", cwd / "data.hdf5", "--total-timesteps", 40,
-               "--eval-freq", 20, "--checkpoint-freq", 20, "--run-name", "done", cwd=cwd)
-    return cwd, cwd / "runs" / "done"
 
 
 # ---------------------------------------------------------------------------------------------- arguments

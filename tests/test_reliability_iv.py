@@ -21,46 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, folder_bytes, run_script, write_d4rl_file
+from conftest import ROOT, TINY, folder_bytes, run_script, write_d4rl_file
 
-# The cases whose fixes have landed run always; the others are the open work of issue 40 (DIVO_RELIABILITY_IV=1 runs
-# them too, and they fail until their fixes land).
-FIXED = {"test_a_hand_edited_args_json_is_one_line_naming_it",
-         "test_a_checkpoint_missing_a_key_is_one_line_naming_it",
-         "test_resuming_a_finished_run_by_its_folder_is_not_told_to_delete_it",
-         "test_resuming_args_json_names_the_checkpoint_not_pytorch_advice",
-         "test_a_lock_that_is_a_directory_is_named_not_its_folder",
-         "test_a_run_beyond_its_length_does_not_claim_results_it_has_not",
-         "test_a_hand_edited_batch_size_is_named_as_coming_from_args_json",
-         "test_a_copied_checkpoint_resumed_in_another_folder_writes_that_folders_name",
-         "test_a_sweep_of_another_script_never_removes_a_finished_run",
-         "test_resuming_an_older_copy_never_overwrites_a_newer_checkpoint",
-         "test_an_extension_keeps_scores_json_until_its_new_files_are_safe",
-         "test_a_video_that_cannot_be_made_never_costs_the_run",
-         "test_track_without_a_wandb_key_is_refused_before_the_run_folder",
-         "test_resuming_a_tracked_run_without_a_wandb_key_changes_no_file",
-         "test_benchmark_cudagraphs_without_cuda_is_refused",
-         "test_the_report_keeps_two_files_of_one_name_apart",
-         "test_the_report_names_a_finished_run_it_leaves_out_for_a_missing_args_json",
-         "test_the_report_leaves_no_stale_versus_table_beside_a_new_one",
-         "test_the_report_warns_of_mixed_algorithm_arguments_in_one_cell",
-         "test_at_step_without_an_evaluation_there_does_not_say_train_first",
-         "test_an_out_inside_a_run_folder_is_refused",
-         "test_adpo_contest_refuses_a_run_whose_dataset_was_replaced",
-         "test_benchmark_of_pad_pretrain_says_num_candidates_does_nothing",
-         "test_the_sweep_never_makes_its_lock_through_a_symbolic_link",
-         "test_a_cluster_that_cannot_be_reached_fails_within_a_minute_and_leaves_nothing",
-         "test_the_sweep_checks_the_script_arguments_before_ray",
-         "test_a_tiny_status_every_does_not_flood_the_output"}
-
-
-@pytest.fixture(autouse=True)
-def pending_fix(request):
-    if request.node.originalname not in FIXED and os.environ.get("DIVO_RELIABILITY_IV") != "1":
-        pytest.skip("its fix is pending (issue 40)")
-
-TINY = ["--env-id", "hopper-medium-v2", "--hidden-dim", "16", "--num-layers", "1", "--batch-size", "32",
-        "--eval-episodes", "1", "--log-freq", "10", "--no-cuda", "--no-legacy-inertia"]
 PAD_TINY = ["--hidden-dim", "16", "--num-layers", "1", "--batch-size", "32", "--total-timesteps", "20", "--holdout", "0",
             "--no-cuda"]
 REPORT_FAST = ["--reps", "50", "--profile-reps", "50"]
@@ -134,16 +96,6 @@ def sweep(tmp, *args, timeout: int = 240) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A finished 40-step run `done` (evaluations and checkpoints at 20 and 40) on a small hopper-shaped file."""
-    cwd = tmp_path_factory.mktemp("finished")
-    write_d4rl_file(cwd / "data.hdf5", episode_lengths=(120, 90, 150, 140), terminal_episodes=(1,))
-    run_script("divo_continuous.py", *TINY, "--dataset-path", cwd / "data.hdf5", "--total-timesteps", 40,
-               "--eval-freq", 20, "--checkpoint-freq", 20, "--run-name", "done", cwd=cwd)
-    return cwd, cwd / "runs" / "done"
-
-
-@pytest.fixture(scope="module")
 def datasets(tmp_path_factory):
     """A small hopper-shaped file named as a sweep's --dataset-dir looks it up."""
     folder = tmp_path_factory.mktemp("data")
@@ -179,10 +131,10 @@ def test_a_sweep_of_another_script_never_removes_a_finished_run(first, namespace
     assert "planned commands" not in proc.stdout
 
 
-def test_resuming_an_older_copy_never_overwrites_a_newer_checkpoint(finished, tmp_path):
+def test_resuming_an_older_copy_never_overwrites_a_newer_checkpoint(finished_run, tmp_path):
     """runs/bk/ck40.pt (a copy kept at step 40) resumed to 50 in the run whose checkpoint.pt is at 60: refused (or
     written elsewhere, saying where); the run's step-60 checkpoint and scores stay."""
-    cwd, done = finished
+    cwd, done = finished_run
     run = copy_run(done, tmp_path, "bk")
     shutil.copy(run / "checkpoint.pt", run / "ck40.pt")
     run_script("divo_continuous.py", "--resume", run / "checkpoint.pt", "--total-timesteps", 60, "--no-cuda",
@@ -201,10 +153,10 @@ def test_resuming_an_older_copy_never_overwrites_a_newer_checkpoint(finished, tm
 
 
 @pytest.mark.parametrize("blocker", ["checkpoint.pt.tmp", "scores.json.tmp"])
-def test_an_extension_keeps_scores_json_until_its_new_files_are_safe(blocker, finished, tmp_path):
+def test_an_extension_keeps_scores_json_until_its_new_files_are_safe(blocker, finished_run, tmp_path):
     """A directory standing at a temporary file of an atomic write (as a full disk would fail that write) during an
     extension: the finished run keeps its scores.json and checkpoint (it still reads as finished), one line."""
-    cwd, done = finished
+    cwd, done = finished_run
     run = copy_run(done, tmp_path, "x")
     (run / blocker).mkdir()
     before = {name: (run / name).read_bytes() for name in ("checkpoint.pt", "scores.json")}
@@ -220,10 +172,10 @@ def test_an_extension_keeps_scores_json_until_its_new_files_are_safe(blocker, fi
         assert (run / "checkpoint.pt").read_bytes() == before["checkpoint.pt"] or scores_step(run) == 60
 
 
-def test_a_video_that_cannot_be_made_never_costs_the_run(finished, tmp_path):
+def test_a_video_that_cannot_be_made_never_costs_the_run(finished_run, tmp_path):
     """--capture-video where MuJoCo cannot render (MUJOCO_GL=glfw without a display): refused before any run folder
     (filming is checked first), or the run saved with one line about the video; never a traceback after training."""
-    cwd, _ = finished
+    cwd, _ = finished_run
     env = {"MUJOCO_GL": "glfw", "DISPLAY": ""}
     proc = run_script("divo_continuous.py", *TINY, "--dataset-path", cwd / "data.hdf5", "--total-timesteps", 20,
                       "--eval-freq", 0, "--capture-video", "--run-name", "vid", cwd=tmp_path, check=False, env=env)
@@ -277,8 +229,8 @@ def test_the_report_keeps_two_files_of_one_name_apart(two_files_one_name, tmp_pa
         assert one_line(proc, str(cwd / "a" / "mydata.hdf5"), str(cwd / "b" / "mydata.hdf5")), explain(proc)
 
 
-def test_the_report_names_a_finished_run_it_leaves_out_for_a_missing_args_json(finished, tmp_path):
-    _, done = finished
+def test_the_report_names_a_finished_run_it_leaves_out_for_a_missing_args_json(finished_run, tmp_path):
+    _, done = finished_run
     copy_run(done, tmp_path, "kept")
     (copy_run(done, tmp_path, "no_args") / "args.json").unlink()
     proc = run_script("tools/report.py", tmp_path / "runs", "--out", tmp_path / "rep", *REPORT_FAST, cwd=tmp_path,
@@ -288,11 +240,11 @@ def test_the_report_names_a_finished_run_it_leaves_out_for_a_missing_args_json(f
     assert "no_args" in said and "args.json" in said, explain(proc)
 
 
-def test_the_report_leaves_no_stale_versus_table_beside_a_new_one(two_files_one_name, finished, tmp_path):
+def test_the_report_leaves_no_stale_versus_table_beside_a_new_one(two_files_one_name, finished_run, tmp_path):
     """A --versus report, then a report of other runs without --versus into the same --out: the old versus.md and
     versus.json (about runs no longer in the table) are gone, or the report says they are stale."""
     cwd = two_files_one_name
-    _, done = finished
+    _, done = finished_run
     both = tmp_path / "both"
     shutil.copytree(cwd / "runs", both)
     shutil.copytree(done, both / "done")  # label divo_continuous beside the label `same`
@@ -319,10 +271,10 @@ def test_the_sweep_never_makes_its_lock_through_a_symbolic_link(namespace, datas
     assert "Traceback" not in proc.stderr, explain(proc)
 
 
-def test_adpo_contest_refuses_a_run_whose_dataset_was_replaced(finished, tmp_path):
+def test_adpo_contest_refuses_a_run_whose_dataset_was_replaced(finished_run, tmp_path):
     """The run's file replaced by other data of the same shape: the contest would read other states than the critics
     were trained on; --resume checks the SHA-1, so must the contest."""
-    cwd, done = finished
+    cwd, done = finished_run
     shutil.copy(cwd / "data.hdf5", tmp_path / "data.hdf5")
     run = copy_run(done, tmp_path, "done")
     args = json.loads((run / "args.json").read_text())
@@ -337,10 +289,10 @@ def test_adpo_contest_refuses_a_run_whose_dataset_was_replaced(finished, tmp_pat
     assert any(word in proc.stderr.lower() for word in ("sha-1", "sha1", "changed", "replaced", "differs")), explain(proc)
 
 
-def test_the_report_warns_of_mixed_algorithm_arguments_in_one_cell(finished, tmp_path):
+def test_the_report_warns_of_mixed_algorithm_arguments_in_one_cell(finished_run, tmp_path):
     """Two seeds of one label and task, one trained with --alpha 1.0: pooled into one cell, but with a warning that
     names the argument (as the report warns for mixed lengths)."""
-    cwd, _ = finished
+    cwd, _ = finished_run
     for seed, alpha in ((1, 2.5), (2, 1.0)):
         run_script("divo_continuous.py", *TINY, "--dataset-path", cwd / "data.hdf5", "--total-timesteps", 10,
                    "--eval-freq", 0, "--seed", seed, "--alpha", alpha, "--exp-name", "mix", "--run-name", f"s{seed}",
@@ -361,8 +313,8 @@ def no_wandb_key(tmp_path) -> dict:
             "WANDB_CONFIG_DIR": str(home / ".config" / "wandb")}
 
 
-def test_track_without_a_wandb_key_is_refused_before_the_run_folder(finished, tmp_path):
-    cwd, _ = finished
+def test_track_without_a_wandb_key_is_refused_before_the_run_folder(finished_run, tmp_path):
+    cwd, _ = finished_run
     env = no_wandb_key(tmp_path)
     argv = [*TINY, "--dataset-path", cwd / "data.hdf5", "--total-timesteps", 10, "--eval-freq", 0, "--track",
             "--run-name", "trk"]
@@ -374,8 +326,8 @@ def test_track_without_a_wandb_key_is_refused_before_the_run_folder(finished, tm
     assert "exists" not in again.stderr  # the same command is refused for the key, not for a folder it left
 
 
-def test_resuming_a_tracked_run_without_a_wandb_key_changes_no_file(finished, tmp_path):
-    cwd, _ = finished
+def test_resuming_a_tracked_run_without_a_wandb_key_changes_no_file(finished_run, tmp_path):
+    cwd, _ = finished_run
     offline = {**no_wandb_key(tmp_path), "WANDB_MODE": "offline"}
     run_script("divo_continuous.py", *TINY, "--dataset-path", cwd / "data.hdf5", "--total-timesteps", 20, "--eval-freq",
                0, "--track", "--run-name", "trk", cwd=tmp_path, env=offline)
@@ -394,10 +346,10 @@ def edit_args_json(run, **values):
 
 
 @pytest.mark.parametrize("key, value", [("batch_size", "abc"), ("env_id", None)])
-def test_a_hand_edited_args_json_is_one_line_naming_it(key, value, finished, tmp_path):
+def test_a_hand_edited_args_json_is_one_line_naming_it(key, value, finished_run, tmp_path):
     """A run stopped before its first checkpoint starts again from its args.json: a wrong type or null there is
     named (the file and the key), with nothing changed."""
-    _, done = finished
+    _, done = finished_run
     run = tmp_path / "runs" / "y"
     run.mkdir(parents=True)
     shutil.copy(done / "args.json", run / "args.json")
@@ -409,9 +361,9 @@ def test_a_hand_edited_args_json_is_one_line_naming_it(key, value, finished, tmp
 
 
 @pytest.mark.parametrize("key", ["dataset_sha1", "rng", "args", "step"])
-def test_a_checkpoint_missing_a_key_is_one_line_naming_it(key, finished, tmp_path):
+def test_a_checkpoint_missing_a_key_is_one_line_naming_it(key, finished_run, tmp_path):
     """A checkpoint of another version (a key missing): one line naming the file and the key, nothing changed."""
-    _, done = finished
+    _, done = finished_run
     run = copy_run(done, tmp_path, "z")
     checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
     del checkpoint[key]
@@ -438,8 +390,8 @@ def test_a_cluster_that_cannot_be_reached_fails_within_a_minute_and_leaves_nothi
 
 
 # ---------------------------------------------------------------------------------------------- messes: advice
-def test_resuming_a_finished_run_by_its_folder_is_not_told_to_delete_it(finished, tmp_path):
-    _, done = finished
+def test_resuming_a_finished_run_by_its_folder_is_not_told_to_delete_it(finished_run, tmp_path):
+    _, done = finished_run
     run = copy_run(done, tmp_path, "s0")
     before = folder_bytes(run)
     proc = run_script("divo_continuous.py", "--resume", run, "--no-cuda", cwd=tmp_path, check=False)
@@ -449,17 +401,17 @@ def test_resuming_a_finished_run_by_its_folder_is_not_told_to_delete_it(finished
     assert folder_bytes(run) == before
 
 
-def test_resuming_args_json_names_the_checkpoint_not_pytorch_advice(finished, tmp_path):
-    _, done = finished
+def test_resuming_args_json_names_the_checkpoint_not_pytorch_advice(finished_run, tmp_path):
+    _, done = finished_run
     run = copy_run(done, tmp_path, "s0")
     proc = run_script("divo_continuous.py", "--resume", run / "args.json", "--no-cuda", cwd=tmp_path, check=False)
     assert one_line(proc, "args.json", "checkpoint.pt"), explain(proc)
     assert "weights_only" not in proc.stderr and "arbitrary code" not in proc.stderr
 
 
-def test_a_directory_where_a_file_goes_is_not_called_a_full_disk(finished, tmp_path):
+def test_a_directory_where_a_file_goes_is_not_called_a_full_disk(finished_run, tmp_path):
     """A directory at the model's file of an extension with --save-model: say that a directory stands there."""
-    _, done = finished
+    _, done = finished_run
     run = copy_run(done, tmp_path, "x")
     (run / "divo_continuous.cleanrl_model").mkdir()
     proc = run_script("divo_continuous.py", "--resume", run / "checkpoint.pt", "--total-timesteps", 60, "--save-model",
@@ -468,8 +420,8 @@ def test_a_directory_where_a_file_goes_is_not_called_a_full_disk(finished, tmp_p
     assert "disk space" not in proc.stderr.lower()
 
 
-def test_a_lock_that_is_a_directory_is_named_not_its_folder(finished, tmp_path):
-    _, done = finished
+def test_a_lock_that_is_a_directory_is_named_not_its_folder(finished_run, tmp_path):
+    _, done = finished_run
     run = copy_run(done, tmp_path, "x")
     (run / "lock").unlink()
     (run / "lock").mkdir()
@@ -478,9 +430,9 @@ def test_a_lock_that_is_a_directory_is_named_not_its_folder(finished, tmp_path):
     assert one_line(proc, str(run / "lock")) or one_line(proc, "runs/x/lock"), explain(proc)
 
 
-def test_a_run_beyond_its_length_does_not_claim_results_it_has_not(finished, tmp_path):
+def test_a_run_beyond_its_length_does_not_claim_results_it_has_not(finished_run, tmp_path):
     """runs/ex_b holds only a copied checkpoint at step 40; --total-timesteps 30: no results are in runs/ex_b."""
-    _, done = finished
+    _, done = finished_run
     run = tmp_path / "runs" / "ex_b"
     run.mkdir(parents=True)
     shutil.copy(done / "checkpoint.pt", run / "checkpoint.pt")
@@ -490,16 +442,16 @@ def test_a_run_beyond_its_length_does_not_claim_results_it_has_not(finished, tmp
     assert "results are in" not in proc.stderr, explain(proc)
 
 
-def test_at_step_without_an_evaluation_there_does_not_say_train_first(finished, tmp_path):
-    _, done = finished
+def test_at_step_without_an_evaluation_there_does_not_say_train_first(finished_run, tmp_path):
+    _, done = finished_run
     proc = run_script("tools/report.py", done, "--out", tmp_path / "rep", *REPORT_FAST, "--at-step", 12345,
                       cwd=tmp_path, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, explain(proc)
     assert "train first" not in proc.stderr and "12345" in proc.stderr.replace(",", ""), explain(proc)
 
 
-def test_a_hand_edited_batch_size_is_named_as_coming_from_args_json(finished, tmp_path):
-    _, done = finished
+def test_a_hand_edited_batch_size_is_named_as_coming_from_args_json(finished_run, tmp_path):
+    _, done = finished_run
     run = tmp_path / "runs" / "y"
     run.mkdir(parents=True)
     shutil.copy(done / "args.json", run / "args.json")
@@ -543,8 +495,8 @@ def test_the_sweep_checks_the_script_arguments_before_ray(extra, words, namespac
     assert "Ray" not in proc.stdout and not out.exists(), explain(proc)
 
 
-def test_a_pad_checkpoint_folder_is_refused_before_the_data_loads(finished, tmp_path):
-    cwd, done = finished
+def test_a_pad_checkpoint_folder_is_refused_before_the_data_loads(finished_run, tmp_path):
+    cwd, done = finished_run
     proc = run_script("divo_continuous.py", *TINY, "--dataset-path", cwd / "data.hdf5", "--pad-checkpoint", done,
                       cwd=tmp_path, check=False)
     assert one_line(proc, "--pad-checkpoint"), explain(proc)
@@ -553,16 +505,16 @@ def test_a_pad_checkpoint_folder_is_refused_before_the_data_loads(finished, tmp_
 
 
 # ---------------------------------------------------------------------------------------------- messes: names
-def test_a_newline_in_the_run_name_is_refused(finished, tmp_path):
-    cwd, _ = finished
+def test_a_newline_in_the_run_name_is_refused(finished_run, tmp_path):
+    cwd, _ = finished_run
     proc = run_script("divo_continuous.py", *TINY, "--dataset-path", cwd / "data.hdf5", "--total-timesteps", 10,
                       "--run-name", "two\nlines", cwd=tmp_path, check=False)
     assert one_line(proc, "--run-name"), explain(proc)
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_bar_in_the_exp_name_does_not_break_the_table(finished, tmp_path):
-    cwd, _ = finished
+def test_a_bar_in_the_exp_name_does_not_break_the_table(finished_run, tmp_path):
+    cwd, _ = finished_run
     proc = run_script("divo_continuous.py", *TINY, "--dataset-path", cwd / "data.hdf5", "--total-timesteps", 10,
                       "--eval-freq", 0, "--exp-name", "a|b", "--run-name", "bar", cwd=tmp_path, check=False)
     if proc.returncode != 0:
@@ -574,8 +526,8 @@ def test_a_bar_in_the_exp_name_does_not_break_the_table(finished, tmp_path):
     assert len(cells) == 1, table  # every row of the Markdown table has the header's columns
 
 
-def test_an_out_inside_a_run_folder_is_refused(finished, datasets, tmp_path):
-    _, done = finished
+def test_an_out_inside_a_run_folder_is_refused(finished_run, datasets, tmp_path):
+    _, done = finished_run
     run = copy_run(done, tmp_path, "r")
     before = folder_bytes(run)
     proc = run_script("tools/report.py", tmp_path / "runs", "--out", run / "report", *REPORT_FAST, cwd=tmp_path,
@@ -588,8 +540,8 @@ def test_an_out_inside_a_run_folder_is_refused(finished, datasets, tmp_path):
     assert folder_bytes(run) == before
 
 
-def test_a_copied_checkpoint_resumed_in_another_folder_writes_that_folders_name(finished, tmp_path):
-    _, done = finished
+def test_a_copied_checkpoint_resumed_in_another_folder_writes_that_folders_name(finished_run, tmp_path):
+    _, done = finished_run
     run = copy_run(done, tmp_path, "copy")
     proc = run_script("divo_continuous.py", "--resume", run / "checkpoint.pt", "--total-timesteps", 50, "--no-cuda",
                       cwd=tmp_path, check=False)
@@ -602,8 +554,8 @@ def test_a_copied_checkpoint_resumed_in_another_folder_writes_that_folders_name(
 
 
 # ---------------------------------------------------------------------------------------------- messes: switches
-def test_video_each_eval_without_capture_video_is_said(finished, tmp_path):
-    cwd, _ = finished
+def test_video_each_eval_without_capture_video_is_said(finished_run, tmp_path):
+    cwd, _ = finished_run
     proc = run_script("divo_continuous.py", *TINY, "--dataset-path", cwd / "data.hdf5", "--total-timesteps", 10,
                       "--eval-freq", 0, "--video-each-eval", cwd=tmp_path, check=False)
     assert "Traceback" not in proc.stderr and "--capture-video" in proc.stdout + proc.stderr, explain(proc)
@@ -611,8 +563,8 @@ def test_video_each_eval_without_capture_video_is_said(finished, tmp_path):
         assert one_line(proc, "--video-each-eval", "--capture-video") and not (tmp_path / "runs").exists()
 
 
-def test_benchmark_of_pad_pretrain_says_num_candidates_does_nothing(finished, tmp_path):
-    cwd, _ = finished
+def test_benchmark_of_pad_pretrain_says_num_candidates_does_nothing(finished_run, tmp_path):
+    cwd, _ = finished_run
     proc = run_script("tools/benchmark.py", "--env-id", "hopper-medium-v2", "--dataset-path", cwd / "data.hdf5",
                       "--script", "pad_pretrain", "--num-candidates", 8, "--modes", "eager", "--steps", 5, "--no-cuda",
                       "--hidden-dim", 16, "--num-layers", 1, "--batch-size", 32, cwd=tmp_path, check=False)
@@ -623,8 +575,8 @@ def test_benchmark_of_pad_pretrain_says_num_candidates_does_nothing(finished, tm
         assert one_line(proc, "--num-candidates"), explain(proc)
 
 
-def test_benchmark_cudagraphs_without_cuda_is_refused(finished, tmp_path):
-    cwd, _ = finished
+def test_benchmark_cudagraphs_without_cuda_is_refused(finished_run, tmp_path):
+    cwd, _ = finished_run
     proc = run_script("tools/benchmark.py", "--env-id", "hopper-medium-v2", "--dataset-path", cwd / "data.hdf5",
                       "--modes", "cudagraphs", "--no-cuda", "--steps", 5, cwd=tmp_path, check=False)
     assert one_line(proc, "cudagraphs"), explain(proc)
