@@ -139,8 +139,7 @@ ADPO_ONLY_ARGS = ("value_lr", "diffusion_lr", "expectile", "diffusion_steps", "b
 
 def check_switches(args) -> None:
     """Refuse the combinations of DIVO's switches (--no-adpo, --no-pad, --freeze-pad) that would not do what they
-    say: --freeze-pad without a pretrained model or with --no-pad, --no-adpo with values of what it does not build;
-    then a --pad-checkpoint that is not a file."""
+    say: --freeze-pad without a pretrained model or with --no-pad, --no-adpo with values of what it does not build."""
     defaults = {f.name: f.default for f in fields(args)}
     no_effect = [flag(n, v) for n in ADPO_ONLY_ARGS if (v := getattr(args, n)) != defaults[n]]
     if args.freeze_pad and not args.pad_checkpoint:
@@ -150,7 +149,13 @@ def check_switches(args) -> None:
     if not args.adpo and no_effect:
         raise InputError(f"--no-adpo trains no diffusion model and no value net; these would have no effect: "
                          f"{', '.join(no_effect)}")
-    if args.pad_checkpoint and args.resume is None and not os.path.isfile(args.pad_checkpoint):  # new runs read it
-        what = "is a folder" if os.path.isdir(args.pad_checkpoint) else "does not exist"
-        raise InputError(f"--pad-checkpoint {args.pad_checkpoint} {what}: pass a pretraining's checkpoint file "
+
+
+def check_pad_checkpoint(args) -> None:
+    """A new run's --pad-checkpoint must be a file: refused from the command line, before any data loads (Args leave
+    it to the command line, so that the sweep's check of a plan and the tests build them without the file)."""
+    path = getattr(args, "pad_checkpoint", None)
+    if path and not os.path.isfile(path):
+        what = "is a folder" if os.path.isdir(path) else "does not exist"
+        raise InputError(f"--pad-checkpoint {path} {what}: pass a pretraining's checkpoint file "
                          f"(runs/NAME/{PAD_FILES[0]})")

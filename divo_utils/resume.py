@@ -13,6 +13,7 @@ import torch.nn as nn
 import tyro
 
 from divo_utils import PAD_FILES, PATH_ARGS, InputError, flag
+from divo_utils.args import check_pad_checkpoint
 from divo_utils.files import check_writable, lock_run
 from divo_utils.runs import load_agent_state, load_checkpoint, out_of_memory_before_the_run
 
@@ -50,6 +51,7 @@ def read_command_line(args_class, script: str, files: tuple[str, str]):
         if args.run_name and os.path.exists(os.path.join("runs", args.run_name)):
             raise InputError(f"runs/{args.run_name} exists: choose another --run-name, or continue that run with "
                              f"--resume runs/{args.run_name}/{checkpoint_name}")
+        check_pad_checkpoint(args)  # a new run reads it once its data are loaded: check it now
         return absolute_paths(args), None
     if os.path.isdir(args.resume):  # --resume runs/NAME: that run's checkpoint
         args = replace(args, resume=os.path.join(args.resume, checkpoint_name))
