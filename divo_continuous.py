@@ -603,7 +603,7 @@ if __name__ == "__main__":
             stop.exit(step, save(step, metrics), __file__, run.checkpoint_path)
         metrics.update(train_step(step % args.policy_freq == 0))  # the actor: every policy_freq-th
         global_step = step + 1  # the steps done
-        if global_step % args.log_freq == 0:
+        if run.log_due(global_step):  # every --log-freq steps, and once early
             logged = run.sync_or_stop(global_step, metrics, agent)  # the loop's host sync
             sps = (global_step - last_step) / (time.time() - last_time)
             last_time, last_step = time.time(), global_step

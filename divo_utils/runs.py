@@ -24,6 +24,7 @@ from divo_utils import LOCK, InputError, task_name
 from divo_utils.files import lock_run, remove, write_atomically, write_json
 
 PROGRESS = "progress.json"  # a run's step, speed and starting step, rewritten at every progress line
+FIRST_LINE = 100  # gradient steps into a session before its first progress line (seconds on a CPU)
 
 
 def clear_for_resume(resume: str) -> None:
@@ -214,6 +215,11 @@ class Run:
         """What progress.json says: the step reached, of how many, how fast, and where this attempt started."""
         return {"step": step, "total_timesteps": self.args.total_timesteps, "steps_per_second": sps,
                 "start_step": self.start_step}
+
+    def log_due(self, step: int) -> bool:
+        """Log and print a progress line at this step (`step` gradient steps done): every --log-freq steps, and once
+        FIRST_LINE steps into the session, so that a slow CPU shows its speed within seconds."""
+        return step % self.args.log_freq == 0 or step - self.start_step == FIRST_LINE < self.args.log_freq
 
     def report_progress(self, step: int, sps: float, evaluations: list[dict], extra: str = "") -> None:
         """Print the progress line (and `extra` after it), and write progress.json, which tools/sweep.py reads."""

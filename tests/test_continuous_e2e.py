@@ -161,6 +161,20 @@ def test_cuda_without_a_gpu_says_so_in_one_line(tmp_path):
     assert "no GPU found" not in quiet.stdout
 
 
+def test_the_first_progress_line_comes_after_100_steps_of_a_session(tmp_path):
+    """With the default --log-freq 1000, a CPU user still sees the speed within seconds: a line at step 100 of the
+    run, and at step 100 of a resumed session; the other lines stay on --log-freq's multiples."""
+    write_d4rl_file(tmp_path / "data.hdf5", episode_lengths=(120, 90, 150, 140), terminal_episodes=(1,))
+    common = [*TINY, "--log-freq", 1000, "--eval-freq", 0]
+    proc = run_script("divo_continuous.py", *common, "--dataset-path", tmp_path / "data.hdf5", "--total-timesteps", 150,
+                      "--checkpoint-freq", 50, "--run-name", "r", cwd=tmp_path)
+    assert [line.split("|")[0].split()[-1] for line in proc.stdout.splitlines() if line.startswith("[")] == ["100/150"]
+    resumed = run_script("divo_continuous.py", "--resume", tmp_path / "runs" / "r" / "checkpoint.pt",
+                         "--total-timesteps", 1200, cwd=tmp_path)
+    steps = [line.split("|")[0].split()[-1] for line in resumed.stdout.splitlines() if line.startswith("[")]
+    assert steps == ["250/1,200", "1,000/1,200"], resumed.stdout
+
+
 def test_track_without_a_wandb_key_is_refused_before_any_file(tmp_path):
     """--track with no W&B key and no WANDB_MODE: one line naming --no-track and WANDB_MODE=offline, no run folder;
     resuming a --track run the same way leaves its args.json as it was."""
