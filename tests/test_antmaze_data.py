@@ -132,14 +132,39 @@ def test_the_generator_writes_d4rls_antmaze_layout_deterministically(tmp_path):
         assert np.flatnonzero(a["timeouts"][()]).tolist() == [999], "1000-step episodes end in a timeout"
         goal = a["infos/goal"][()]
         assert (goal[:1000] == goal[0]).all() and (goal[1000:] == goal[1000]).all() and (goal[0] != goal[1000]).any()
-        reached = np.linalg.norm(np.roll(obs[:, :2], -1, axis=0) - goal, axis=1) <= 0.5  # the row's next state
-        assert np.array_equal(a["rewards"][()][:999] > 0, reached[:999]), "reward 1 when the step ends at the goal"
-        assert np.array_equal(a["terminals"][()], a["rewards"][()] > 0), "terminals mark the goal rows"
+        target = a.attrs["target_goal"]  # the evaluation goal: D4RL's relabelling, whatever the walker's goal
+        assert target.shape == (2,) and np.all(target >= [20, 20]) and np.all(target <= [21.5, 21.5]), target
+        at_target = np.linalg.norm(obs[1:, :2] - target, axis=1) <= 0.5  # the row's next state
+        rewards = a["rewards"][()]
+        assert np.array_equal(rewards[:-1] > 0, at_target) and rewards[-1] == 0, "reward 1 when the next row is there"
+        assert set(np.unique(rewards)) <= {0.0, 1.0}
+        assert np.array_equal(a["terminals"][()], rewards > 0), "terminals mark the rewarded rows"
         assert np.abs(a["actions"][()]).max() <= 1.0
     assert stats[0]["episodes"] == 2 and stats[0] == {**stats[1], "seconds": stats[0]["seconds"]}
     assert json.load(open(tmp_path / "a.json"))["cells_visited"] >= 1 and os.path.getsize(tmp_path / "a.png") > 5000
     with pytest.raises(SystemExit, match="exists"):
         mad.main(mad.Args(transitions=10, walker=walker, out=str(tmp_path / "a.hdf5"), expert_episodes=0))
+
+
+def test_the_rewards_mark_the_evaluation_goal_not_the_walkers(tmp_path, monkeypatch):
+    """D4RL's relabelling: rewards and terminals mark the rows whose next state is within 0.5 of the evaluation goal,
+    whatever goal the walker was sent to. With that goal moved onto the start (the walker's goal is 8 m away), the
+    ant that dawdles there is rewarded from its first rows; the walker's own goal is never reached."""
+    monkeypatch.setattr(mad, "evaluation_goal", lambda maze, rng: np.zeros(2))
+    walker = random_walker(tmp_path / "walker.pt")
+    columns, target, reached = mad.generate(mad.Args(maze="umaze", kind="play", transitions=300, walker=walker,
+                                                     expert_episodes=0))
+    xy = columns["observations"][:, :2]
+    expected = np.append(np.linalg.norm(xy[1:], axis=1) <= 0.5, False)
+    assert np.array_equal(columns["rewards"] > 0, expected) and columns["rewards"][:10].all(), columns["rewards"][:10]
+    assert np.array_equal(columns["terminals"], expected) and not reached.any()
+    assert np.linalg.norm(columns["infos/goal"][0] - [0.0, 8.0]) < 2.2, "infos/goal keeps the walker's goal"
+
+
+def test_relabel_is_d4rls_sparse_relabelling():
+    obs = np.zeros((4, 29), np.float32)
+    obs[:, 0] = [3.0, 0.6, 0.4, 0.0]  # the next states of rows 0, 1, 2 are at 0.6, 0.4, 0.0 from the goal
+    assert mad.relabel(obs, np.zeros(2)).tolist() == [0.0, 1.0, 1.0, 0.0]  # the last row has no next state: 0
 
 
 def test_a_generated_umaze_file_trains_in_divo_antmaze(tmp_path):

@@ -8,14 +8,20 @@ D4RL's recipe (its `generate_ant_maze_datasets.py`, Fu et al., 2020), rebuilt on
 planner hands it the centre of the next cell on a shortest path over the maze grid (the goal point itself once the
 ant is in the goal's cell); Gaussian noise 0.2 on every action, clipped to [-1, 1]. Episodes of 1,000 steps that
 go on after the goal is reached, so the data hold the goal states inside continuing trajectories, as D4RL's do.
+Then D4RL's relabelling (its `relabel_antmaze_rewards.py`, which made the `*_sparse` files it serves): rewards and
+terminals mark the rows whose next state lies within 0.5 of one evaluation goal (the target_goal of a freshly made
+evaluation env: the goal cell's centre + U(0, 1) + U(0, 0.5) per axis), whatever goal the walker was sent to in that
+episode. The policies trained on the file take no goal as input, and are scored on that one goal: without the
+relabelling, a diverse file rewards reaching random cells, and nothing learns the evaluation task from it.
 - umaze, play: the fixed start and goal of antmaze-umaze-v2 (D4RL: multistart False, multigoal False).
 - play (medium, large): a random free start cell, the goal one of a few hand-picked cells.
 - diverse: a random free start cell and a random free goal cell.
 
 The file has D4RL's layout and semantics (docs/data.md): observations (N, 29) float32 in D4RL's frame, actions
-(N, 8) float32, rewards (N,) float32 = 1 when the ant ends the step within 0.5 of the goal, terminals (N,) bool =
-the same rows, timeouts (N,) bool on each episode's last row, infos/goal (N, 2), infos/qpos (N, 15),
-infos/qvel (N, 14) float32. It is not D4RL's own data: another walker made it, on today's MuJoCo.
+(N, 8) float32, rewards (N,) float32 = 1 where the next row's xy is within 0.5 of the evaluation goal (0 on the
+last row), terminals (N,) bool = the same rows, timeouts (N,) bool on each episode's last row, infos/goal (N, 2) the
+walker's goal of the episode, infos/qpos (N, 15), infos/qvel (N, 14) float32; the file's `target_goal` attribute is
+the evaluation goal. It is not D4RL's own data: another walker made it, on today's MuJoCo.
 Beside the file: `<out>.json` (its statistics) and `<out>.png` (the ant's xy over the maze).
 """
 
@@ -190,8 +196,9 @@ class Args:
     """evaluation episodes of the noiseless walker + planner on D4RL's own start and goal (0: skip)"""
 
 
-def generate(args: Args) -> dict:
-    """Roll out `args.transitions` rows; returns the D4RL columns."""
+def generate(args: Args) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Roll out `args.transitions` rows; returns the D4RL columns (relabelled on the evaluation goal), that goal, and
+    whether each row's step ended within GOAL_RADIUS of the walker's own goal."""
     rng = np.random.default_rng(args.seed)
     env = D4RLAntMaze(args.maze, horizon=EPISODE_STEPS)
     env.reset(seed=args.seed)
@@ -201,6 +208,7 @@ def generate(args: Args) -> dict:
                "rewards": np.zeros(n, np.float32), "terminals": np.zeros(n, bool), "timeouts": np.zeros(n, bool),
                "infos/goal": np.zeros((n, 2), np.float32), "infos/qpos": np.zeros((n, 15), np.float32),
                "infos/qvel": np.zeros((n, 14), np.float32)}
+    reached = np.zeros(n, bool)
     t = EPISODE_STEPS
     for row in tqdm(range(n), desc=f"antmaze-{args.maze}-{args.kind}", unit="step", mininterval=2.0):
         if t == EPISODE_STEPS:  # a new episode
@@ -216,12 +224,27 @@ def generate(args: Args) -> dict:
         columns["infos/goal"][row], columns["infos/qpos"][row], columns["infos/qvel"][row] = env.goal, qpos, qvel
         action = navigator.act(qpos, qvel)
         action = np.clip(action + args.noise * rng.standard_normal(8), -1.0, 1.0).astype(np.float32)
-        _, reward, reached, _, _ = env.step(action)  # the episode goes on past the goal, as in D4RL's files
+        _, _, reached[row], _, _ = env.step(action)  # the episode goes on past its goal, as in D4RL's files
         t += 1
-        columns["actions"][row], columns["rewards"][row], columns["terminals"][row] = action, reward, reached
-        columns["timeouts"][row] = t == EPISODE_STEPS
+        columns["actions"][row], columns["timeouts"][row] = action, t == EPISODE_STEPS
     env.close()
-    return columns
+    target = evaluation_goal(args.maze, rng)  # drawn after the rollouts: they do not depend on it
+    columns["rewards"][:] = relabel(columns["observations"], target)
+    columns["terminals"][:] = columns["rewards"] > 0  # D4RL's relabelling marks the same rows
+    return columns, target, reached
+
+
+def evaluation_goal(maze: str, rng: np.random.Generator) -> np.ndarray:
+    """One draw of the evaluation env's goal (D4RL's target_goal: the goal cell + U(0, 1) + U(0, 0.5) per axis)."""
+    return np.maximum(cell_centre(marked_cell(maze, "g")) + rng.uniform(0, 1, 2) + rng.uniform(0, 0.5, 2), 0.0)
+
+
+def relabel(observations: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """D4RL's sparse relabelling: row i's reward is 1 when row i + 1's xy lies within GOAL_RADIUS of `target`; the
+    last row, which has no next row, gets 0."""
+    rewards = np.zeros(len(observations), np.float32)
+    rewards[:-1] = np.linalg.norm(observations[1:, :2] - target, axis=1) <= GOAL_RADIUS
+    return rewards
 
 
 def expert_success(args: Args) -> float:
@@ -240,17 +263,20 @@ def expert_success(args: Args) -> float:
     return successes / max(args.expert_episodes, 1)
 
 
-def statistics(args: Args, columns: dict, seconds: float) -> dict:
-    """Episodes, the share that reached their goal, the cells visited."""
+def statistics(args: Args, columns: dict, target: np.ndarray, reached: np.ndarray, seconds: float) -> dict:
+    """Episodes, the share that reached the walker's goal and the share rewarded (at the evaluation goal), the cells
+    visited."""
     ends = np.flatnonzero(columns["timeouts"])
     episode_of_row = np.searchsorted(ends, np.arange(len(columns["rewards"])))
-    reached = np.unique(episode_of_row[columns["rewards"] > 0])
     episodes = int(episode_of_row[-1]) + 1
+    own = np.unique(episode_of_row[reached]).size
+    rewarded = np.unique(episode_of_row[columns["rewards"] > 0]).size
     visited = {cell_of(xy) for xy in columns["observations"][:, :2]}
     free = free_cells(args.maze)
     return {"maze": args.maze, "kind": args.kind, "seed": args.seed, "transitions": len(columns["rewards"]),
-            "episodes": episodes, "episodes_reaching_goal": int(reached.size),
-            "share_reaching_goal": reached.size / episodes, "goal_rows": int((columns["rewards"] > 0).sum()),
+            "episodes": episodes, "episodes_reaching_their_goal": int(own), "share_reaching_their_goal": own / episodes,
+            "target_goal": [round(float(v), 4) for v in target], "episodes_rewarded": int(rewarded),
+            "share_rewarded": rewarded / episodes, "rewarded_rows": int((columns["rewards"] > 0).sum()),
             "cells_visited": len(visited & set(free)), "free_cells": len(free), "noise": args.noise,
             "walker": os.path.basename(args.walker), "seconds": round(seconds, 1)}
 
@@ -288,13 +314,14 @@ def dataset_env_id(maze: str, kind: str) -> str:
     return "antmaze-umaze-v2" if (maze, kind) == ("umaze", "play") else f"antmaze-{maze}-{kind}-v2"
 
 
-def write_hdf5(path: str, columns: dict, args: Args) -> None:
+def write_hdf5(path: str, columns: dict, target: np.ndarray, args: Args) -> None:
     """D4RL's layout, written to a temporary name and moved into place, so a partial file never stands at `path`."""
     tmp = path + ".tmp"
     with h5py.File(tmp, "w") as f:
         for key, value in columns.items():
             f.create_dataset(key, data=value, compression="gzip")
         f.attrs["env"] = dataset_env_id(args.maze, args.kind)
+        f.attrs["target_goal"] = target  # the evaluation goal its rewards and terminals mark
         f.attrs["generator"] = f"tools/make_antmaze_dataset.py --maze {args.maze} --kind {args.kind} --seed {args.seed}"
     os.replace(tmp, path)
 
@@ -306,9 +333,9 @@ def main(args: Args) -> Optional[dict]:
         print(f"note: {args.transitions} transitions is less than one {EPISODE_STEPS}-step episode")
     torch.set_num_threads(1)
     started = time.time()
-    columns = generate(args)
-    write_hdf5(args.out, columns, args)
-    stats = statistics(args, columns, time.time() - started)
+    columns, target, reached = generate(args)
+    write_hdf5(args.out, columns, target, args)
+    stats = statistics(args, columns, target, reached, time.time() - started)
     if args.expert_episodes:
         stats["expert_success"] = expert_success(args)
         stats["expert_episodes"] = args.expert_episodes
@@ -316,10 +343,12 @@ def main(args: Args) -> Optional[dict]:
     with open(stem + ".json", "w") as f:
         json.dump(stats, f, indent=1)
     plot_coverage(args.maze, columns["observations"][:, :2], stem + ".png",
-                  f"{args.transitions:,} rows of {args.maze} {args.kind}: {stats['episodes_reaching_goal']} of "
-                  f"{stats['episodes']} episodes reach their goal")
-    print(f"wrote {args.out}: {stats['episodes']} episodes, {100 * stats['share_reaching_goal']:.0f}% reached their "
-          f"goal, {stats['cells_visited']} of {stats['free_cells']} free cells visited, {stats['seconds']:.0f} s")
+                  f"{args.transitions:,} rows of {args.maze} {args.kind}: {stats['episodes_reaching_their_goal']} of "
+                  f"{stats['episodes']} episodes reach their goal, {stats['episodes_rewarded']} the evaluation goal")
+    print(f"wrote {args.out}: {stats['episodes']} episodes, {100 * stats['share_reaching_their_goal']:.0f}% reached "
+          f"their goal, {100 * stats['share_rewarded']:.0f}% the evaluation goal (rewarded: "
+          f"{stats['rewarded_rows']:,} rows), {stats['cells_visited']} of {stats['free_cells']} free cells visited, "
+          f"{stats['seconds']:.0f} s")
     if args.expert_episodes:
         print(f"walker + planner on D4RL's evaluation episodes: {100 * stats['expert_success']:.0f}% success "
               f"({args.expert_episodes} episodes)")
