@@ -56,6 +56,9 @@ class Policy(nn.Module):
 
 def read_policy_file(path: str) -> dict:
     """The payload of a --save-model file or a checkpoint of a DIVO run, or stop with what is wrong with the file."""
+    if os.path.isdir(path):
+        raise InputError(f"{path} is a folder: give the file in it, {os.path.join(path, 'checkpoint.pt')} or its "
+                         "<exp>.cleanrl_model (--save-model)")
     if not os.path.isfile(path):
         raise InputError(f"no file at {path}: give a run's <exp>.cleanrl_model (--save-model) or its checkpoint.pt")
     try:

@@ -80,16 +80,42 @@ def run_episodes(policy: Policy, envs: list, seed: int) -> np.ndarray:
     return returns
 
 
+# The files a run's folder holds: --out and --export never replace one of them.
+RUN_FILES = ("scores.json", "args.json", "progress.json", "checkpoint.pt", "pad_checkpoint.pt", "pad_diagnostics.json",
+             "lock")
+
+
+def check_output(flag: str, path: str, policy_file: str, example: str) -> None:
+    """Stop, before any episode, where the file `path` of `flag` cannot be written or would replace a run's file."""
+    name = os.path.basename(path)
+    if os.path.exists(path) and os.path.realpath(path) == os.path.realpath(policy_file):
+        raise InputError(f"{flag} {path} is the file evaluated: give another name")
+    if name in RUN_FILES or name.endswith((".cleanrl_model", ".tmp")) or name.startswith("events.out.tfevents"):
+        raise InputError(f"{flag} {path} would replace a run's own file: give another name")
+    if os.path.isdir(path):
+        raise InputError(f"{flag} {path} is a folder: give a file's name (e.g. {os.path.join(path, example)})")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise InputError(f"{flag} {path}: the folder {folder} does not exist; make it first, or give another file")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise InputError(f"{flag} {path} cannot be written: give a file in a folder you can write to")
+
+
 def main(args: Args) -> dict:
     if args.episodes < 1:
         raise InputError(f"--episodes {args.episodes} is out of range: it must be at least 1")
+    if args.seed is not None and args.seed < 0:
+        raise InputError(f"--seed {args.seed} is out of range: it must be at least 0, as the scripts' --seed")
     payload = read_policy_file(args.path)
     policy = load_actor(args.path)
     run_args = payload.get("args") or {}
     seed = run_args.get("seed", 1) if args.seed is None else args.seed
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.path)), "evaluation.json")
-    if os.path.basename(out) in ("scores.json", "args.json", "progress.json"):
-        raise InputError(f"--out {out} would replace a run's own file: give another name")
+    check_output("--out", out, args.path, "evaluation.json")
+    if args.export:
+        check_output("--export", args.export, args.path, "policy.pt")
+        if os.path.realpath(args.export) == os.path.realpath(out):
+            raise InputError(f"--export {args.export} is the file of the scores (--out): give another name")
     if args.capture_video:
         from divo_utils.video import check_video
 

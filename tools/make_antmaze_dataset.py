@@ -326,9 +326,31 @@ def write_hdf5(path: str, columns: dict, target: np.ndarray, args: Args) -> None
     os.replace(tmp, path)
 
 
+def check_args(args: Args) -> None:
+    """Every argument checked before the rollouts (minutes for a 1M-row file), with one line that says what to do."""
+    if args.transitions < 1:
+        raise SystemExit(f"error: --transitions {args.transitions} is out of range: it must be at least 1")
+    if not (np.isfinite(args.noise) and args.noise >= 0):
+        raise SystemExit(f"error: --noise {args.noise} is out of range: the noise's standard deviation must be a "
+                         "finite number >= 0 (0: the noiseless walker)")
+    if args.expert_episodes < 0:
+        raise SystemExit(f"error: --expert-episodes {args.expert_episodes} is out of range: it must be at least 0 "
+                         "(0: skip the evaluation)")
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder):
+        raise SystemExit(f"error: --out {args.out}: the folder {folder} does not exist; make it first, or pass "
+                         "another --out (nothing was written)")
+    if not os.access(folder, os.W_OK):
+        raise SystemExit(f"error: --out {args.out}: the folder {folder} cannot be written; pass another --out "
+                         "(nothing was written)")
+
+
 def main(args: Args) -> Optional[dict]:
-    if os.path.exists(args.out):
-        raise SystemExit(f"error: {args.out} exists; pass another --out (nothing was written)")
+    stem = os.path.splitext(args.out)[0]
+    for path in (args.out, stem + ".json", stem + ".png"):  # the statistics and the figure go beside the file
+        if os.path.exists(path):
+            raise SystemExit(f"error: {path} exists; pass another --out (nothing was written)")
+    check_args(args)
     if args.transitions < EPISODE_STEPS:
         print(f"note: {args.transitions} transitions is less than one {EPISODE_STEPS}-step episode")
     torch.set_num_threads(1)
@@ -339,7 +361,6 @@ def main(args: Args) -> Optional[dict]:
     if args.expert_episodes:
         stats["expert_success"] = expert_success(args)
         stats["expert_episodes"] = args.expert_episodes
-    stem = os.path.splitext(args.out)[0]
     with open(stem + ".json", "w") as f:
         json.dump(stats, f, indent=1)
     plot_coverage(args.maze, columns["observations"][:, :2], stem + ".png",

@@ -141,6 +141,10 @@ def check_args(args: Args) -> None:
 def find_run_folders(dirs: list[str]) -> list[str]:
     """Run folders (with an args.json) among `dirs` and their direct subfolders, each once."""
     existing = [d for d in dirs if os.path.isdir(d)]
+    for d in dirs:
+        if os.path.isfile(d):
+            raise ReportError(f"{d} is a file, not a folder: pass the folder that holds your runs (or a run's folder, "
+                              f"{os.path.dirname(d) or '.'})")
     if not existing:
         raise ReportError(f"no such folder: {', '.join(dirs)}: train first (runs go to runs/), "
                           "or pass the folder that holds your runs")
@@ -168,11 +172,15 @@ def find_run_folders(dirs: list[str]) -> list[str]:
     return folders
 
 
+SKIPPED: list[str] = []  # the run folders collect_runs skipped with a warning (a file it could not read)
+
+
 def read_json(path: str) -> Optional[dict]:
     """The JSON object in `path`, or None with a warning when it is not valid JSON or not an object."""
     content, problem = read_json_file(path)
     if problem:
         warn(f"{problem}; run skipped")
+        SKIPPED.append(os.path.dirname(path))
     return content
 
 
@@ -263,6 +271,7 @@ def read_run(folder: str, label_key: str) -> Optional[Run]:
         problem = check_scores(scores)
         if problem:
             warn(f"{scores_path} {problem}; run skipped")
+            SKIPPED.append(folder)
             return None
     if label_key in args:
         label = str(args[label_key])
@@ -402,6 +411,7 @@ def collect_runs(dirs: list[str], label_key: str = "exp_name", at_step: Optional
     """All runs (finished or not) under `dirs`, labelled by args.json's `label_key` (split by mode when mixed), scored
     at `at_step` if given, with each cell made one run per seed of one length (select_runs: the others are listed)."""
     runs = []
+    SKIPPED.clear()
     for folder in find_run_folders(dirs):
         run = read_run(folder, label_key)
         if run is not None:
@@ -921,6 +931,10 @@ def main() -> None:
     try:
         check_args(args)
         runs = collect_runs(args.runs_dirs, args.label_key, args.at_step)
+        if not any(run.finished for run in runs) and SKIPPED:  # there are runs: their files could not be read
+            raise ReportError(f"no readable finished run under {', '.join(args.runs_dirs)}: {len(SKIPPED)} run "
+                              f"folder(s) skipped for a file that cannot be read ({', '.join(SKIPPED[:3])}"
+                              f"{', ...' if len(SKIPPED) > 3 else ''}; see the warnings): repair or restore it")
         if not any(run.finished for run in runs):
             raise ReportError(f"no finished run (scores.json) under {', '.join(args.runs_dirs)}: train first, "
                               "or pass the folder that holds your runs")
