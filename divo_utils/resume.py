@@ -52,6 +52,8 @@ def read_command_line(args_class, script: str, files: tuple[str, str]):
             raise InputError(f"runs/{args.run_name} exists: choose another --run-name, or continue that run with "
                              f"--resume runs/{args.run_name}/{checkpoint_name}")
         check_pad_checkpoint(args)  # a new run reads it once its data are loaded: check it now
+        if getattr(args, "pad_checkpoint", None):  # and what it holds (a DIVO checkpoint, a truncated file)
+            load_checkpoint(args.pad_checkpoint, "pad_pretrain")
         return absolute_paths(args), None
     if os.path.isdir(args.resume):  # --resume runs/NAME: that run's checkpoint
         args = replace(args, resume=os.path.join(args.resume, checkpoint_name))

@@ -155,3 +155,30 @@ def test_make_antmaze_dataset_still_writes_its_three_files(tmp_path):
     run_script(*MAKE_ANTMAZE, "--transitions", 50, "--out", tmp_path / "a.hdf5", cwd=tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["a.hdf5", "a.json", "a.png"]
     assert json.loads((tmp_path / "a.json").read_text())["transitions"] == 50
+
+
+# ---------------------------------------------------------------------------------------------- --pad-checkpoint
+@pytest.mark.parametrize("case", ["divo-checkpoint", "truncated"])
+def test_a_pad_checkpoint_of_the_wrong_kind_is_refused_before_the_data_loads(case, saved_run, tmp_path):
+    """A DIVO run's checkpoint.pt, or a truncated file, as --pad-checkpoint: refused only after the dataset had
+    been read; now from the command line, with no run folder."""
+    cwd, done = saved_run
+    path = done / "checkpoint.pt"
+    if case == "truncated":
+        path = tmp_path / "pad.pt"
+        path.write_bytes((done / "checkpoint.pt").read_bytes()[:5000])
+    proc = run_script("divo_continuous.py", *TINY, "--dataset-path", cwd / "data.hdf5", "--total-timesteps", 10,
+                      "--pad-checkpoint", path, cwd=tmp_path, check=False)
+    words = ["divo_continuous", "pad_pretrain"] if case == "divo-checkpoint" else ["cannot read", "partial"]
+    assert one_line(proc, str(path), *words), explain(proc)
+    assert "dataset " not in proc.stdout and "rows ->" not in proc.stdout, explain(proc)
+    assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------- tools/benchmark.py
+def test_benchmark_of_a_dataset_folder_says_it_is_a_folder(saved_run, tmp_path):
+    cwd, _ = saved_run
+    proc = run_script("tools/benchmark.py", "--env-id", "hopper-medium-v2", "--dataset-path", cwd, "--steps", 2,
+                      "--modes", "eager", "--no-cuda", cwd=tmp_path, check=False)
+    assert one_line(proc, "--dataset-path", "is a folder", "HDF5 file"), explain(proc)
+    assert "no such file" not in proc.stderr
