@@ -24,7 +24,7 @@ from divo_utils import LOCK, InputError, task_name
 from divo_utils.files import lock_run, remove, write_atomically, write_json
 
 PROGRESS = "progress.json"  # a run's step, speed and starting step, rewritten at every progress line
-FIRST_LINE = 100  # gradient steps into a session before its first progress line (seconds on a CPU)
+FIRST_LINE = 100  # gradient steps after each start (new or resumed) before the first progress line: seconds on a CPU
 
 
 def clear_for_resume(resume: str) -> None:
@@ -218,7 +218,7 @@ class Run:
 
     def log_due(self, step: int) -> bool:
         """Log and print a progress line at this step (`step` gradient steps done): every --log-freq steps, and once
-        FIRST_LINE steps into the session, so that a slow CPU shows its speed within seconds."""
+        FIRST_LINE steps after the start (new or resumed), so that a slow CPU shows its speed within seconds."""
         return step % self.args.log_freq == 0 or step - self.start_step == FIRST_LINE < self.args.log_freq
 
     def report_progress(self, step: int, sps: float, evaluations: list[dict], extra: str = "") -> None:

@@ -161,9 +161,9 @@ def test_cuda_without_a_gpu_says_so_in_one_line(tmp_path):
     assert "no GPU found" not in quiet.stdout
 
 
-def test_the_first_progress_line_comes_after_100_steps_of_a_session(tmp_path):
+def test_the_first_progress_line_comes_100_steps_after_each_start(tmp_path):
     """With the default --log-freq 1000, a CPU user still sees the speed within seconds: a line at step 100 of the
-    run, and at step 100 of a resumed session; the other lines stay on --log-freq's multiples."""
+    run, and 100 steps after a resume; the other lines stay on --log-freq's multiples."""
     write_d4rl_file(tmp_path / "data.hdf5", episode_lengths=(120, 90, 150, 140), terminal_episodes=(1,))
     common = [*TINY, "--log-freq", 1000, "--eval-freq", 0]
     proc = run_script("divo_continuous.py", *common, "--dataset-path", tmp_path / "data.hdf5", "--total-timesteps", 150,
