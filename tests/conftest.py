@@ -139,6 +139,18 @@ def tiny_data(n=300, obs_dim=5, act_dim=3, seed=0, done_rate=0.05):
             "not_done": (torch.rand(n, generator=g) > done_rate).float()}
 
 
+def explain(proc, tail: int = 6000) -> str:
+    """A finished process's exit status and the ends of its output, for an assertion's message."""
+    return f"exit {proc.returncode}\nstdout:\n{proc.stdout[-tail:]}\nstderr:\n{proc.stderr[-tail:]}"
+
+
+def one_line(proc, *words) -> bool:
+    """Stopped with exit 1 and one `error:` line holding every one of `words` (case-insensitive), no traceback."""
+    lines = proc.stderr.strip().splitlines()
+    return (proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr
+            and all(word.lower() in lines[0].lower() for word in words))
+
+
 def refused(proc, message):
     """The process stopped with exactly one line on stderr, starting with `error:` and containing `message`."""
     lines = proc.stderr.strip().splitlines()

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY, folder_bytes, run_script, write_d4rl_file
+from conftest import ROOT, TINY, explain, folder_bytes, one_line, run_script, write_d4rl_file
 
 PAD_TINY = ["--hidden-dim", "16", "--num-layers", "1", "--batch-size", "32", "--total-timesteps", "20", "--holdout", "0",
             "--no-cuda"]
@@ -35,17 +35,6 @@ def sweep_tiny(total_timesteps: int = 20) -> list[str]:
     return ["--hidden-dim", "16", "--num-layers", "1", "--batch-size", "32", "--eval-episodes", "1", "--eval-freq", "0",
             "--log-freq", "10", "--total-timesteps", str(total_timesteps), "--checkpoint-freq", "20",
             "--no-legacy-inertia", "--no-cuda"]
-
-
-def explain(proc) -> str:
-    return f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
-
-
-def one_line(proc, *words) -> bool:
-    """Stopped with exit 1 and one `error:` line holding every one of `words` (case-insensitive), no traceback."""
-    lines = proc.stderr.strip().splitlines()
-    return (proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr
-            and all(word.lower() in lines[0].lower() for word in words))
 
 
 def scores_step(run) -> int:

@@ -12,21 +12,10 @@ import shutil
 
 import pytest
 
-from conftest import TINY, folder_bytes, run_script, write_d4rl_file
+from conftest import TINY, explain, folder_bytes, one_line, run_script, write_d4rl_file
 
 REPORT_FAST = ["--reps", "50", "--profile-reps", "50"]
 MAKE_ANTMAZE = ["tools/make_antmaze_dataset.py", "--expert-episodes", "0"]
-
-
-def explain(proc) -> str:
-    return f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
-
-
-def one_line(proc, *words) -> bool:
-    """Stopped with exit 1 and one `error:` line holding every one of `words` (case-insensitive), no traceback."""
-    lines = proc.stderr.strip().splitlines()
-    return (proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ")
-            and "Traceback" not in proc.stderr and all(word.lower() in lines[0].lower() for word in words))
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import tempfile
 import time
 
 import pytest
-from conftest import ROOT, write_d4rl_file
+from conftest import ROOT, explain, write_d4rl_file
 
 SWEEP = os.path.join(ROOT, "tools", "sweep.py")
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
@@ -59,10 +59,6 @@ def run_local_sweep(tmp, out, label, env_ids, datasets, before: str = "", extra=
         return in_namespace(before + command, tmp / f"home_{label}")
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def explain(proc: subprocess.CompletedProcess) -> str:
-    return f"exit {proc.returncode}\nstdout:\n{proc.stdout[-6000:]}\nstderr:\n{proc.stderr[-6000:]}"
 
 
 def headers(log_path) -> list[str]:
