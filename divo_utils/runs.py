@@ -259,8 +259,9 @@ class Run:
         print(f"model saved to {path}")
 
     def finish(self, content: dict) -> None:
-        """The finished file, written last: its presence means every file of the run is final."""
-        write_json(self.finished_path, content, self.checkpoint_path)
+        """The finished file, written last: its presence means every file of the run is final. It names the data it
+        came from (the rows' SHA-1, as the checkpoints do), so a committed result says which file it was trained on."""
+        write_json(self.finished_path, {**content, "dataset_sha1": self.info["dataset_sha1"]}, self.checkpoint_path)
 
 
 def is_out_of_memory(kind, error) -> bool:

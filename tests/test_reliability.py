@@ -241,6 +241,14 @@ def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeyp
     assert sorted(os.listdir(tmp_path / "runs")) == sorted(names)
 
 
+def test_scores_json_names_the_data_it_was_trained_on(finished_run):
+    """A committed scores.json (without its checkpoint) still says which file made it: the rows' SHA-1."""
+    cwd, run = finished_run
+    scores = json.loads((run / "scores.json").read_text())
+    expected = data.dataset_fingerprint(data.load_d4rl_file(str(cwd / "data.hdf5"), 11, 3, "hopper"))
+    assert scores["dataset_sha1"] == expected == torch.load(run / "checkpoint.pt", weights_only=False)["dataset_sha1"]
+
+
 def test_an_existing_run_name_is_refused_and_left_untouched(finished_run):
     cwd, run = finished_run
     before = folder_bytes(run)

@@ -564,6 +564,15 @@ def test_benchmark_of_pad_pretrain_says_num_candidates_does_nothing(finished_run
         assert one_line(proc, "--num-candidates"), explain(proc)
 
 
+def test_benchmark_of_pad_pretrain_refuses_runs_per_gpu(finished_run, tmp_path):
+    """--runs-per-gpu packs DIVO and backbone copies; with --script pad_pretrain it would be dropped without a word."""
+    cwd, _ = finished_run
+    proc = run_script("tools/benchmark.py", "--env-id", "hopper-medium-v2", "--dataset-path", cwd / "data.hdf5",
+                      "--script", "pad_pretrain", "--runs-per-gpu", 2, "--modes", "eager", "--steps", 5, "--no-cuda",
+                      cwd=tmp_path, check=False)
+    assert one_line(proc, "--runs-per-gpu", "pad_pretrain"), explain(proc)
+
+
 def test_benchmark_cudagraphs_without_cuda_is_refused(finished_run, tmp_path):
     cwd, _ = finished_run
     proc = run_script("tools/benchmark.py", "--env-id", "hopper-medium-v2", "--dataset-path", cwd / "data.hdf5",

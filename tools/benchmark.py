@@ -104,6 +104,9 @@ def check_args(args: Args, module) -> None:
     if args.script == "pad_pretrain" and args.num_candidates != 1:
         raise BenchmarkError(f"--num-candidates {args.num_candidates} is N of DIVO's contest (eq. 12), which "
                              "pad_pretrain has not: leave it out with --script pad_pretrain")
+    if args.script == "pad_pretrain" and args.runs_per_gpu:
+        raise BenchmarkError("--runs-per-gpu times DIVO and its backbone side by side, not pad_pretrain: leave it out "
+                             "with --script pad_pretrain")
     if args.dataset_path is not None and os.path.isdir(args.dataset_path):
         raise BenchmarkError(f"--dataset-path {args.dataset_path} is a folder: pass the D4RL-format HDF5 file itself")
     if args.dataset_path is not None and not os.path.isfile(args.dataset_path):
