@@ -3,6 +3,9 @@
 # scores.json, and the datasets' statistics, into this study folder (never checkpoints or event files).
 set -eu
 dest=$(cd "$(dirname "$0")" && pwd)
+keep() {  # a committed result is never overwritten: a different file already there is left, and said
+  if [ -f "$2" ] && ! cmp -s "$1" "$2"; then echo "kept $2 (differs from $1; not overwritten)" >&2; else cp "$1" "$2"; fi
+}
 for run in runs/*/; do
   name=$(basename "$run")
   [ -f "$run/scores.json" ] || continue
@@ -12,7 +15,7 @@ import json, os, sys
 a = json.load(open(sys.argv[1]))
 a['dataset_path'] = os.path.basename(a['dataset_path'])
 json.dump(a, open(sys.argv[2], 'w'), indent=2)" "$run/args.json" "$dest/$name/args.json"
-  cp "$run/scores.json" "$dest/$name/scores.json"
+  keep "$run/scores.json" "$dest/$name/scores.json"
 done
-for stats in data/*.json; do cp "$stats" "$dest/dataset-$(basename "$stats")"; done
+for stats in data/*.json; do keep "$stats" "$dest/dataset-$(basename "$stats")"; done
 ls "$dest"
