@@ -14,7 +14,8 @@ for run in runs/*/; do
 import json, os, sys
 a = json.load(open(sys.argv[1]))
 a['dataset_path'] = os.path.basename(a['dataset_path'])
-json.dump(a, open(sys.argv[2], 'w'), indent=2)" "$run/args.json" "$dest/$name/args.json"
+json.dump(a, open(sys.argv[2], 'w'), indent=2)" "$run/args.json" "$run/args.committed.json"
+  keep "$run/args.committed.json" "$dest/$name/args.json"
   keep "$run/scores.json" "$dest/$name/scores.json"
 done
 for stats in data/*.json; do keep "$stats" "$dest/dataset-$(basename "$stats")"; done
